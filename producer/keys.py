@@ -1,0 +1,76 @@
+"""Every Redis key name chatq uses, and how long each lives.
+
+One place for the layout in ``DESIGN.md``; producer and workers both build names here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PRIORITIES: tuple[str, ...] = ("high", "normal", "low")
+"""Priority lanes, highest first. Each lane is its own request stream."""
+
+GROUP = "workers"
+"""Consumer group every worker joins on every request stream."""
+
+STREAM_FIELD = "m"
+"""Field of a request-stream entry holding the msgpack envelope."""
+
+# Result streams outlive the request long enough for a slow client to read the answer,
+# but not forever: 1 hour after the last write.
+RESULT_TTL_S = 3600
+# A worker's heartbeat key expires this long after its last beat; a worker beats every
+# HEARTBEAT_INTERVAL_S, so a missing key means the process is gone (or stalled > TTL).
+HEARTBEAT_TTL_S = 3
+HEARTBEAT_INTERVAL_S = 0.5
+# Idempotency keys map to a request id for a day: retries of one logical call within that
+# window get the same id back.
+IDEMPOTENCY_TTL_S = 86_400
+# The cancel stream only needs to outlive running requests; it is trimmed by length.
+CANCEL_MAXLEN = 10_000
+# The dead-letter stream keeps the newest entries only.
+DEAD_MAXLEN = 100_000
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names under one prefix (``chatq`` by default)."""
+
+    prefix: str = "chatq"
+
+    def requests(self, model: str, priority: str) -> str:
+        return f"{self.prefix}:req:{model}:{priority}"
+
+    def request_lanes(self, model: str) -> list[str]:
+        return [self.requests(model, p) for p in PRIORITIES]
+
+    def result(self, request_id: str) -> str:
+        return f"{self.prefix}:res:{request_id}"
+
+    def heartbeat(self, worker: str) -> str:
+        return f"{self.prefix}:hb:{worker}"
+
+    def heartbeat_pattern(self) -> str:
+        return f"{self.prefix}:hb:*"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}:dead"
+
+    def idempotency(self, key: str) -> str:
+        return f"{self.prefix}:idem:{key}"
+
+    def backlog(self, model: str) -> str:
+        return f"{self.prefix}:backlog:{model}"
+
+    def backlog_pattern(self) -> str:
+        return f"{self.prefix}:backlog:*"
+
+    @property
+    def cancel(self) -> str:
+        return f"{self.prefix}:cancel"
+
+    @property
+    def models(self) -> str:
+        """Set of model names that have ever had a request queued (for ``chatq status``)."""
+        return f"{self.prefix}:models"

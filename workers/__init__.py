@@ -1,0 +1,1 @@
+"""chatq workers: intake from Redis, the engine process, aggregation of results."""
