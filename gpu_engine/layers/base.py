@@ -1,0 +1,71 @@
+"""The attention-backend interface and the per-step attention metadata.
+
+Every backend (torch reference, Triton, flash-attn) implements :class:`AttentionBackend`.
+The model runner builds one :class:`AttentionMetadata` per step and sets it in the forward
+context (``gpu_engine.context``); attention layers read it from there, so model ``forward``
+takes only ``(input_ids, positions)``.
+
+Token order in a step: sequences are laid out one after another; each contributes
+``query_lens[i]`` new tokens (a prefill chunk, or 1 for a decode). Prefill/chunked-prefill
+sequences come first, decode sequences (query_len == 1) last, so ``num_decode_seqs``
+trailing sequences form the decode-only part that CUDA graphs capture.
+
+KV cache layout per layer (flash-attn's paged layout):
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+Token t of sequence i lives at block ``block_tables[i, t // block_size]``, offset
+``t % block_size``; ``slot_mapping[j] = block * block_size + offset`` for the j-th new token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    # [num_tokens] int64: cache slot of each new token (-1 = padding, do not store).
+    slot_mapping: torch.Tensor
+    # [num_seqs + 1] int32: prefix sums of query lengths (new tokens per sequence).
+    cu_seqlens_q: torch.Tensor
+    # [num_seqs] int32: total context length per sequence after this step's tokens
+    # (cached prefix + previously computed + new).
+    seq_lens: torch.Tensor
+    # [num_seqs, max_blocks_per_seq] int32: physical block ids, padded with 0.
+    block_tables: torch.Tensor
+    max_query_len: int
+    max_seq_len: int
+    num_prefill_seqs: int
+    num_decode_seqs: int
+    # Host copies (lists) the reference backend and the runner use without a device sync.
+    query_lens_host: list[int]
+    seq_lens_host: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return self.num_prefill_seqs + self.num_decode_seqs
+
+
+class AttentionBackend(Protocol):
+    """Stores this step's K/V into the paged cache, then attends.
+
+    q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
+    (num_heads % num_kv_heads == 0: grouped-query attention). Causal within each sequence,
+    query token j of sequence i sits at position ``seq_lens[i] - query_lens[i] + j``.
+    Returns [num_tokens, num_heads, head_dim] in q's dtype.
+    """
+
+    name: str
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor: ...
