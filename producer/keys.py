@@ -26,6 +26,8 @@ HEARTBEAT_INTERVAL_S = 0.5
 # Idempotency keys map to a request id for a day: retries of one logical call within that
 # window get the same id back.
 IDEMPOTENCY_TTL_S = 86_400
+# A cancel marker only needs to outlive the request it cancels.
+CANCELLED_TTL_S = 86_400
 # The cancel stream only needs to outlive running requests; it is trimmed by length.
 CANCEL_MAXLEN = 10_000
 # The dead-letter stream keeps the newest entries only.
@@ -69,6 +71,14 @@ class Keys:
     @property
     def cancel(self) -> str:
         return f"{self.prefix}:cancel"
+
+    def final(self, request_id: str) -> str:
+        """Marker set once a request has its final (done/error) result: effectively-once."""
+        return f"{self.prefix}:final:{request_id}"
+
+    def cancelled(self, request_id: str) -> str:
+        """Marker set by ``cancel``; intake skips a queued request that has it."""
+        return f"{self.prefix}:cancelled:{request_id}"
 
     @property
     def models(self) -> str:

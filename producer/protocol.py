@@ -118,6 +118,17 @@ class Envelope:
         return wire
 
 
+def estimate_cost_tokens(env: Envelope) -> int:
+    """Backlog cost of a request in tokens: prompt estimate + max_tokens.
+
+    Producer (enqueue) and worker (finalize) both use this, so the per-model backlog in
+    Redis returns to zero exactly. ~4 characters per token plus a few template tokens per
+    message; the worker's admission uses real token counts instead.
+    """
+    chars = sum(len(m.content) for m in env.messages)
+    return chars // 4 + 8 * len(env.messages) + env.params.max_tokens
+
+
 def now_unix_ms() -> int:
     return time.time_ns() // 1_000_000
 
