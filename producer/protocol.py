@@ -169,7 +169,8 @@ def make_envelope(
         not isinstance(deadline_s, int | float) or deadline_s != deadline_s or deadline_s <= 0
     ):
         raise ProtocolError(
-            ErrorCode.INVALID_REQUEST.value, "must be a positive number of seconds",
+            ErrorCode.INVALID_REQUEST.value,
+            "must be a positive number of seconds",
             field="deadline_s",
         )
     env = Envelope(
@@ -210,13 +211,14 @@ def unpack_bounded(data: object, max_bytes: int) -> Any:
             ErrorCode.PAYLOAD_TOO_LARGE.value,
             f"payload is {len(data)} bytes; the limit is {max_bytes}",
         )
+    # unpackb reads one whole buffer (already bounded above) and caps every container and
+    # string length by that same bound; ext types (incl. timestamps) are refused.
     try:
         return msgpack.unpackb(
             bytes(data),
             raw=False,
             strict_map_key=True,
             use_list=True,
-            max_buffer_size=max_bytes,
             max_str_len=max_bytes,
             max_bin_len=max_bytes,
             max_array_len=max_bytes,
@@ -232,15 +234,29 @@ def unpack_bounded(data: object, max_bytes: int) -> Any:
 # --- validation --------------------------------------------------------------------------
 
 _TOP_FIELDS = frozenset(
-    {"v", "id", "model", "messages", "params", "priority", "tenant", "deadline_ms",
-     "created_ms", "stream", "idempotency_key", "callback_url"}
+    {
+        "v",
+        "id",
+        "model",
+        "messages",
+        "params",
+        "priority",
+        "tenant",
+        "deadline_ms",
+        "created_ms",
+        "stream",
+        "idempotency_key",
+        "callback_url",
+    }
 )
 _PARAM_FIELDS = frozenset(
     {"max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "ignore_eos"}
 )
 
 
-def _bad(field_name: str, message: str, code: ErrorCode = ErrorCode.INVALID_REQUEST) -> ProtocolError:
+def _bad(
+    field_name: str, message: str, code: ErrorCode = ErrorCode.INVALID_REQUEST
+) -> ProtocolError:
     return ProtocolError(code.value, message, field=field_name)
 
 
@@ -249,11 +265,20 @@ def _is_int(x: object) -> bool:
 
 
 def _is_num(x: object) -> bool:
-    return (_is_int(x) or isinstance(x, float)) and x == x and x not in (float("inf"), float("-inf"))  # type: ignore[comparison-overlap]
+    return (
+        (_is_int(x) or isinstance(x, float)) and x == x and x not in (float("inf"), float("-inf"))
+    )  # type: ignore[comparison-overlap]
 
 
-def _str(obj: Mapping[str, Any], key: str, name: str, max_chars: int, *, optional: bool = False,
-         pattern: re.Pattern[str] | None = None) -> str | None:
+def _str(
+    obj: Mapping[str, Any],
+    key: str,
+    name: str,
+    max_chars: int,
+    *,
+    optional: bool = False,
+    pattern: re.Pattern[str] | None = None,
+) -> str | None:
     value = obj.get(key)
     if value is None and optional:
         return None
@@ -297,7 +322,9 @@ def _validate_params(raw: object, limits: Limits) -> Params:
         raise _bad("params.stop", f"must be a list of at most {limits.max_stop} strings")
     for i, s in enumerate(stop):
         if not isinstance(s, str) or not 1 <= len(s) <= limits.max_stop_chars:
-            raise _bad(f"params.stop[{i}]", f"must be a string of 1 to {limits.max_stop_chars} chars")
+            raise _bad(
+                f"params.stop[{i}]", f"must be a string of 1 to {limits.max_stop_chars} chars"
+            )
     seed = raw.get("seed")
     if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**63):
         raise _bad("params.seed", "must be an integer in [0, 2**63) or null")
@@ -305,8 +332,13 @@ def _validate_params(raw: object, limits: Limits) -> Params:
     if not isinstance(ignore_eos, bool):
         raise _bad("params.ignore_eos", "must be a boolean")
     return Params(
-        max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), top_k=top_k,
-        stop=tuple(stop), seed=seed, ignore_eos=ignore_eos,
+        max_tokens=max_tokens,
+        temperature=float(temperature),
+        top_p=float(top_p),
+        top_k=top_k,
+        stop=tuple(stop),
+        seed=seed,
+        ignore_eos=ignore_eos,
     )
 
 
@@ -336,8 +368,9 @@ def _validate_messages(raw: object, limits: Limits) -> tuple[Message, ...]:
         out.append(Message(role=role, content=content))
     if total > limits.max_total_chars:
         raise _bad(
-            "messages", f"total content is {total} characters; the limit is "
-            f"{limits.max_total_chars}", ErrorCode.PAYLOAD_TOO_LARGE,
+            "messages",
+            f"total content is {total} characters; the limit is {limits.max_total_chars}",
+            ErrorCode.PAYLOAD_TOO_LARGE,
         )
     return tuple(out)
 
@@ -349,8 +382,11 @@ def _validate_map(obj: object, limits: Limits) -> Envelope:
     if not _is_int(v):
         raise _bad("v", "must be an integer protocol version")
     if v != PROTOCOL_VERSION:
-        raise _bad("v", f"version {v} is not supported (this side speaks {PROTOCOL_VERSION})",
-                   ErrorCode.UNSUPPORTED_VERSION)
+        raise _bad(
+            "v",
+            f"version {v} is not supported (this side speaks {PROTOCOL_VERSION})",
+            ErrorCode.UNSUPPORTED_VERSION,
+        )
     unknown = set(obj) - _TOP_FIELDS
     if unknown:
         raise _bad(sorted(map(str, unknown))[0], "unknown field")
@@ -371,17 +407,28 @@ def _validate_map(obj: object, limits: Limits) -> Envelope:
     stream = obj.get("stream", False)
     if not isinstance(stream, bool):
         raise _bad("stream", "must be a boolean")
-    idem = _str(obj, "idempotency_key", "idempotency_key", limits.max_idempotency_key_chars,
-                optional=True)
-    callback_url = _str(obj, "callback_url", "callback_url", limits.max_callback_url_chars,
-                        optional=True)
+    idem = _str(
+        obj, "idempotency_key", "idempotency_key", limits.max_idempotency_key_chars, optional=True
+    )
+    callback_url = _str(
+        obj, "callback_url", "callback_url", limits.max_callback_url_chars, optional=True
+    )
     if callback_url is not None and not callback_url.startswith(("http://", "https://")):
         raise _bad("callback_url", "must be an http:// or https:// URL")
     assert request_id is not None and model is not None
     return Envelope(
-        id=request_id, model=model, messages=messages, params=params, priority=priority,
-        tenant=tenant, deadline_ms=deadline_ms, created_ms=created_ms, stream=stream,
-        idempotency_key=idem, callback_url=callback_url, v=v,
+        id=request_id,
+        model=model,
+        messages=messages,
+        params=params,
+        priority=priority,
+        tenant=tenant,
+        deadline_ms=deadline_ms,
+        created_ms=created_ms,
+        stream=stream,
+        idempotency_key=idem,
+        callback_url=callback_url,
+        v=v,
     )
 
 
@@ -453,8 +500,10 @@ def decode_result(fields: Mapping[Any, Any]) -> ResultEntry:
             return Chunk(index=int(body["index"]), delta=str(body["delta"]))
         if kind == "done":
             return Done(
-                text=body["text"], finish_reason=body["finish_reason"],
-                usage=Usage(**body.get("usage", {})), timings=Timings(**body.get("timings", {})),
+                text=body["text"],
+                finish_reason=body["finish_reason"],
+                usage=Usage(**body.get("usage", {})),
+                timings=Timings(**body.get("timings", {})),
                 worker=body.get("worker", ""),
             )
         if kind == "error":

@@ -27,7 +27,9 @@ class ClientSettings:
 
     def __post_init__(self) -> None:
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ChatqError(f"redis_url must be redis://, rediss:// or unix://: {self.redis_url!r}")
+            raise ChatqError(
+                f"redis_url must be redis://, rediss:// or unix://: {self.redis_url!r}"
+            )
         if not self.prefix or ":" in self.prefix:
             raise ChatqError(f"prefix must be non-empty and contain no ':': {self.prefix!r}")
         if self.max_backlog_tokens <= 0:

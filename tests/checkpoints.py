@@ -88,8 +88,9 @@ def _config(arch: str, vocab_size: int, eos_id: int, **overrides: Any) -> Any:
     return cfg
 
 
-def build_checkpoint(path: Path, arch: str = "llama", *, seed: int = 0, dtype: str = "float32",
-                     **overrides: Any) -> Path:
+def build_checkpoint(
+    path: Path, arch: str = "llama", *, seed: int = 0, dtype: str = "float32", **overrides: Any
+) -> Path:
     """Write a tiny random ``arch`` checkpoint (config, safetensors, tokenizer) to ``path``."""
     import torch
     from transformers import AutoModelForCausalLM

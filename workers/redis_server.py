@@ -65,10 +65,25 @@ class RedisServer:
     def start(self, timeout_s: float = 10.0) -> RedisServer:
         log = Path(self._tmp.name) / "server.log"
         args = [
-            self.binary, "--port", str(self.port), "--bind", self.host,
-            "--save", "", "--appendonly", "no", "--dir", self._tmp.name,
-            "--logfile", str(log), "--daemonize", "no", "--protected-mode", "yes",
-            "--maxmemory-policy", "noeviction",
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            self.host,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self._tmp.name,
+            "--logfile",
+            str(log),
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--maxmemory-policy",
+            "noeviction",
         ]
         self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + timeout_s
