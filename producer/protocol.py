@@ -447,11 +447,14 @@ class Usage:
 
 @dataclass(frozen=True)
 class Timings:
-    """Milliseconds: in the queue, from enqueue to first token, and from enqueue to done."""
+    """Milliseconds from enqueue (``created_ms``): until the engine took the request
+    (``queued_ms``), until the first token, until done; ``engine_ms`` is the time inside the
+    engine (submitted → finished), so ``total_ms - engine_ms`` is what the queue path adds."""
 
     queued_ms: float = 0.0
     first_token_ms: float = 0.0
     total_ms: float = 0.0
+    engine_ms: float = 0.0
 
 
 @dataclass(frozen=True)
