@@ -46,3 +46,7 @@ class RequestFailed(ChatqError):
 
 class ResultTimeout(ChatqError):
     """No final result arrived within the caller's timeout; the request may still complete."""
+
+
+class RedisUnavailable(ChatqError):
+    """Redis could not be reached (connection refused, reset or timed out); safe to retry."""

@@ -2,6 +2,9 @@
 
 FINALIZE is the one way any worker (aggregator, reclaim's dead-lettering) writes a final
 result: it writes only if no final result exists yet, and always acknowledges the entry.
+DEAD_LETTER is FINALIZE's body behind a prefix that records the dead letter in the same step.
+ENQUEUE is the producer's one atomic enqueue (idempotency, backlog bound, XADD); RECLAIM moves
+a dead worker's pending entries to a live one.
 """
 
 from __future__ import annotations
@@ -46,5 +49,104 @@ elseif now_ms - win_start >= 1000 then
 else
   redis.call('HSET', KEYS[4], 'win_tokens', win_tokens)
 end
+return 1
+"""
+
+# KEYS: 1 request stream, 2 backlog hash, 3 models set, [4 idempotency key]
+# ARGV: 1 msgpack envelope, 2 request id, 3 cost tokens, 4 max backlog tokens,
+#       5 idempotency TTL s, 6 model name, 7 stream field name
+# Returns {1, entry id} when queued, {2, existing request id} for a known idempotency key,
+# or {0, queued tokens, drain rate (tokens/s as a string, '' if never measured)} when the
+# backlog bound is reached. An empty backlog always admits, so one request larger than the
+# whole bound is still served instead of being refused forever. The consumer group is not
+# touched: workers create it at id 0, so entries queued before any worker started are
+# delivered too.
+ENQUEUE = """
+if #KEYS == 4 then
+  local existing = redis.call('GET', KEYS[4])
+  if existing then return {2, existing} end
+end
+local cost = tonumber(ARGV[3])
+local queued = tonumber(redis.call('HGET', KEYS[2], 'tokens') or '0')
+if queued > 0 and queued + cost > tonumber(ARGV[4]) then
+  return {0, tostring(queued), redis.call('HGET', KEYS[2], 'rate') or ''}
+end
+local entry = redis.call('XADD', KEYS[1], '*', ARGV[7], ARGV[1])
+redis.call('HINCRBY', KEYS[2], 'tokens', cost)
+redis.call('HINCRBY', KEYS[2], 'requests', 1)
+redis.call('SADD', KEYS[3], ARGV[6])
+if #KEYS == 4 then
+  redis.call('SET', KEYS[4], ARGV[2], 'EX', tonumber(ARGV[5]))
+end
+return {1, entry}
+"""
+
+# KEYS: 1 request stream, 2 heartbeat key of the consumer being reclaimed
+# ARGV: 1 group, 2 consumer to reclaim from, 3 claiming consumer, 4 max entries,
+#       5 "own" ("1": a worker reclaiming its own pending entries after a restart)
+# Returns {-1} when the consumer's heartbeat is live (nothing is touched), else
+# {removed, {{entry id, delivery count after this claim, {field, value, ...}}, ...}}.
+# Checking the heartbeat, listing and claiming in one script makes "never take from a live
+# worker" hold even if it beats again mid-reclaim, and two reclaimers can never both claim
+# one entry (the second sees an empty pending list), so min-idle 0 is safe. XCLAIM adds one
+# to the delivery count; entries deleted from the stream are dropped from the PEL by Redis.
+# The dead consumer is deleted once its pending list is empty (never before: DELCONSUMER
+# drops pending entries).
+RECLAIM = """
+local own = ARGV[5] == '1'
+if not own and redis.call('EXISTS', KEYS[2]) == 1 then
+  return {-1}
+end
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', tonumber(ARGV[4]), ARGV[2])
+local out = {}
+if #pending > 0 then
+  local ids = {}
+  local counts = {}
+  for i, p in ipairs(pending) do
+    ids[i] = p[1]
+    counts[p[1]] = p[4]
+  end
+  local claimed = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, unpack(ids))
+  for _, e in ipairs(claimed) do
+    out[#out + 1] = {e[1], counts[e[1]] + 1, e[2]}
+  end
+end
+local removed = 0
+if not own then
+  local left = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+  if #left == 0 then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+    removed = 1
+  end
+end
+return {removed, out}
+"""
+
+# Prefix run before FINALIZE's body, so dead-lettering is one atomic step:
+# KEYS: 1-4 as FINALIZE, 5 dead-letter stream
+# ARGV: 1-6 as FINALIZE (type "error", code dead_letter), 7 dead stream MAXLEN (approximate),
+#       8.. field/value pairs of the dead-letter entry
+# The dead-letter entry and the per-model `dead` counter are written only while the entry
+# is still pending, so a retried call cannot dead-letter one request twice.
+_DEAD_LETTER_PREFIX = """
+local still = redis.call('XPENDING', KEYS[3], ARGV[1], ARGV[2], ARGV[2], 1)
+if #still == 1 then
+  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', unpack(ARGV, 8))
+  redis.call('HINCRBY', KEYS[4], 'dead', 1)
+end
+"""
+DEAD_LETTER = _DEAD_LETTER_PREFIX + FINALIZE
+
+# For an entry whose envelope cannot be decoded (no request id to answer, no cost to give
+# back): KEYS 1 request stream, 2 dead-letter stream, 3 backlog hash; ARGV 1 group,
+# 2 entry id, 3 dead stream MAXLEN, 4.. dead-letter field/value pairs.
+# Returns 1 when this call dead-lettered the entry, 0 when it was no longer pending.
+DEAD_LETTER_RAW = """
+local still = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if #still == 0 then return 0 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
+redis.call('HINCRBY', KEYS[3], 'dead', 1)
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
 return 1
 """

@@ -1,0 +1,182 @@
+"""The asyncio client backend services use: submit chats, wait for or stream results, cancel.
+
+A thin layer over ``redis.asyncio``: the request is validated and encoded before Redis is
+touched, enqueued with one atomic Lua call (:data:`producer.scripts.ENQUEUE`: idempotency,
+backlog bound, XADD), and results are read by blocking XREAD on the request's result stream
+(never a polling loop). :class:`producer.sync_client.SyncChatClient` has the same methods.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from types import TracebackType
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from producer.calls import (
+    DEFAULT_RESULT_TIMEOUT_S,
+    DEFAULT_STREAM_IDLE_TIMEOUT_S,
+    READ_COUNT,
+    ChatResult,
+    ResultCursor,
+    block_ms,
+    build_envelope,
+    check_request_id,
+    enqueue_call,
+    enqueue_outcome,
+    queue_cancel,
+    redis_errors,
+    resolve_settings,
+    stream_entries,
+)
+from producer.errors import ResultTimeout
+from producer.keys import Keys
+from producer.protocol import Message
+from producer.scripts import ENQUEUE
+from producer.settings import ClientSettings
+
+
+class ChatClient:
+    """``async with ChatClient("redis://...") as client: text = (await client.chat(...)).text``"""
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        prefix: str | None = None,
+        settings: ClientSettings | None = None,
+    ) -> None:
+        self.settings = resolve_settings(redis_url, prefix, settings)
+        self.keys = Keys(self.settings.prefix)
+        self.redis: aioredis.Redis = aioredis.Redis.from_url(
+            self.settings.redis_url, socket_timeout=self.settings.socket_timeout_s
+        )
+        self._enqueue = self.redis.register_script(ENQUEUE)
+
+    async def __aenter__(self) -> ChatClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()
+
+    async def submit(
+        self,
+        messages: Sequence[Mapping[str, str] | Message],
+        *,
+        model: str,
+        max_tokens: int = 256,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | Sequence[str] = (),
+        priority: str = "normal",
+        deadline_s: float | None = None,
+        idempotency_key: str | None = None,
+        stream: bool = False,
+        ignore_eos: bool = False,
+        tenant: str | None = None,
+        callback_url: str | None = None,
+    ) -> str:
+        """Queue one chat; returns its request id (the existing one for a known
+        ``idempotency_key``). ``deadline_s`` is relative to now: a request still queued then
+        is dropped with ``deadline_exceeded``. Raises :class:`ProtocolError` naming the bad
+        field (before touching Redis) or :class:`QueueFull` with ``retry_after_s``."""
+        env, payload = build_envelope(
+            self.settings,
+            messages,
+            model=model,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+            priority=priority,
+            deadline_s=deadline_s,
+            idempotency_key=idempotency_key,
+            stream=stream,
+            ignore_eos=ignore_eos,
+            tenant=tenant,
+            callback_url=callback_url,
+        )
+        script_keys, args = enqueue_call(self.keys, self.settings, env, payload)
+        with redis_errors():
+            reply = await self._enqueue(keys=script_keys, args=args)
+        return enqueue_outcome(reply, env, self.settings)
+
+    async def result(
+        self, request_id: str, timeout_s: float = DEFAULT_RESULT_TIMEOUT_S
+    ) -> ChatResult:
+        """Wait for the final result; :class:`RequestFailed` for an ``error`` final,
+        :class:`ResultTimeout` when none arrives within ``timeout_s``."""
+        cursor = ResultCursor(check_request_id(request_id))
+        deadline = time.monotonic() + timeout_s
+        while cursor.final is None:
+            if await self._read(cursor, deadline) is None:
+                raise ResultTimeout(f"no result for {request_id} within {timeout_s} s")
+        return cursor.outcome()
+
+    async def stream(
+        self,
+        request_id: str,
+        *,
+        from_index: int = 0,
+        timeout_s: float = DEFAULT_STREAM_IDLE_TIMEOUT_S,
+    ) -> AsyncIterator[str]:
+        """Yield text deltas from chunk ``from_index`` on (resume after a disconnect by
+        passing the number of deltas already received); ends at the final result.
+        ``timeout_s`` bounds the wait for each next entry."""
+        cursor = ResultCursor(check_request_id(request_id), from_index)
+        while cursor.final is None:
+            deltas = await self._read(cursor, time.monotonic() + timeout_s)
+            if deltas is None:
+                raise ResultTimeout(f"no result entry for {request_id} within {timeout_s} s")
+            for delta in deltas:
+                yield delta
+        cursor.outcome()
+
+    async def cancel(self, request_id: str) -> bool:
+        """Cancel a queued or running request; False if it already had a final result."""
+        check_request_id(request_id)
+        with redis_errors():
+            pipe = self.redis.pipeline(transaction=True)
+            queue_cancel(pipe, self.keys, request_id)
+            finished, _, _ = await pipe.execute()
+        return not finished
+
+    async def chat(
+        self,
+        messages: Sequence[Mapping[str, str] | Message],
+        *,
+        timeout_s: float = DEFAULT_RESULT_TIMEOUT_S,
+        **kw: Any,
+    ) -> ChatResult:
+        """``submit`` then ``result``."""
+        request_id = await self.submit(messages, **kw)
+        return await self.result(request_id, timeout_s=timeout_s)
+
+    async def _read(self, cursor: ResultCursor, deadline: float) -> list[str] | None:
+        """One blocking XREAD; the deltas it brought, or None if the deadline passed."""
+        key = self.keys.result(cursor.request_id)
+        while True:
+            wait_ms = block_ms(deadline, self.settings.socket_timeout_s)
+            with redis_errors():
+                reply = await self.redis.xread(
+                    {key: cursor.last_id}, count=READ_COUNT, block=wait_ms
+                )
+            entries = stream_entries(reply)
+            if entries:
+                return cursor.feed(entries)
+            if time.monotonic() >= deadline:
+                return None
