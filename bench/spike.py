@@ -1,0 +1,268 @@
+"""The headline proof: Redis in front of one GPU worker absorbs a burst of 20x capacity.
+
+One command: builds a random-weight model in real shape (Qwen2.5-1.5B / DeepSeek-R1-Distill-
+Qwen-1.5B by default, bf16, ``ignore_eos``), measures the engine alone on the workload
+(capacity and the throughput baseline), starts a private Redis and one ``chatq worker``
+subprocess, then drives async producers through three phases: calm at 50% of capacity, a
+burst at ``--burst-x`` times capacity for ``--burst-s`` seconds, and recovery until the backlog
+is drained. A sampler records backlog, pending, throughput and GPU state once a second.
+Writes ``spike.json`` and ``spike.png`` under ``--out`` and prints one table last.
+
+    python bench/spike.py --out out/spike                      # on the GPU machine
+    python bench/spike.py --preset tiny --device cpu --out /tmp/spike   # smoke run on CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.spike_report import Figures, plot, summarize
+from bench.workload import ChatRequest, make_requests
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # DeepSeek-R1-Distill-Qwen-1.5B / Qwen2.5-1.5B shape.
+    "qwen2.5-1.5b": dict(
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        vocab_size=151936,
+        tie_word_embeddings=True,
+        max_position_embeddings=32768,
+        rope_theta=10000.0,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+    ),
+}
+
+
+def build_model(out_dir: Path, preset: str, tokenizer_dir: Path, device: str) -> Path:
+    """Random weights in real shape, written as safetensors next to a real tokenizer."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2Config
+
+    model_dir = out_dir / f"model-{preset}"
+    if (model_dir / "model.safetensors").exists():
+        return model_dir
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.save_pretrained(model_dir)
+    cfg = Qwen2Config(**PRESETS[preset], eos_token_id=tok.eos_token_id, torch_dtype="bfloat16")
+    with torch.device("meta"):
+        shapes = {n: p.shape for n, p in AutoModelForCausalLM.from_config(cfg).named_parameters()}
+    gen = torch.Generator(device=device).manual_seed(0)
+    tensors = {}
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            t = torch.ones(shape, device=device, dtype=torch.bfloat16)
+        else:
+            t = torch.randn(shape, device=device, generator=gen, dtype=torch.float32) * 0.02
+            t = t.to(torch.bfloat16)
+        tensors[name] = t.cpu()
+    save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    cfg.save_pretrained(model_dir)
+    return model_dir
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        dtype="bfloat16" if args.device.startswith("cuda") else "float32",
+        device=args.device,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+    )
+
+
+def engine_alone(model_dir: Path, reqs: list[ChatRequest], args: argparse.Namespace) -> dict:
+    """The same requests straight into the engine: throughput and prefix-cache TTFT effect."""
+    from transformers import AutoTokenizer
+
+    from gpu_engine import LLMEngine, SamplingParams
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    engine = LLMEngine.from_options(str(model_dir), **engine_options(args))
+
+    def ids(r: ChatRequest) -> list[int]:
+        out = tok.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    def run(batch: list[ChatRequest], tag: str) -> tuple[float, int, dict[str, float]]:
+        first: dict[str, float] = {}
+        start = time.perf_counter()
+        for r in batch:
+            sp = SamplingParams(max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True)
+            engine.add_request(f"{tag}{r.index}", ids(r), sp)
+        tokens = 0
+        while engine.has_unfinished():
+            for o in engine.step():
+                tokens += len(o.new_token_ids)
+                if o.new_token_ids and o.request_id not in first:
+                    first[o.request_id] = time.perf_counter() - start
+        return time.perf_counter() - start, tokens, first
+
+    run(reqs[:4], "warm")  # compile / capture outside the timed region
+    # Prefix-cache effect on TTFT: requests one at a time, shared system prompt (cached after
+    # the warm-up) versus a system prompt never seen before.
+    cold = make_requests(tok, 8, seed=12345, system_tokens=args.system_tokens)
+    ttft_hit = [run([r], f"hit{i}-")[2].popitem()[1] for i, r in enumerate(reqs[4:12])]
+    ttft_miss = []
+    for i, r in enumerate(cold):
+        unique = [{"role": "system", "content": f"[tenant {i}] " + r.messages[0]["content"]}]
+        r2 = ChatRequest(r.index, unique + r.messages[1:], r.max_tokens)
+        ttft_miss.append(run([r2], f"miss{i}-")[2].popitem()[1])
+    elapsed, tokens, _ = run(reqs, "alone")
+    stats = engine.stats() if hasattr(engine, "stats") else {}
+    return dict(
+        requests=len(reqs),
+        seconds=elapsed,
+        output_tokens=tokens,
+        tok_s=tokens / elapsed,
+        req_s=len(reqs) / elapsed,
+        ttft_hit_ms=[t * 1000 for t in ttft_hit],
+        ttft_miss_ms=[t * 1000 for t in ttft_miss],
+        stats=stats,
+    )
+
+
+def _free_gpu() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def start_worker(redis_url: str, model_dir: Path, args: argparse.Namespace, log: Path) -> Any:
+    cmd = [
+        sys.executable,
+        "-m",
+        "workers.cli",
+        "worker",
+        "--model",
+        str(model_dir),
+        "--redis",
+        redis_url,
+        "--name",
+        "spike-gpu0",
+        "--served-model-name",
+        "spike",
+        "--device",
+        args.device,
+        "--max-num-seqs",
+        str(args.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(args.max_num_batched_tokens),
+    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        cmd,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="qwen2.5-1.5b")
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="tokenizer dir (default: the embedded SmolLM2 model's)",
+    )
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--system-tokens", type=int, default=1000)
+    p.add_argument("--calm-s", type=float, default=20.0)
+    p.add_argument("--burst-s", type=float, default=30.0)
+    p.add_argument("--burst-x", type=float, default=20.0)
+    p.add_argument("--calm-x", type=float, default=0.5)
+    p.add_argument("--alone-requests", type=int, default=1024)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--drain-timeout-s", type=float, default=900.0)
+    p.add_argument("--answer-tokens", type=int, nargs=2, default=(50, 400))
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    from transformers import AutoTokenizer
+
+    from workers.redis_server import RedisServer
+
+    if args.tokenizer is None:
+        from gpu_engine.gguf import default_model_path
+
+        args.tokenizer = default_model_path()
+    model_dir = build_model(args.out, args.preset, args.tokenizer, args.device)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    probe = make_requests(
+        tok,
+        args.alone_requests,
+        seed=1,
+        system_tokens=args.system_tokens,
+        answer_tokens=tuple(args.answer_tokens),
+    )
+    alone = engine_alone(model_dir, probe, args)
+    _free_gpu()  # the engine went out of scope with engine_alone; give its memory back
+    capacity_rps = alone["req_s"]
+    print(
+        f"engine alone: {alone['tok_s']:.0f} tok/s, capacity {capacity_rps:.1f} req/s", flush=True
+    )
+
+    from bench.spike_drive import drive
+
+    n_calm = int(args.calm_s * capacity_rps * args.calm_x)
+    n_burst = int(args.burst_s * capacity_rps * args.burst_x)
+    reqs = make_requests(
+        tok,
+        n_calm + n_burst,
+        seed=2,
+        system_tokens=args.system_tokens,
+        answer_tokens=tuple(args.answer_tokens),
+    )
+    schedule = [i / (capacity_rps * args.calm_x) for i in range(n_calm)]
+    schedule += [args.calm_s + i / (capacity_rps * args.burst_x) for i in range(n_burst)]
+    with RedisServer() as server:
+        worker = start_worker(server.url, model_dir, args, args.out / "worker.log")
+        try:
+            run = asyncio.run(drive(server.url, "spike", reqs, schedule, args, worker))
+        finally:
+            worker.terminate()
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+    figures: Figures = summarize(run, alone, args, capacity_rps)
+    (args.out / "spike.json").write_text(
+        json.dumps({"figures": figures, "run": run, "alone": alone}, default=str, indent=1)
+    )
+    plot(run, args.out / "spike.png")
+    for line in figures["table"]:
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
