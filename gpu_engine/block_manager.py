@@ -1,0 +1,245 @@
+"""Paged KV-cache bookkeeping: ref-counted fixed-size blocks with prefix caching (no torch).
+
+A block holds ``block_size`` consecutive tokens of one or more sequences. A *full* block whose
+K/V has been computed is registered under a chained content hash (hash of the parent block's
+hash and this block's tokens), so a later sequence with the same prefix reuses it instead of
+recomputing. Hits are verified against the stored tokens and parent hash. Blocks whose ref
+count drops to zero keep their content and stay findable until a new allocation evicts them,
+least recently used first.
+
+Every side-effecting call has a ``can_*`` check: ``can_allocate``/``allocate`` admit a
+sequence (blocks for all its current tokens), ``can_append``/``append`` grow it by the block
+its next token needs. Hashes are registered only by ``cache_computed_blocks`` after a step
+wrote the K/V, so a block being prefilled in chunks is never served to another sequence early.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from gpu_engine.errors import EngineError
+from gpu_engine.sequence import Sequence
+
+_ROOT_HASH = 0
+
+
+class BlockAllocationError(EngineError):
+    """A block-manager call was made without its ``can_*`` check succeeding (a bug)."""
+
+
+def chain_hash(parent_hash: int, token_ids: Iterable[int]) -> int:
+    """128-bit content hash of one block given its parent's hash (deterministic across runs)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(parent_hash.to_bytes(16, "little"))
+    h.update(b"".join(int(t).to_bytes(4, "little", signed=True) for t in token_ids))
+    return int.from_bytes(h.digest(), "little")
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0
+    hash: int | None = None  # set once registered in the prefix cache
+    parent_hash: int = _ROOT_HASH
+    token_ids: tuple[int, ...] = ()
+
+
+class BlockManager:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True
+    ) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise EngineError("num_blocks and block_size must be >= 1")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Free blocks without cached content: handed out first.
+        self._free_plain: deque[int] = deque(range(num_blocks))
+        # Free blocks with cached content, least recently used first (evicted in that order).
+        self._free_cached: OrderedDict[int, None] = OrderedDict()
+        self._hash_to_block: dict[int, int] = {}
+        # Counters for stats().
+        self.prefix_query_tokens = 0
+        self.prefix_hit_tokens = 0
+        self.num_evictions = 0
+
+    # -- queries -------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks with ref count 0 (cached-but-unused ones included: they are evictable)."""
+        return len(self._free_plain) + len(self._free_cached)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._hash_to_block)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _seq_block_hashes(self, seq: Sequence, num_full_blocks: int) -> list[int]:
+        """Chained hashes of the sequence's first ``num_full_blocks`` full blocks (memoised)."""
+        bs = self.block_size
+        hashes = seq.block_hashes
+        while len(hashes) < num_full_blocks:
+            i = len(hashes)
+            parent = hashes[-1] if hashes else _ROOT_HASH
+            hashes.append(chain_hash(parent, seq.token_ids[i * bs : (i + 1) * bs]))
+        return hashes[:num_full_blocks]
+
+    def _match_prefix(self, seq: Sequence) -> list[int]:
+        """Block ids of the longest cached prefix. The last token is never a hit: its logits
+        are needed, so at least one token is always computed."""
+        if not self.enable_prefix_caching:
+            return []
+        bs = self.block_size
+        hashes = self._seq_block_hashes(seq, (seq.num_tokens - 1) // bs)
+        hits: list[int] = []
+        parent = _ROOT_HASH
+        for i, h in enumerate(hashes):
+            block_id = self._hash_to_block.get(h)
+            if block_id is None:
+                break
+            block = self.blocks[block_id]
+            if (
+                block.parent_hash != parent
+                or list(block.token_ids) != seq.token_ids[i * bs : (i + 1) * bs]
+            ):
+                break  # hash collision: never serve foreign K/V
+            hits.append(block_id)
+            parent = h
+        return hits
+
+    # -- admission -----------------------------------------------------------------------
+    def can_allocate(self, seq: Sequence, reserve_blocks: int = 0) -> bool:
+        """Whether blocks for all of ``seq``'s current tokens fit, keeping ``reserve_blocks``
+        free afterwards."""
+        hits = self._match_prefix(seq)
+        revived = sum(1 for b in hits if self.blocks[b].ref_count == 0)
+        new = self.blocks_for(seq.num_tokens) - len(hits)
+        return new + revived + reserve_blocks <= self.num_free_blocks
+
+    def allocate(self, seq: Sequence) -> int:
+        """Give ``seq`` blocks for all its tokens; returns the number of prefix-hit tokens
+        (also set as ``seq.num_computed_tokens``)."""
+        if seq.block_table:
+            raise BlockAllocationError(f"sequence {seq.request_id} already holds blocks")
+        if not self.can_allocate(seq):
+            raise BlockAllocationError(f"not enough free blocks for {seq.request_id}")
+        hits = self._match_prefix(seq)
+        for block_id in hits:  # pin hits first so new allocations cannot evict them
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self._free_cached[block_id]
+            block.ref_count += 1
+        table = list(hits)
+        for _ in range(self.blocks_for(seq.num_tokens) - len(hits)):
+            table.append(self._take_free_block())
+        seq.block_table = table
+        num_hit_tokens = len(hits) * self.block_size
+        seq.num_computed_tokens = num_hit_tokens
+        self.prefix_query_tokens += seq.num_tokens
+        self.prefix_hit_tokens += num_hit_tokens
+        return num_hit_tokens
+
+    def _take_free_block(self) -> int:
+        if self._free_plain:
+            block_id = self._free_plain.popleft()
+        elif self._free_cached:
+            block_id, _ = self._free_cached.popitem(last=False)  # evict least recently used
+            self._uncache(self.blocks[block_id])
+            self.num_evictions += 1
+        else:
+            raise BlockAllocationError("no free KV blocks")
+        block = self.blocks[block_id]
+        block.ref_count = 1
+        return block_id
+
+    def _uncache(self, block: Block) -> None:
+        if block.hash is not None and self._hash_to_block.get(block.hash) == block.block_id:
+            del self._hash_to_block[block.hash]
+        block.hash = None
+        block.parent_hash = _ROOT_HASH
+        block.token_ids = ()
+
+    # -- growth --------------------------------------------------------------------------
+    def blocks_needed_to_append(self, seq: Sequence) -> int:
+        """New blocks needed so the cache can hold all of ``seq``'s tokens (0 or more)."""
+        return max(0, self.blocks_for(seq.num_tokens) - len(seq.block_table))
+
+    def can_append(self, seq: Sequence) -> bool:
+        return self.blocks_needed_to_append(seq) <= self.num_free_blocks
+
+    def append(self, seq: Sequence) -> None:
+        if not self.can_append(seq):
+            raise BlockAllocationError(f"not enough free blocks to grow {seq.request_id}")
+        for _ in range(self.blocks_needed_to_append(seq)):
+            seq.block_table.append(self._take_free_block())
+
+    # -- after a step --------------------------------------------------------------------
+    def cache_computed_blocks(self, seq: Sequence) -> None:
+        """Register ``seq``'s full blocks whose K/V is now computed in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        num_full = min(seq.num_computed_tokens // bs, len(seq.block_table))
+        hashes = self._seq_block_hashes(seq, num_full)
+        parent = _ROOT_HASH
+        for i, h in enumerate(hashes):
+            block = self.blocks[seq.block_table[i]]
+            if block.hash is None and h not in self._hash_to_block:
+                block.hash = h
+                block.parent_hash = parent
+                block.token_ids = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+                self._hash_to_block[h] = block.block_id
+            parent = h
+
+    # -- release -------------------------------------------------------------------------
+    def free(self, seq: Sequence) -> None:
+        """Drop ``seq``'s references. Released in reverse so a prefix's tail is evicted
+        before its head (the head is the part most likely to be shared again)."""
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            if block.ref_count <= 0:
+                raise BlockAllocationError(f"block {block_id} freed twice")
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                if block.hash is not None:
+                    self._free_cached[block_id] = None
+                else:
+                    self._free_plain.append(block_id)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+
+    # -- reporting -----------------------------------------------------------------------
+    def paging_waste(self, seqs: Iterable[Sequence]) -> tuple[int, int]:
+        """(unused token slots in blocks held by ``seqs``, all slots they hold)."""
+        waste = slots = 0
+        for seq in seqs:
+            held = len(seq.block_table) * self.block_size
+            slots += held
+            waste += max(0, held - seq.num_tokens)
+        return waste, slots
+
+    def check_invariants(self, live: Iterable[Sequence]) -> None:
+        """Ref counts equal references from ``live`` sequences; free lists are consistent."""
+        refs = [0] * self.num_blocks
+        for seq in live:
+            for block_id in seq.block_table:
+                refs[block_id] += 1
+        free = set(self._free_plain) | set(self._free_cached)
+        if len(free) != len(self._free_plain) + len(self._free_cached):
+            raise EngineError("a block is on both free lists")
+        for block in self.blocks:
+            if block.ref_count != refs[block.block_id]:
+                raise EngineError(
+                    f"block {block.block_id}: ref {block.ref_count} != {refs[block.block_id]}"
+                )
+            if (block.ref_count == 0) != (block.block_id in free):
+                raise EngineError(f"block {block.block_id} free-list state is wrong")
+        for h, block_id in self._hash_to_block.items():
+            if self.blocks[block_id].hash != h:
+                raise EngineError(f"hash table points at block {block_id} with another hash")

@@ -1,0 +1,89 @@
+"""Engine configuration (plain data, no torch: the worker host process imports it too)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from gpu_engine.errors import EngineError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
+
+
+class ConfigError(EngineError, ValueError):
+    """An engine option is out of range or inconsistent."""
+
+
+@dataclass
+class EngineConfig:
+    """Every knob of one engine instance; ``LLM(...)`` keyword arguments map onto these fields.
+
+    ``kv_cache_tokens=None`` sizes the paged KV cache from free memory: on CUDA
+    ``gpu_memory_utilization`` of the device after a warm-up pass, on CPU
+    ``cpu_kv_cache_fraction`` of available RAM capped at ``cpu_kv_cache_max_tokens``.
+    """
+
+    model: str
+    dtype: str = "auto"  # "auto" = float32 on CPU, bfloat16 on CUDA
+    device: str = "auto"  # "auto" = cuda if available, else cpu
+    block_size: int = 16  # tokens per KV-cache block
+    max_num_seqs: int = 256  # running sequences at most (also per step)
+    max_num_batched_tokens: int = 4096  # new tokens per step at most (prefill chunks + decodes)
+    kv_cache_tokens: int | None = None
+    enable_prefix_caching: bool = True
+    attention_backend: str = "auto"  # "auto" | "torch" | "triton" | "flash_attn"
+    seed: int = 0  # seeds the engine-wide generator used by requests without their own seed
+    # Longest sequence (prompt + output); None = the model's max_position_embeddings, and never
+    # more than the KV cache holds (so a lone sequence can always finish).
+    max_model_len: int | None = None
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_fraction: float = 0.1
+    cpu_kv_cache_max_tokens: int = 65536
+    # Waiting this many seconds raises a request's effective priority by one level, so a
+    # low-priority request never starves behind a stream of high-priority ones.
+    priority_aging_s: float = 10.0
+    # Admission keeps this fraction of KV blocks free for running sequences to grow into,
+    # which avoids admit-then-preempt thrashing.
+    admission_watermark: float = 0.01
+    # Run every step eagerly (the GPU fast path may capture decode steps as CUDA graphs).
+    enforce_eager: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ConfigError("model must be a non-empty path")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(
+                f"attention_backend must be one of {ATTENTION_BACKENDS}, "
+                f"got {self.attention_backend!r}"
+            )
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
+            raise ConfigError(
+                f"kv_cache_tokens ({self.kv_cache_tokens}) must hold at least one block "
+                f"of {self.block_size} tokens"
+            )
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError("max_model_len must be >= 2")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError("gpu_memory_utilization must be in (0, 1]")
+        if not 0.0 < self.cpu_kv_cache_fraction <= 1.0:
+            raise ConfigError("cpu_kv_cache_fraction must be in (0, 1]")
+        if self.priority_aging_s <= 0:
+            raise ConfigError("priority_aging_s must be > 0")
+        if not 0.0 <= self.admission_watermark < 1.0:
+            raise ConfigError("admission_watermark must be in [0, 1)")
+
+    @classmethod
+    def from_options(cls, model: str, **options: Any) -> EngineConfig:
+        """Build from keyword options, rejecting unknown names with a clear error."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"unknown engine option(s): {', '.join(unknown)}")
+        return cls(model=str(model), **options)

@@ -1,0 +1,270 @@
+"""LLMEngine (token ids in, token ids out, one step at a time) and LLM (offline batch API)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence as SequenceABC
+from typing import Any
+
+from gpu_engine.block_manager import BlockManager
+from gpu_engine.config import EngineConfig
+from gpu_engine.errors import EngineError
+from gpu_engine.loader import load_tokenizer, read_eos_token_ids
+from gpu_engine.model_runner import ModelRunner
+from gpu_engine.outputs import EngineCapacity, RequestOutput, StepOutput
+from gpu_engine.scheduler import Scheduler
+from gpu_engine.sequence import SamplingParams, Sequence, check_prompt
+
+
+class LLMEngine:
+    """Continuous-batching engine. Drive it with ``add_request`` / ``step`` from one thread.
+
+    ``abort(request_id)`` frees the request's KV blocks at once; the next ``step()`` reports
+    it as ``StepOutput(finished=True, finish_reason="abort")``. Requests past their
+    ``deadline`` (absolute ``time.time()`` seconds) are reported with ``"deadline"``.
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.model_runner = ModelRunner(config)
+        self.tokenizer: Any | None = load_tokenizer(self.model_runner.model_dir)
+        self.eos_token_ids: list[int] = read_eos_token_ids(
+            self.model_runner.model_dir, self.model_runner.hf_config, self.tokenizer
+        )
+        self.max_model_len = self.model_runner.max_model_len
+        self.block_manager = BlockManager(
+            self.model_runner.num_kv_blocks,
+            self.model_runner.block_size,
+            config.enable_prefix_caching,
+        )
+        self.scheduler = Scheduler(
+            config, self.block_manager, self.eos_token_ids, self.max_model_len
+        )
+        self._num_steps = 0
+        self._num_generated_tokens = 0
+        self._num_computed_prompt_tokens = 0
+        self._waste_sum = 0.0
+
+    @classmethod
+    def from_options(cls, model: str, **options: Any) -> LLMEngine:
+        return cls(EngineConfig.from_options(model, **options))
+
+    # -- requests ------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: SequenceABC[int],
+        sampling_params: SamplingParams | None = None,
+        *,
+        priority: int = 0,
+        deadline: float | None = None,
+    ) -> None:
+        """Queue a request. Raises ``InvalidRequestError`` (an ``EngineError``) for an empty
+        or out-of-vocabulary prompt, a prompt of ``max_model_len`` tokens or more, or a
+        request id already in flight. ``priority``: larger is more urgent."""
+        ids = check_prompt(prompt_token_ids, self.model_runner.arch.vocab_size)
+        self.scheduler.add(
+            Sequence(
+                request_id=str(request_id),
+                prompt_token_ids=ids,
+                sampling_params=sampling_params or SamplingParams(),
+                priority=int(priority),
+                deadline=deadline,
+                arrival_time=time.time(),
+            )
+        )
+
+    def abort(self, request_id: str) -> bool:
+        """Finish a request now; False if it is unknown or already finished."""
+        found = self.scheduler.abort(request_id)
+        if found:
+            self.model_runner.sampler.release(request_id)
+        return found
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the loop ------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        batch = self.scheduler.schedule(time.time())
+        outputs = [self._output(seq, []) for seq in batch.finished]
+        if batch.seqs:
+            self._num_steps += 1
+            waste, slots = self.block_manager.paging_waste(self.scheduler.running)
+            self._waste_sum += waste / slots if slots else 0.0
+            self._num_computed_prompt_tokens += sum(
+                n
+                for s, n in zip(batch.seqs, batch.query_lens, strict=True)
+                if s.num_computed_tokens < s.num_prompt_tokens
+            )
+            sampled = self.model_runner.run(batch)
+            for seq, token in self.scheduler.postprocess(batch, sampled):
+                self._num_generated_tokens += 1
+                outputs.append(self._output(seq, [token]))
+        for out in outputs:
+            if out.finished:
+                self.model_runner.sampler.release(out.request_id)
+        return outputs
+
+    @staticmethod
+    def _output(seq: Sequence, new_token_ids: list[int]) -> StepOutput:
+        return StepOutput(
+            request_id=seq.request_id,
+            new_token_ids=new_token_ids,
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+        )
+
+    # -- reporting -----------------------------------------------------------------------
+    def capacity(self) -> EngineCapacity:
+        bm, sched = self.block_manager, self.scheduler
+        return EngineCapacity(
+            free_kv_tokens=bm.num_free_blocks * bm.block_size,
+            total_kv_tokens=bm.num_blocks * bm.block_size,
+            waiting_tokens=sched.waiting_tokens,
+            running_seqs=len(sched.running),
+            waiting_seqs=len(sched.waiting),
+            max_num_seqs=self.config.max_num_seqs,
+        )
+
+    def stats(self) -> dict[str, float | int]:
+        """Counters since start plus current occupancy (for worker metrics and benchmarks)."""
+        bm, sched = self.block_manager, self.scheduler
+        waste, slots = bm.paging_waste(sched.running)
+        return {
+            "steps": self._num_steps,
+            "generated_tokens": self._num_generated_tokens,
+            "computed_prompt_tokens": self._num_computed_prompt_tokens,
+            "prefix_cache_query_tokens": bm.prefix_query_tokens,
+            "prefix_cache_hit_tokens": bm.prefix_hit_tokens,
+            "prefix_cache_hit_rate": bm.prefix_hit_tokens / max(1, bm.prefix_query_tokens),
+            "prefix_cache_evictions": bm.num_evictions,
+            "cached_blocks": bm.num_cached_blocks,
+            "preemptions": sched.num_preemptions,
+            "paging_waste_tokens": waste,
+            "paging_waste_fraction": waste / slots if slots else 0.0,
+            "mean_paging_waste_fraction": self._waste_sum / max(1, self._num_steps),
+            "free_kv_tokens": bm.num_free_blocks * bm.block_size,
+            "total_kv_tokens": bm.num_blocks * bm.block_size,
+            "running_seqs": len(sched.running),
+            "waiting_seqs": len(sched.waiting),
+        }
+
+
+class LLM:
+    """Offline batch generation over an :class:`LLMEngine` (stop strings handled here)."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        dtype: str = "auto",
+        device: str = "auto",
+        block_size: int = 16,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 4096,
+        kv_cache_tokens: int | None = None,
+        enable_prefix_caching: bool = True,
+        attention_backend: str = "auto",
+        seed: int = 0,
+        **engine_options: Any,
+    ) -> None:
+        self.engine = LLMEngine.from_options(
+            model,
+            dtype=dtype,
+            device=device,
+            block_size=block_size,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            kv_cache_tokens=kv_cache_tokens,
+            enable_prefix_caching=enable_prefix_caching,
+            attention_backend=attention_backend,
+            seed=seed,
+            **engine_options,
+        )
+        self.tokenizer: Any | None = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: str | list[int] | SequenceABC[str] | SequenceABC[list[int]],
+        sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); results in input order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        token_prompts = [self._encode(p) for p in prompts]
+        return self._run(token_prompts, sampling_params)
+
+    def chat(
+        self,
+        conversations: SequenceABC[dict[str, str]] | SequenceABC[SequenceABC[dict[str, str]]],
+        sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template (with the assistant generation prompt) and
+        generate; one conversation or a list of them."""
+        if self.tokenizer is None:
+            raise EngineError("chat needs a tokenizer; this model directory has none")
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]  # type: ignore[list-item]
+        prompts = [
+            self.tokenizer.apply_chat_template(list(c), tokenize=False, add_generation_prompt=True)
+            for c in conversations
+        ]
+        token_prompts = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        return self._run(token_prompts, sampling_params)
+
+    def _encode(self, prompt: str | SequenceABC[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise EngineError("text prompts need a tokenizer; pass token ids instead")
+            return list(self.tokenizer.encode(prompt))
+        return [int(t) for t in prompt]
+
+    def _run(
+        self,
+        prompts: list[list[int]],
+        sampling_params: SamplingParams | SequenceABC[SamplingParams] | None,
+    ) -> list[RequestOutput]:
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise EngineError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        if any(p.stop for p in params) and self.tokenizer is None:
+            raise EngineError("stop strings need a tokenizer")
+        results: dict[str, RequestOutput] = {}
+        order = []
+        for prompt, p in zip(prompts, params, strict=True):
+            rid = f"llm-{next(self._ids)}"
+            self.engine.add_request(rid, prompt, p)
+            results[rid] = RequestOutput(rid, prompt, [], "", None)
+            order.append((rid, p))
+        stops = dict(order)
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                res = results[out.request_id]
+                if res.finish_reason is not None:
+                    continue  # already finished here by a stop string; this is its abort
+                res.token_ids.extend(out.new_token_ids)
+                if stops[out.request_id].stop and self._hit_stop(res, stops[out.request_id]):
+                    self.engine.abort(out.request_id)
+                elif out.finished:
+                    res.finish_reason = out.finish_reason
+        for res in results.values():
+            if self.tokenizer is not None and not res.text:
+                res.text = self.tokenizer.decode(res.token_ids, skip_special_tokens=True)
+        return [results[rid] for rid, _ in order]
+
+    def _hit_stop(self, res: RequestOutput, params: SamplingParams) -> bool:
+        assert self.tokenizer is not None
+        text = self.tokenizer.decode(res.token_ids, skip_special_tokens=True)
+        hits = [i for i in (text.find(s) for s in params.stop) if i >= 0]
+        if not hits:
+            return False
+        res.text, res.finish_reason = text[: min(hits)], "stop"
+        return True

@@ -1,0 +1,109 @@
+"""Load a local HF checkpoint directory: config, (sharded) safetensors, tokenizer, eos ids."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpu_engine.errors import EngineError
+from gpu_engine.layers.base import AttentionBackend
+from gpu_engine.models import LlamaArchConfig, LlamaForCausalLM
+
+log = logging.getLogger(__name__)
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A checkpoint directory; a ``.gguf`` file is first converted to a cached HF directory
+    by ``gpu_engine.gguf`` (owned by the GGUF import)."""
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        try:
+            from gpu_engine import gguf  # type: ignore[attr-defined]
+        except ImportError as err:
+            raise EngineError(f"cannot import GGUF file {path}: {err}") from err
+        convert = getattr(gguf, "gguf_to_hf_dir", None) or getattr(gguf, "ensure_hf_dir", None)
+        if convert is None:
+            raise EngineError("gpu_engine.gguf has no GGUF -> HF directory converter")
+        path = Path(convert(path))
+    if not (path / "config.json").is_file():
+        raise EngineError(f"{model!r} is not a model directory (no config.json)")
+    return path
+
+
+def load_hf_config(path: Path) -> dict[str, Any]:
+    with open(path / "config.json", encoding="utf-8") as f:
+        cfg: dict[str, Any] = json.load(f)
+    return cfg
+
+
+def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, cpu tensor) for every tensor, following model.safetensors.index.json shards."""
+    from safetensors import safe_open
+
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        raise EngineError(f"no safetensors weights in {path}")
+    for name in files:
+        with safe_open(str(path / name), framework="pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                yield key, f.get_tensor(key)
+
+
+def build_model(
+    arch: LlamaArchConfig,
+    path: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    backend: AttentionBackend,
+) -> LlamaForCausalLM:
+    """Construct directly in ``dtype`` on ``device`` and copy the checkpoint in."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            model = LlamaForCausalLM(arch, backend)
+    finally:
+        torch.set_default_dtype(previous)
+    model.load_weights(iter_safetensors(path))
+    return model.eval()
+
+
+def load_tokenizer(path: Path) -> Any | None:
+    """The HF tokenizer, or None when the directory has no tokenizer files."""
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def read_eos_token_ids(path: Path, hf_config: dict[str, Any], tokenizer: Any | None) -> list[int]:
+    """Union of eos ids from generation_config.json, config.json and the tokenizer."""
+    ids: list[int] = []
+
+    def add(value: Any) -> None:
+        if isinstance(value, int):
+            ids.append(value)
+        elif isinstance(value, list):
+            ids.extend(int(v) for v in value if isinstance(v, int))
+
+    gen = path / "generation_config.json"
+    if gen.is_file():
+        with open(gen, encoding="utf-8") as f:
+            add(json.load(f).get("eos_token_id"))
+    add(hf_config.get("eos_token_id"))
+    if tokenizer is not None:
+        add(getattr(tokenizer, "eos_token_id", None))
+    return sorted(set(ids))

@@ -1,0 +1,287 @@
+"""The only module that touches tensors: loads the model, owns the paged KV cache, turns a
+scheduled batch into (input_ids, positions, AttentionMetadata), runs the model, samples.
+
+Decode-only steps go through ``_run_decode`` so the GPU fast path can replace it with CUDA
+graph replay without touching the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from gpu_engine.config import EngineConfig
+from gpu_engine.context import forward_context
+from gpu_engine.errors import EngineError
+from gpu_engine.layers import make_attention_backend
+from gpu_engine.layers.base import AttentionMetadata
+from gpu_engine.loader import build_model, load_hf_config, resolve_model_dir
+from gpu_engine.models import LlamaArchConfig
+from gpu_engine.sampling import Sampler
+from gpu_engine.scheduler import ScheduledBatch
+from gpu_engine.sequence import SamplingParams
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    meta: AttentionMetadata
+    sample_rows: torch.Tensor  # [S] int64: token rows whose logits are sampled
+    sample_seqs: list[int]  # [S] index into batch.seqs of each sampled row
+
+
+def _available_ram_bytes() -> int:
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = torch.device(
+            config.device
+            if config.device != "auto"
+            else ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        auto_dtype = "bfloat16" if self.device.type == "cuda" else "float32"
+        self.dtype = _DTYPES[auto_dtype if config.dtype == "auto" else config.dtype]
+        self.model_dir = resolve_model_dir(config.model)
+        self.hf_config = load_hf_config(self.model_dir)
+        self.arch = LlamaArchConfig.from_hf(self.hf_config)
+        self.backend = make_attention_backend(config.attention_backend, self.device.type)
+        self.model = build_model(self.arch, self.model_dir, self.dtype, self.device, self.backend)
+        self.block_size = self._block_size()
+        self.sampler = Sampler(self.device, config.seed)
+        self.num_kv_blocks = self._num_kv_blocks()
+        self._allocate_kv_cache(self.num_kv_blocks)
+        limit = min(
+            config.max_model_len or self.arch.max_position_embeddings,
+            self.arch.max_position_embeddings,
+        )
+        self.max_model_len = min(limit, self.num_kv_blocks * self.block_size)
+        log.info(
+            "model %s on %s (%s), backend %s, %d KV blocks of %d tokens",
+            self.model_dir,
+            self.device,
+            self.dtype,
+            self.backend.name,
+            self.num_kv_blocks,
+            self.block_size,
+        )
+
+    def _block_size(self) -> int:
+        """The configured block size, unless the backend needs pages of another multiple
+        (flash-attn's paged KV: 256)."""
+        required = getattr(self.backend, "required_block_size", None)
+        size = self.config.block_size
+        if required and size % required:
+            log.warning(
+                "attention backend %s needs block_size %% %d == 0; using %d instead of %d",
+                self.backend.name,
+                required,
+                required,
+                size,
+            )
+            return int(required)
+        return size
+
+    # -- KV cache ------------------------------------------------------------------------
+    @property
+    def kv_bytes_per_token(self) -> int:
+        a = self.arch
+        return 2 * a.num_layers * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+
+    def _num_kv_blocks(self) -> int:
+        cfg = self.config
+        if cfg.kv_cache_tokens is not None:
+            tokens = cfg.kv_cache_tokens
+        elif self.device.type == "cuda":
+            tokens = self._profile_cuda_kv_tokens()
+        else:
+            tokens = min(
+                int(cfg.cpu_kv_cache_fraction * _available_ram_bytes()) // self.kv_bytes_per_token,
+                cfg.cpu_kv_cache_max_tokens,
+            )
+        num_blocks = tokens // self.block_size
+        if num_blocks < 1:
+            raise EngineError(f"no memory left for the KV cache ({tokens} tokens)")
+        return num_blocks
+
+    def _allocate_kv_cache(self, num_blocks: int) -> None:
+        a = self.arch
+        # [layers, k/v, num_blocks, block_size, KVH, D]; zeroed so padded slots the reference
+        # backend gathers are finite (masked, but NaN * 0 would still poison the output).
+        self.kv_cache = torch.zeros(
+            a.num_layers,
+            2,
+            num_blocks,
+            self.block_size,
+            a.num_kv_heads,
+            a.head_dim,
+            dtype=self.dtype,
+            device=self.device,
+        )
+        for i, attn in enumerate(self.model.attention_layers()):
+            attn.k_cache, attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
+
+    @torch.inference_mode()
+    def _profile_cuda_kv_tokens(self) -> int:
+        """Run the largest step once with a scratch cache, then give the KV cache what is
+        left of ``gpu_memory_utilization`` of the device after the activation peak."""
+        cfg = self.config
+        seq_len = min(
+            cfg.max_num_batched_tokens, cfg.max_model_len or self.arch.max_position_embeddings
+        )
+        num_seqs = max(1, min(cfg.max_num_seqs, cfg.max_num_batched_tokens // seq_len))
+        blocks_per_seq = -(-seq_len // self.block_size)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self._allocate_kv_cache(num_seqs * blocks_per_seq)
+        tables = [
+            list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(num_seqs)
+        ]
+        inputs = self._build_inputs(
+            [[0] * seq_len] * num_seqs, [0] * num_seqs, tables, sample=[True] * num_seqs
+        )
+        hidden = self._execute(inputs)
+        logits = self.model.compute_logits(hidden[inputs.sample_rows])
+        rows = max(num_seqs, cfg.max_num_seqs)
+        warm = SamplingParams(temperature=1.0, top_p=0.9, top_k=50)
+        self.sampler.sample(
+            logits[:1].float().expand(rows, -1).contiguous(), [warm] * rows, [""] * rows
+        )
+        torch.cuda.synchronize(self.device)
+        stats = torch.cuda.memory_stats(self.device)
+        peak, current = stats["allocated_bytes.all.peak"], stats["allocated_bytes.all.current"]
+        del self.kv_cache, hidden, logits
+        for attn in self.model.attention_layers():
+            attn.k_cache = attn.v_cache = torch.empty(0)
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(self.device)
+        used = total - free
+        budget = int(total * cfg.gpu_memory_utilization) - used - (peak - current)
+        return max(0, budget // self.kv_bytes_per_token)
+
+    # -- inputs --------------------------------------------------------------------------
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
+        tokens, starts, tables, sample = [], [], [], []
+        for i, seq in enumerate(batch.seqs):
+            start = seq.num_computed_tokens
+            end = start + batch.query_lens[i]
+            tokens.append(seq.token_ids[start:end])
+            starts.append(start)
+            tables.append(seq.block_table)
+            sample.append(end == seq.num_tokens)
+        return self._build_inputs(tokens, starts, tables, sample, batch.num_prefill_seqs)
+
+    def _build_inputs(
+        self,
+        tokens: list[list[int]],
+        starts: list[int],
+        tables: list[list[int]],
+        sample: list[bool],
+        num_prefill_seqs: int | None = None,
+    ) -> StepInputs:
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_lens, seq_lens, sample_rows, sample_seqs = [], [], [], []
+        for i, (toks, start, table) in enumerate(zip(tokens, starts, tables, strict=True)):
+            end = start + len(toks)
+            input_ids.extend(toks)
+            positions.extend(range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            query_lens.append(len(toks))
+            seq_lens.append(end)
+            if sample[i]:
+                sample_rows.append(len(input_ids) - 1)
+                sample_seqs.append(i)
+        if num_prefill_seqs is None:
+            num_prefill_seqs = sum(1 for q in query_lens if q > 1)
+        max_blocks = max(len(t) for t in tables)
+        padded = [t + [0] * (max_blocks - len(t)) for t in tables]
+        cu = [0]
+        for q in query_lens:
+            cu.append(cu[-1] + q)
+        pin = self.device.type == "cuda"
+
+        def dev(values: list[int] | list[list[int]], dtype: torch.dtype) -> torch.Tensor:
+            t = torch.tensor(values, dtype=dtype, pin_memory=pin)
+            return t.to(self.device, non_blocking=True)
+
+        meta = AttentionMetadata(
+            slot_mapping=dev(slots, torch.int64),
+            cu_seqlens_q=dev(cu, torch.int32),
+            seq_lens=dev(seq_lens, torch.int32),
+            block_tables=dev(padded, torch.int32),
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+            num_prefill_seqs=num_prefill_seqs,
+            num_decode_seqs=len(query_lens) - num_prefill_seqs,
+            query_lens_host=query_lens,
+            seq_lens_host=seq_lens,
+        )
+        return StepInputs(
+            dev(input_ids, torch.int64),
+            dev(positions, torch.int64),
+            meta,
+            dev(sample_rows, torch.int64),
+            sample_seqs,
+        )
+
+    # -- execution -----------------------------------------------------------------------
+    def _execute(self, inputs: StepInputs) -> torch.Tensor:
+        with forward_context(inputs.meta):
+            if inputs.meta.num_prefill_seqs == 0:
+                return self._run_decode(inputs.input_ids, inputs.positions, inputs.meta)
+            return self._run_eager(inputs.input_ids, inputs.positions)
+
+    def _run_eager(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden: torch.Tensor = self.model(input_ids, positions)
+        return hidden
+
+    def _run_decode(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Decode-only step (every query length is 1); hidden states [T, hidden]. The GPU
+        fast path overrides this with CUDA-graph replay (``meta`` is the current context)."""
+        return self._run_eager(input_ids, positions)
+
+    @torch.inference_mode()
+    def forward_logits(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+        """Logits [S, vocab] for the sequences that reach their last token this step, and
+        their indices in ``batch.seqs``."""
+        inputs = self.prepare(batch)
+        hidden = self._execute(inputs)
+        return self.model.compute_logits(hidden[inputs.sample_rows]), inputs.sample_seqs
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> list[int | None]:
+        """One step: the sampled token per sequence (None for a non-final prefill chunk)."""
+        out: list[int | None] = [None] * len(batch.seqs)
+        logits, rows = self.forward_logits(batch)
+        if rows:
+            seqs = [batch.seqs[i] for i in rows]
+            tokens = self.sampler.sample(
+                logits, [s.sampling_params for s in seqs], [s.request_id for s in seqs]
+            )
+            for i, token in zip(rows, tokens, strict=True):
+                out[i] = token
+        return out

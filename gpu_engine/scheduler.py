@@ -1,0 +1,275 @@
+"""Continuous batching over the paged KV cache (no torch).
+
+Each ``schedule()`` picks the next step's work under two budgets — at most
+``max_num_batched_tokens`` new tokens and at most ``max_num_seqs`` running sequences:
+
+1. Drop requests past their deadline (waiting or running) and report aborted ones.
+2. Decodes first (one token each) so running requests keep streaming; a decode that needs a
+   new block and finds none preempts the lowest-priority running sequence (recompute: its
+   blocks are freed and it goes back to waiting with its tokens kept).
+3. Running sequences part-way through a chunked prefill get the next chunk.
+4. Waiting requests are admitted by effective priority (priority plus aging, see
+   ``Sequence.effective_priority``) while blocks and budget last; their prompt chunk fills the
+   rest of the budget. Nothing is admitted in a step that had to preempt.
+
+The batch lists prefill chunks first and decodes (query length 1) last, the order
+``gpu_engine.layers.base`` documents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from collections.abc import Sequence as SequenceABC
+from dataclasses import dataclass, field
+
+from gpu_engine.block_manager import BlockManager
+from gpu_engine.config import EngineConfig
+from gpu_engine.sequence import InvalidRequestError, Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence]  # prefill chunks first, decodes (query_len == 1) last
+    query_lens: list[int]  # new tokens per sequence this step
+    num_prefill_seqs: int
+    num_decode_seqs: int
+    # Finished without running this step (abort, deadline); reported by the engine now.
+    finished: list[Sequence] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(self.query_lens)
+
+    def samples(self, index: int) -> bool:
+        """Whether sequence ``index`` reaches its last token this step (so a token is sampled)."""
+        seq = self.seqs[index]
+        return seq.num_computed_tokens + self.query_lens[index] == seq.num_tokens
+
+
+class Scheduler:
+    def __init__(
+        self,
+        config: EngineConfig,
+        block_manager: BlockManager,
+        eos_token_ids: Iterable[int],
+        max_model_len: int,
+    ) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        self.max_model_len = max_model_len
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self._live: dict[str, Sequence] = {}  # waiting or running, by request id
+        self._unreported: list[Sequence] = []  # aborted / expired, reported at next schedule
+        self.num_preemptions = 0
+        self._watermark_blocks = int(config.admission_watermark * block_manager.num_blocks)
+
+    # -- requests ------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        if seq.request_id in self._live:
+            raise InvalidRequestError(f"request id {seq.request_id!r} is already in flight")
+        if seq.num_tokens >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {seq.num_tokens} tokens; this engine serves prompts of at most "
+                f"{self.max_model_len - 1} tokens (max_model_len={self.max_model_len})"
+            )
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+        self._live[seq.request_id] = seq
+
+    def abort(self, request_id: str) -> bool:
+        """Finish a waiting or running request now (its blocks are freed at once); the next
+        ``schedule()`` reports it. Returns False if it is unknown or already finished."""
+        seq = self._live.get(request_id)
+        if seq is None:
+            return False
+        self._finish(seq, "abort")
+        self._unreported.append(seq)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self._unreported)
+
+    def get(self, request_id: str) -> Sequence | None:
+        return self._live.get(request_id)
+
+    # -- scheduling ----------------------------------------------------------------------
+    def schedule(self, now: float) -> ScheduledBatch:
+        finished, self._unreported = self._unreported, []
+        self._expire(now, finished)
+        aging_s = self.config.priority_aging_s
+        budget = self.config.max_num_batched_tokens
+        prefills: list[tuple[Sequence, int]] = []
+        decodes: list[Sequence] = []
+        scheduled: set[int] = set()
+        preempted: list[Sequence] = []
+
+        # Running sequences, most urgent first; aging from the last time each was served
+        # makes equal-priority sequences take turns when the token budget is short.
+        order = sorted(
+            self.running, key=lambda s: (-s.effective_priority(now, aging_s), s.arrival_time)
+        )
+        for seq in order:
+            if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed_tokens != 1:
+                continue
+            if budget == 0:
+                break
+            if not self._make_room_to_append(seq, order, scheduled, preempted, finished):
+                continue
+            self.block_manager.append(seq)
+            decodes.append(seq)
+            scheduled.add(id(seq))
+            budget -= 1
+
+        for seq in order:
+            if budget == 0:
+                break
+            if seq.status is SequenceStatus.RUNNING and id(seq) not in scheduled:
+                chunk = min(seq.num_uncomputed_tokens, budget)
+                if chunk > 0:
+                    prefills.append((seq, chunk))
+                    scheduled.add(id(seq))
+                    budget -= chunk
+
+        if not preempted:
+            budget = self._admit(now, budget, prefills)
+
+        batch_prefills = [(s, n) for s, n in prefills if n > 1]
+        batch_decodes = [s for s, n in prefills if n == 1] + decodes
+        seqs = [s for s, _ in batch_prefills] + batch_decodes
+        for seq in seqs:
+            seq.last_scheduled_time = now
+        return ScheduledBatch(
+            seqs=seqs,
+            query_lens=[n for _, n in batch_prefills] + [1] * len(batch_decodes),
+            num_prefill_seqs=len(batch_prefills),
+            num_decode_seqs=len(batch_decodes),
+            finished=finished,
+            preempted=preempted,
+        )
+
+    def _admit(self, now: float, budget: int, prefills: list[tuple[Sequence, int]]) -> int:
+        aging_s = self.config.priority_aging_s
+        queue = sorted(
+            self.waiting, key=lambda s: (-s.effective_priority(now, aging_s), s.arrival_time)
+        )
+        for seq in queue:
+            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            reserve = self._watermark_blocks if self.running else 0
+            if not self.block_manager.can_allocate(seq, reserve):
+                break  # strict priority: do not let a smaller, less urgent request jump ahead
+            cached = self.block_manager.allocate(seq)
+            if not seq.admitted:
+                seq.admitted = True
+                seq.num_cached_tokens = cached
+            self.waiting.remove(seq)
+            self.running.append(seq)
+            seq.status = SequenceStatus.RUNNING
+            chunk = min(seq.num_uncomputed_tokens, budget)
+            prefills.append((seq, chunk))
+            budget -= chunk
+        return budget
+
+    def _make_room_to_append(
+        self,
+        seq: Sequence,
+        order: list[Sequence],
+        scheduled: set[int],
+        preempted: list[Sequence],
+        finished: list[Sequence],
+    ) -> bool:
+        """Preempt lower-priority unscheduled sequences until ``seq`` can grow; False if
+        ``seq`` itself had to give way."""
+        bm = self.block_manager
+        while not bm.can_append(seq):
+            victim = next(
+                (
+                    v
+                    for v in reversed(order)
+                    if v is not seq
+                    and id(v) not in scheduled
+                    and v.status is SequenceStatus.RUNNING
+                ),
+                None,
+            )
+            if victim is None:
+                break
+            self._preempt(victim)
+            preempted.append(victim)
+        if bm.can_append(seq):
+            return True
+        if len(self.running) == 1 and not scheduled:
+            # Alone and still out of blocks: the cache cannot hold it (max_model_len normally
+            # prevents this). Finish rather than loop forever.
+            self._finish(seq, "length")
+            finished.append(seq)
+        else:
+            self._preempt(seq)
+            preempted.append(seq)
+        return False
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        self.running.remove(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        # Give back its age so it is readmitted ahead of newer requests of the same priority.
+        seq.last_scheduled_time = seq.arrival_time
+        self.waiting.append(seq)
+        self.num_preemptions += 1
+
+    def _expire(self, now: float, finished: list[Sequence]) -> None:
+        for seq in [*self.waiting, *self.running]:
+            if seq.deadline is not None and now >= seq.deadline:
+                self._finish(seq, "deadline")
+                finished.append(seq)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self._live.pop(seq.request_id, None)
+
+    # -- after the model ran -------------------------------------------------------------
+    def postprocess(
+        self, batch: ScheduledBatch, sampled: SequenceABC[int | None]
+    ) -> list[tuple[Sequence, int]]:
+        """Advance each scheduled sequence by its chunk, append sampled tokens and finish
+        sequences that hit eos / a stop token / max_tokens / max_model_len. Returns the
+        (sequence, new token) pairs of this step."""
+        out: list[tuple[Sequence, int]] = []
+        for seq, query_len, token in zip(batch.seqs, batch.query_lens, sampled, strict=True):
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            seq.num_computed_tokens += query_len
+            self.block_manager.cache_computed_blocks(seq)
+            if token is None:
+                continue
+            seq.append_token(token)
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                self._finish(seq, reason)
+            out.append((seq, token))
+        return out
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.sampling_params
+        if (not params.ignore_eos and token in self.eos_token_ids) or (
+            token in params.stop_token_ids
+        ):
+            return "stop"
+        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    # -- reporting -----------------------------------------------------------------------
+    @property
+    def waiting_tokens(self) -> int:
+        return sum(seq.num_tokens for seq in self.waiting)

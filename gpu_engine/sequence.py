@@ -1,0 +1,137 @@
+"""A request's life inside the engine: sampling parameters and the sequence state (no torch)."""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Sequence as SequenceABC
+from dataclasses import dataclass, field
+
+from gpu_engine.errors import EngineError
+
+FINISH_REASONS = ("stop", "length", "abort", "deadline")
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """A request cannot be served as given (bad parameters, prompt too long, duplicate id)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens for one request. ``temperature=0`` is greedy; ``top_k=0`` (or -1)
+    and ``top_p=1`` disable those filters. A ``seed`` gives the request its own random
+    generator, so its tokens do not depend on what it is batched with."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        # Accept a single string / any iterable for stop, and lists for stop_token_ids.
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be an int >= 1, got {self.max_tokens!r}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidRequestError(f"top_k must be an int >= 0 (or -1), got {self.top_k!r}")
+        if any(not s for s in stop):
+            raise InvalidRequestError("stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's tokens and where its KV lives.
+
+    ``token_ids`` is prompt + generated so far. ``num_computed_tokens`` counts leading tokens
+    whose K/V is in the cache (prefix-cache hits included); the next step computes tokens
+    ``[num_computed_tokens, num_computed_tokens + chunk)``. When that reaches ``num_tokens``
+    the step samples one new token. Preemption (recompute) resets it to 0.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    priority: int = 0
+    deadline: float | None = None  # absolute Unix time (time.time()), None = none
+    arrival_time: float = 0.0
+    token_ids: list[int] = field(default_factory=list)
+    status: SequenceStatus = SequenceStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    # Chained content hashes of this sequence's full blocks (filled lazily by the block
+    # manager; valid because tokens are only ever appended).
+    block_hashes: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0  # prefix-cache hit tokens at first admission
+    num_preemptions: int = 0
+    finish_reason: str | None = None
+    admitted: bool = False  # admitted at least once (num_cached_tokens is then final)
+    last_scheduled_time: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.prompt_token_ids = [int(t) for t in self.prompt_token_ids]
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+        self.last_scheduled_time = self.arrival_time
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def effective_priority(self, now: float, aging_s: float) -> float:
+        """Priority plus one level per ``aging_s`` seconds spent waiting for service."""
+        return self.priority + max(0.0, now - self.last_scheduled_time) / aging_s
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(int(token_id))
+
+
+def check_prompt(prompt_token_ids: SequenceABC[int], vocab_size: int | None = None) -> list[int]:
+    """Validate a prompt's token ids; returns them as a list of ints."""
+    ids = [int(t) for t in prompt_token_ids]
+    if not ids:
+        raise InvalidRequestError("prompt_token_ids must not be empty")
+    if vocab_size is not None and any(t < 0 or t >= vocab_size for t in ids):
+        raise InvalidRequestError(f"prompt token ids must be in [0, {vocab_size})")
+    return ids
