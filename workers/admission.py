@@ -1,0 +1,99 @@
+"""How much work this worker takes from Redis: a cost budget fed by the engine's capacity.
+
+Each admitted request costs ``prompt tokens + expected output tokens`` of KV cache. The
+worker keeps
+
+    committed cost ≤ total KV tokens + headroom      and      requests ≤ max_num_seqs × k
+
+so the engine always has a little queued work to start the moment a sequence finishes
+(headroom defaults to one step's token budget), while work it could not start soon stays
+in Redis where another worker can take it. Expected output starts at ``max_tokens`` and,
+after a few completions, follows an EWMA of the fraction of ``max_tokens`` answers really
+use (×1.5, never above ``max_tokens``): chat answers usually end well before the cap, and
+the engine preempts if the estimate was low. The live snapshot also pauses pulls while the
+engine's own waiting queue holds more than the headroom (it is behind, e.g. after
+preemptions). ``admitted`` is the registry of everything this worker holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+from workers.engine_process import Capacity
+from workers.request import InflightRequest
+
+WARMUP_COMPLETIONS = 8
+EWMA_ALPHA = 0.1
+SAFETY_FACTOR = 1.5
+DEFAULT_AVG_COST_TOKENS = 256
+
+
+class Admission:
+    def __init__(
+        self, capacity: Capacity, *, max_num_seqs: int, inflight_factor: float, headroom_tokens: int
+    ) -> None:
+        self.capacity = capacity
+        self.max_requests = max(1, math.floor(max_num_seqs * inflight_factor))
+        self.headroom_tokens = headroom_tokens
+        self.admitted: dict[str, InflightRequest] = {}
+        self.committed_tokens = 0
+        self._used_fraction = 1.0  # EWMA of completion_tokens / max_tokens
+        self._completions = 0
+        self._avg_cost = float(DEFAULT_AVG_COST_TOKENS)
+        self.changed = asyncio.Event()  # set when room may have appeared
+
+    # --- costs ---
+
+    def expected_output_tokens(self, max_tokens: int) -> int:
+        if self._completions < WARMUP_COMPLETIONS:
+            return max_tokens
+        fraction = min(1.0, self._used_fraction * SAFETY_FACTOR)
+        return max(1, min(max_tokens, math.ceil(max_tokens * fraction)))
+
+    def cost_tokens(self, prompt_tokens: int, max_tokens: int) -> int:
+        return prompt_tokens + self.expected_output_tokens(max_tokens)
+
+    @property
+    def budget_tokens(self) -> int:
+        return self.capacity.total_kv_tokens + self.headroom_tokens
+
+    # --- decisions ---
+
+    def pull_count(self) -> int:
+        """How many entries to read now (0: wait for ``changed``)."""
+        slots = self.max_requests - len(self.admitted)
+        if slots <= 0:
+            return 0
+        if self.admitted and self.capacity.waiting_tokens > self.headroom_tokens:
+            return 0
+        room = self.budget_tokens - self.committed_tokens
+        if not self.admitted:
+            return max(1, min(slots, room // max(1, int(self._avg_cost))))
+        return max(0, min(slots, int(room // max(1.0, self._avg_cost))))
+
+    def fits_alone(self, prompt_tokens: int, max_tokens: int) -> bool:
+        """False when the request could never fit in the KV cache even by itself."""
+        return prompt_tokens + max_tokens <= self.capacity.total_kv_tokens
+
+    # --- bookkeeping ---
+
+    def admit(self, req: InflightRequest) -> None:
+        self.admitted[req.request_id] = req
+        self.committed_tokens += req.cost_tokens
+        self._avg_cost = 0.8 * self._avg_cost + 0.2 * req.cost_tokens
+
+    def release(self, req: InflightRequest) -> None:
+        """The request's final result is decided: its cost frees up."""
+        if self.admitted.pop(req.request_id, None) is None:
+            return
+        self.committed_tokens -= req.cost_tokens
+        max_tokens = req.env.params.max_tokens
+        used = min(1.0, req.detok.num_tokens / max(1, max_tokens))
+        self._used_fraction += EWMA_ALPHA * (used - self._used_fraction)
+        self._completions += 1
+        self.changed.set()
+
+    def update(self, capacity: Capacity) -> None:
+        self.capacity = capacity
+        self.changed.set()

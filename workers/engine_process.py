@@ -1,0 +1,413 @@
+"""The engine's own process and the batched IPC between it and the worker's host process.
+
+The engine child runs one synchronous loop and never waits on Redis, tokenization or
+detokenization, which all live in the host process::
+
+    while running:
+        commands = drain the command pipe (block only when the engine has nothing to do)
+        apply adds / aborts
+        outputs = engine.step()
+        hand (outputs, capacity) to the sender thread   ← never blocks the loop
+
+Both directions carry one msgpack document per batch over a one-way ``multiprocessing``
+pipe (no pickle of user data). Host → child: ``[[op, ...], ...]`` with ops ``add``,
+``abort`` and ``stop``. Child → host: ``["ready", info]``, ``["out", outputs, capacity]``,
+``["cap", capacity]``, ``["rej", [[request_id, message], ...]]`` (adds the engine refused)
+or ``["fatal", message]``. A sender thread on each side means neither
+loop blocks on a full pipe; if the host dies, the child sees EOF and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import multiprocessing as mp
+import os
+import queue
+import signal
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import msgpack
+
+from workers.errors import WorkerError
+
+
+class EngineProcessError(WorkerError):
+    """The engine process failed to start or died."""
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """The engine's capacity snapshot (``EngineCapacity``), sent with every output batch."""
+
+    free_kv_tokens: int = 0
+    total_kv_tokens: int = 0
+    waiting_tokens: int = 0
+    running_seqs: int = 0
+    waiting_seqs: int = 0
+    max_num_seqs: int = 1
+
+
+@dataclass(frozen=True)
+class Output:
+    """One request's part of a step (``StepOutput``)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    error: str | None = None  # set when the engine refused the request (finish_reason "error")
+
+
+@dataclass(frozen=True)
+class AddCommand:
+    request_id: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    ignore_eos: bool
+    priority: int  # 2 = high, 1 = normal, 0 = low
+    deadline_s: float | None  # Unix seconds
+
+    def to_wire(self) -> list[Any]:
+        return [
+            "add",
+            self.request_id,
+            self.prompt_token_ids,
+            self.max_tokens,
+            self.temperature,
+            self.top_p,
+            self.top_k,
+            self.seed,
+            self.ignore_eos,
+            self.priority,
+            self.deadline_s,
+        ]
+
+
+# --- the child ------------------------------------------------------------------------------
+
+
+def resolve_factory(spec: str) -> tuple[Callable[..., Any], Any]:
+    """``"pkg.mod:Class.method"`` → (callable, SamplingParams class next to it or gpu_engine's)."""
+    module_name, _, attr_path = spec.partition(":")
+    module = importlib.import_module(module_name)
+    obj: Any = module
+    for part in attr_path.split("."):
+        obj = getattr(obj, part)
+    params_cls = getattr(module, "SamplingParams", None)
+    if params_cls is None:
+        params_cls = importlib.import_module("gpu_engine").SamplingParams
+    return obj, params_cls
+
+
+def _capacity_wire(engine: Any) -> list[int]:
+    c = engine.capacity()
+    return [
+        int(c.free_kv_tokens),
+        int(c.total_kv_tokens),
+        int(c.waiting_tokens),
+        int(c.running_seqs),
+        int(c.waiting_seqs),
+        int(c.max_num_seqs),
+    ]
+
+
+def _sender(conn: Connection, outbox: queue.SimpleQueue[bytes | None]) -> None:
+    while True:
+        data = outbox.get()
+        if data is None:
+            return
+        try:
+            conn.send_bytes(data)
+        except (BrokenPipeError, OSError):
+            return
+
+
+def _apply(engine: Any, params_cls: Any, cmd: list[Any], rejected: list[list[Any]]) -> bool:
+    """Apply one command; False on ``stop``. A refused ``add`` goes to ``rejected``."""
+    op = cmd[0]
+    if op == "add":
+        (
+            _,
+            rid,
+            prompt,
+            max_tokens,
+            temperature,
+            top_p,
+            top_k,
+            seed,
+            ignore_eos,
+            prio,
+            deadline,
+        ) = cmd
+        try:
+            params = params_cls(
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                seed=seed,
+                ignore_eos=ignore_eos,
+            )
+            engine.add_request(rid, prompt, params, priority=prio, deadline=deadline)
+        except Exception as err:  # one bad request (too long, bad params) never stops the loop
+            rejected.append([rid, f"{type(err).__name__}: {err}"])
+    elif op == "abort":
+        engine.abort(cmd[1])
+    elif op == "stop":
+        return False
+    return True
+
+
+def engine_main(
+    cmd_conn: Connection,
+    out_conn: Connection,
+    factory_spec: str,
+    model_path: str,
+    options: dict[str, Any],
+    torch_threads: int | None,
+) -> None:
+    """Entry point of the engine process (spawn context)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the host decides when the engine stops
+    outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+    sender = threading.Thread(target=_sender, args=(out_conn, outbox), daemon=True)
+    sender.start()
+
+    def send(doc: list[Any]) -> None:
+        outbox.put(msgpack.packb(doc, use_bin_type=True))
+
+    try:
+        if torch_threads:
+            import torch
+
+            torch.set_num_threads(torch_threads)
+        factory, params_cls = resolve_factory(factory_spec)
+        engine = factory(model_path, **options)
+        send(
+            [
+                "ready",
+                {
+                    "eos_token_ids": sorted(int(t) for t in engine.eos_token_ids),
+                    "capacity": _capacity_wire(engine),
+                    "pid": os.getpid(),
+                },
+            ]
+        )
+        running = True
+        while running:
+            busy = engine.has_unfinished()
+            # Idle: block (briefly, so a vanished host is noticed); busy: take what is there.
+            got = cmd_conn.poll(0 if busy else 0.5)
+            applied = False
+            rejected: list[list[Any]] = []
+            while got:
+                for cmd in msgpack.unpackb(cmd_conn.recv_bytes(), raw=False):
+                    applied = True
+                    if not _apply(engine, params_cls, cmd, rejected):
+                        running = False
+                got = running and cmd_conn.poll(0)
+            if rejected:
+                send(["rej", rejected])
+            if not running:
+                break
+            if engine.has_unfinished():
+                outs = engine.step()
+                wire = [
+                    [
+                        o.request_id,
+                        list(o.new_token_ids),
+                        bool(o.finished),
+                        o.finish_reason,
+                        int(o.num_prompt_tokens),
+                        int(o.num_cached_tokens),
+                    ]
+                    for o in outs
+                ]
+                send(["out", wire, _capacity_wire(engine)])
+            elif applied:
+                send(["cap", _capacity_wire(engine)])
+    except (EOFError, BrokenPipeError):
+        pass  # the host is gone: nothing to report to
+    except BaseException as err:  # report every failure to the host, then exit non-zero
+        send(["fatal", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"])
+        outbox.put(None)
+        sender.join(5)
+        os._exit(1)
+    outbox.put(None)
+    sender.join(5)
+
+
+# --- the host side --------------------------------------------------------------------------
+
+
+class EngineProcess:
+    """Starts the engine child and exchanges batches with it from the host's asyncio loop.
+
+    ``on_outputs(outputs, capacity)`` is called on the loop for each step batch;
+    ``on_fatal(message)`` once if the child fails or vanishes.
+    """
+
+    def __init__(
+        self,
+        factory_spec: str,
+        model_path: str,
+        options: dict[str, Any],
+        *,
+        torch_threads: int | None = None,
+        on_outputs: Callable[[list[Output], Capacity], None],
+        on_fatal: Callable[[str], None],
+    ) -> None:
+        self._spec = (factory_spec, model_path, options, torch_threads)
+        self._on_outputs = on_outputs
+        self._on_fatal = on_fatal
+        self._proc: Any = None
+        self._cmd_send: Connection | None = None
+        self._out_recv: Connection | None = None
+        self._inbox: queue.SimpleQueue[list[Any] | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._ready: asyncio.Future[dict[str, Any]] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._dead = False
+        self.capacity = Capacity()
+        self.eos_token_ids: list[int] = []
+
+    async def start(self, timeout_s: float = 600.0) -> None:
+        self._loop = asyncio.get_running_loop()
+        ctx = mp.get_context("spawn")
+        cmd_recv, self._cmd_send = ctx.Pipe(duplex=False)
+        self._out_recv, out_send = ctx.Pipe(duplex=False)
+        self._proc = ctx.Process(
+            target=engine_main,
+            args=(cmd_recv, out_send, *self._spec),
+            name="chatq-engine",
+            daemon=True,
+        )
+        self._proc.start()
+        cmd_recv.close()
+        out_send.close()
+        self._writer = threading.Thread(target=self._write_loop, name="engine-writer", daemon=True)
+        self._writer.start()
+        self._ready = self._loop.create_future()
+        self._loop.add_reader(self._out_recv.fileno(), self._on_readable)
+        try:
+            info = await asyncio.wait_for(asyncio.shield(self._ready), timeout_s)
+        except BaseException:
+            await self.stop(timeout_s=1.0)
+            raise
+        self.eos_token_ids = [int(t) for t in info["eos_token_ids"]]
+        self.capacity = Capacity(*info["capacity"])
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else int(self._proc.pid)
+
+    @property
+    def alive(self) -> bool:
+        return not self._dead and self._proc is not None and self._proc.is_alive()
+
+    def add(self, commands: Sequence[AddCommand]) -> None:
+        if commands:
+            self._inbox.put([c.to_wire() for c in commands])
+
+    def abort(self, request_ids: Sequence[str]) -> None:
+        if request_ids:
+            self._inbox.put([["abort", rid] for rid in request_ids])
+
+    async def stop(self, timeout_s: float = 10.0) -> None:
+        """Ask the child to stop, wait for it, kill it if it does not."""
+        self._inbox.put([["stop"]])
+        self._inbox.put(None)
+        if self._loop is not None and self._out_recv is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._out_recv.fileno())
+        proc = self._proc
+        if proc is not None:
+            await asyncio.get_running_loop().run_in_executor(None, proc.join, timeout_s)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(2)
+        self._dead = True
+        if self._writer is not None:
+            self._writer.join(2)
+        for conn in (self._cmd_send, self._out_recv):
+            if conn is not None:
+                conn.close()
+
+    # --- internals ---
+
+    def _write_loop(self) -> None:
+        """Coalesce queued command lists into one pipe message per wake-up (order kept)."""
+        assert self._cmd_send is not None
+        while True:
+            first = self._inbox.get()
+            if first is None:
+                return
+            batch = list(first)
+            done = False
+            while True:
+                try:
+                    more = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    done = True
+                    break
+                batch.extend(more)
+            try:
+                self._cmd_send.send_bytes(msgpack.packb(batch, use_bin_type=True))
+            except (BrokenPipeError, OSError):
+                return
+            if done:
+                return
+
+    def _on_readable(self) -> None:
+        assert self._out_recv is not None
+        try:
+            while self._out_recv.poll(0):
+                self._dispatch(msgpack.unpackb(self._out_recv.recv_bytes(), raw=False))
+        except (EOFError, OSError):
+            self._fail("the engine process exited unexpectedly")
+
+    def _dispatch(self, doc: list[Any]) -> None:
+        kind = doc[0]
+        if kind == "out":
+            self.capacity = Capacity(*doc[2])
+            outs = [
+                Output(rid, ids, fin, reason, np_, nc) for rid, ids, fin, reason, np_, nc in doc[1]
+            ]
+            self._on_outputs(outs, self.capacity)
+        elif kind == "rej":
+            outs = [Output(rid, [], True, "error", 0, 0, error=msg) for rid, msg in doc[1]]
+            self._on_outputs(outs, self.capacity)
+        elif kind == "cap":
+            self.capacity = Capacity(*doc[1])
+            self._on_outputs([], self.capacity)
+        elif kind == "ready":
+            if self._ready is not None and not self._ready.done():
+                self._ready.set_result(doc[1])
+        elif kind == "fatal":
+            self._fail(f"engine failed: {doc[1]}")
+
+    def _fail(self, message: str) -> None:
+        if self._dead:
+            return
+        self._dead = True
+        if self._loop is not None and self._out_recv is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._out_recv.fileno())
+        if self._ready is not None and not self._ready.done():
+            self._ready.set_exception(EngineProcessError(message))
+        else:
+            self._on_fatal(message)

@@ -1,0 +1,295 @@
+"""Intake: take entries from the lanes as capacity allows, validate, tokenize, hand to the engine.
+
+Runs on the host's asyncio loop, never in the engine's. Per round:
+
+1. ``Admission.pull_count()`` says how many entries fit; 0 → wait until a request finishes
+   or the engine reports new capacity.
+2. ``Lanes.pull`` reads that many (lanes in aging order); with all lanes empty, a blocking
+   XREADGROUP waits for the next arrival.
+3. ``process``: decode + validate (a bad envelope → ``error`` result and ack; one without a
+   readable id → dead letter), drop cancelled (marker) and expired (``deadline_exceeded``)
+   requests, apply the chat template and tokenize in a worker thread, refuse prompts that
+   could never fit, then hand the batch to the engine in one message.
+
+Entries claimed from dead workers and this consumer's own leftovers go through ``process``
+as well.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from redis.asyncio import Redis
+
+from producer.errors import ProtocolError
+from producer.keys import STREAM_FIELD, Keys
+from producer.protocol import (
+    DEFAULT_LIMITS,
+    Envelope,
+    Error,
+    ErrorCode,
+    Limits,
+    estimate_cost_tokens,
+    unpack_bounded,
+)
+from producer.protocol import decode_envelope as decode
+from workers.admission import Admission
+from workers.aggregator import Aggregator
+from workers.detokenizer import IncrementalDetokenizer, fast_decoder
+from workers.engine_process import AddCommand, EngineProcess
+from workers.lanes import Entry, Lanes
+from workers.metrics import Metrics
+from workers.request import InflightRequest
+from workers.results import ResultWriter
+
+log = logging.getLogger(__name__)
+
+_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+RECENT_CANCELS = 10_000
+# FINALIZE never writes this (a final exists already); it only acks and deletes the entry.
+_NOOP_ERROR = Error(code=ErrorCode.INTERNAL.value, message="already answered")
+CHATML_FALLBACK = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class PromptBuilder:
+    """Chat template + tokenizer of the model directory (thread-safe: called from one thread)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._fast = fast_decoder(tokenizer)
+        if not getattr(tokenizer, "chat_template", None):
+            tokenizer.chat_template = CHATML_FALLBACK
+
+    def token_ids(self, env: Envelope) -> list[int]:
+        messages = [{"role": m.role, "content": m.content} for m in env.messages]
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        encode = getattr(self._fast, "encode", None)
+        if encode is not None and hasattr(self._fast, "token_to_id"):
+            return list(encode(text, add_special_tokens=False).ids)
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def batch(self, envs: Sequence[Envelope]) -> list[list[int] | Exception]:
+        out: list[list[int] | Exception] = []
+        for env in envs:
+            try:
+                out.append(self.token_ids(env))
+            except Exception as err:  # a template can reject a conversation (role order...)
+                out.append(err)
+        return out
+
+
+def salvage_request_id(payload: bytes | None, limits: Limits) -> str | None:
+    """The ``id`` of an envelope that failed validation, when it is itself well-formed."""
+    try:
+        obj = unpack_bounded(payload or b"", limits.max_payload_bytes)
+    except ProtocolError:
+        return None
+    rid = obj.get("id") if isinstance(obj, dict) else None
+    return rid if isinstance(rid, str) and _ID_RE.match(rid) else None
+
+
+class Intake:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        model: str,
+        lanes: Lanes,
+        admission: Admission,
+        aggregator: Aggregator,
+        writer: ResultWriter,
+        engine: EngineProcess,
+        prompts: PromptBuilder,
+        metrics: Metrics,
+        *,
+        aging_s: float,
+        read_block_ms: int,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.model = model
+        self.lanes = lanes
+        self.admission = admission
+        self.aggregator = aggregator
+        self.writer = writer
+        self.engine = engine
+        self.prompts = prompts
+        self.metrics = metrics
+        self.aging_s = aging_s
+        self.read_block_ms = read_block_ms
+        self.limits = limits
+        self.stopping = asyncio.Event()
+        self.recent_cancels: OrderedDict[str, None] = OrderedDict()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        self._decoder = fast_decoder(prompts.tokenizer)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def note_cancel(self, request_id: str) -> None:
+        """Remember a cancel that may race with this request's intake."""
+        self.recent_cancels[request_id] = None
+        while len(self.recent_cancels) > RECENT_CANCELS:
+            self.recent_cancels.popitem(last=False)
+
+    async def run(self) -> None:
+        """Pull until ``stopping`` is set; entries already delivered are always processed."""
+        while not self.stopping.is_set():
+            n = self.admission.pull_count()
+            if n == 0:
+                self.admission.changed.clear()
+                if self.admission.pull_count() == 0:
+                    stop_wait = asyncio.ensure_future(self.stopping.wait())
+                    room_wait = asyncio.ensure_future(self.admission.changed.wait())
+                    await asyncio.wait(
+                        {stop_wait, room_wait}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    stop_wait.cancel()
+                    room_wait.cancel()
+                continue
+            entries = await self.lanes.pull(n)
+            if not entries:
+                entries = await self.lanes.wait(self.read_block_ms)
+            if entries:
+                self.metrics.pulled += len(entries)
+                await self.process(entries)
+
+    async def process(self, entries: Sequence[Entry]) -> None:
+        now_ms = time.time_ns() // 1_000_000
+        candidates = [c for c in (self._decode(e) for e in entries) if c is not None]
+        if candidates:
+            pipe = self.redis.pipeline(transaction=False)
+            for _, env in candidates:
+                pipe.exists(self.keys.cancelled(env.id))
+                pipe.exists(self.keys.final(env.id))
+            flags = await pipe.execute()
+        ready: list[tuple[Entry, Envelope]] = []
+        for i, (entry, env) in enumerate(candidates):
+            cancelled, answered = flags[2 * i], flags[2 * i + 1]
+            if answered:  # answered already (e.g. by a worker that died before acking)
+                self.writer.final(entry, env.id, _NOOP_ERROR, 0)
+            elif cancelled or env.id in self.recent_cancels:
+                self._reject(entry, env, ErrorCode.CANCELLED, "cancelled by the requester")
+            elif env.expired(now_ms):
+                self._reject(
+                    entry,
+                    env,
+                    ErrorCode.DEADLINE_EXCEEDED,
+                    "the deadline passed while the request was queued",
+                )
+            else:
+                ready.append((entry, env))
+        if ready:
+            loop = asyncio.get_running_loop()
+            token_ids = await loop.run_in_executor(
+                self._pool, self.prompts.batch, [env for _, env in ready]
+            )
+            self._admit(ready, token_ids)
+        await self.writer.flush()
+
+    def _decode(self, entry: Entry) -> tuple[Entry, Envelope] | None:
+        payload = entry.fields.get(STREAM_FIELD.encode())
+        try:
+            env = decode(payload, self.limits)
+        except ProtocolError as err:
+            rid = salvage_request_id(payload, self.limits)
+            if rid is None:
+                self.writer.dead_letter(entry, f"undecodable envelope: {err}")
+                self.metrics.dead_lettered += 1
+            else:
+                self.writer.error(entry, rid, err.code, str(err), 0)
+                self.metrics.count_error(err.code)
+            return None
+        if env.model != self.model:
+            self._reject(
+                entry,
+                env,
+                ErrorCode.MODEL_NOT_FOUND,
+                f"this lane serves {self.model!r}, not {env.model!r}",
+            )
+            return None
+        held = self.admission.admitted.get(env.id)
+        if held is not None:  # the same request queued twice: answer once, ack both
+            held.duplicates.append(entry)
+            return None
+        return entry, env
+
+    def _reject(self, entry: Entry, env: Envelope, code: ErrorCode, message: str) -> None:
+        self.writer.error(entry, env.id, code.value, message, estimate_cost_tokens(env))
+        self.metrics.count_error(code.value)
+
+    def _admit(
+        self, ready: list[tuple[Entry, Envelope]], token_ids: list[list[int] | Exception]
+    ) -> None:
+        now_s = time.time()
+        commands: list[AddCommand] = []
+        for (entry, env), ids in zip(ready, token_ids, strict=True):
+            if isinstance(ids, Exception):
+                self._reject(
+                    entry,
+                    env,
+                    ErrorCode.INVALID_REQUEST,
+                    f"the chat template rejected the messages: {ids}",
+                )
+                continue
+            max_tokens = env.params.max_tokens
+            if not ids or not self.admission.fits_alone(len(ids), max_tokens):
+                self._reject(
+                    entry,
+                    env,
+                    ErrorCode.PROMPT_TOO_LONG,
+                    f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
+                    f"this worker's KV cache ({self.admission.capacity.total_kv_tokens}"
+                    " tokens)",
+                )
+                continue
+            if env.id in self.recent_cancels:  # cancelled while it was being tokenized
+                self._reject(entry, env, ErrorCode.CANCELLED, "cancelled by the requester")
+                continue
+            held = self.admission.admitted.get(env.id)
+            if held is not None:
+                held.duplicates.append(entry)
+                continue
+            level = entry.level(self.aging_s)
+            req = InflightRequest(
+                env=env,
+                entry=entry,
+                prompt_ids=ids,
+                cost_tokens=self.admission.cost_tokens(len(ids), max_tokens),
+                backlog_cost_tokens=estimate_cost_tokens(env),
+                level=level,
+                detok=IncrementalDetokenizer(self._decoder, ids, env.params.stop),
+                pulled_s=now_s,
+                submitted_s=now_s,
+            )
+            self.admission.admit(req)
+            p = env.params
+            commands.append(
+                AddCommand(
+                    request_id=env.id,
+                    prompt_token_ids=ids,
+                    max_tokens=max_tokens,
+                    temperature=p.temperature,
+                    top_p=p.top_p,
+                    top_k=p.top_k,
+                    seed=p.seed,
+                    ignore_eos=p.ignore_eos,
+                    priority=level,
+                    deadline_s=None if env.deadline_ms is None else env.deadline_ms / 1000.0,
+                )
+            )
+        self.engine.add(commands)
+        self.metrics.admitted += len(commands)

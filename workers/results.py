@@ -1,0 +1,145 @@
+"""Result writes, queued and sent in one pipeline per batch.
+
+Every final result goes through FINALIZE (write-if-absent + XACK + XDEL + backlog update in
+one Lua call), so a request is answered effectively once however many workers touch it.
+Chunks are plain XADDs (+ EXPIRE) ordered before the final in the same pipeline. Undecodable
+entries (no request id to answer) go to the dead-letter stream through DEAD_LETTER_RAW.
+A failed flush keeps its writes and retries with backoff: until the FINALIZE lands the entry
+stays pending in Redis, so a worker that dies meanwhile loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from producer.keys import DEAD_MAXLEN, GROUP, RESULT_TTL_S, STREAM_FIELD, Keys
+from producer.protocol import RESULT_BODY_FIELD, Chunk, Done, Error, encode_result
+from producer.scripts import DEAD_LETTER_RAW, FINALIZE
+from workers.lanes import Entry
+
+log = logging.getLogger(__name__)
+
+MAX_PAYLOAD_IN_DEAD_LETTER = 64 * 1024
+RETRY_DELAYS_S = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 5.0, 5.0, 5.0, 5.0)
+
+Op = Callable[[Any], None]
+
+
+def pipe_script(pipe: Any, script: AsyncScript, keys: list[Any], args: list[Any]) -> None:
+    """Queue EVALSHA on a pipeline; the pipeline loads the script first if Redis lacks it."""
+    pipe.scripts.add(script)
+    pipe.evalsha(script.sha, len(keys), *keys, *args)
+
+
+class ResultWriter:
+    def __init__(self, redis: Redis, keys: Keys, model: str, worker: str) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.model = model
+        self.worker = worker
+        self._finalize = redis.register_script(FINALIZE)
+        self._dead_raw = redis.register_script(DEAD_LETTER_RAW)
+        self._ops: list[Op] = []
+        self._lock = asyncio.Lock()
+        self.finals_written = 0  # FINALIZE calls that wrote (not answered before)
+
+    @property
+    def pending(self) -> int:
+        return len(self._ops)
+
+    # --- queueing ---
+
+    def chunk(self, request_id: str, index: int, delta: str) -> None:
+        fields = encode_result(Chunk(index=index, delta=delta))
+        key = self.keys.result(request_id)
+
+        def op(pipe: Any) -> None:
+            pipe.xadd(key, fields)
+            pipe.expire(key, RESULT_TTL_S)
+
+        self._ops.append(op)
+
+    def final(self, entry: Entry, request_id: str, result: Done | Error, cost_tokens: int) -> None:
+        """FINALIZE ``entry`` with ``result`` (a no-op write if a final already exists)."""
+        kind = "done" if isinstance(result, Done) else "error"
+        body = encode_result(result)[RESULT_BODY_FIELD]
+        keys = [
+            self.keys.result(request_id),
+            self.keys.final(request_id),
+            entry.stream,
+            self.keys.backlog(self.model),
+        ]
+        args: list[Any] = [GROUP, entry.entry_id, kind, body, RESULT_TTL_S, cost_tokens]
+
+        def op(pipe: Any) -> None:
+            pipe_script(pipe, self._finalize, keys, args)
+
+        self._ops.append(op)
+
+    def error(
+        self, entry: Entry, request_id: str, code: str, message: str, cost_tokens: int
+    ) -> None:
+        self.final(
+            entry, request_id, Error(code=code, message=message, worker=self.worker), cost_tokens
+        )
+
+    def dead_letter(self, entry: Entry, reason: str) -> None:
+        """An entry nobody can answer (no request id): park it in the dead-letter stream."""
+        payload = entry.fields.get(STREAM_FIELD.encode(), b"")[:MAX_PAYLOAD_IN_DEAD_LETTER]
+        fields: list[Any] = [
+            "stream",
+            entry.stream,
+            "entry_id",
+            entry.entry_id,
+            "reason",
+            reason,
+            "deliveries",
+            entry.delivery_count,
+            "worker",
+            self.worker,
+            "payload",
+            payload,
+        ]
+        keys = [entry.stream, self.keys.dead, self.keys.backlog(self.model)]
+        args: list[Any] = [GROUP, entry.entry_id, DEAD_MAXLEN, *fields]
+
+        def op(pipe: Any) -> None:
+            pipe_script(pipe, self._dead_raw, keys, args)
+
+        self._ops.append(op)
+
+    # --- sending ---
+
+    async def flush(self) -> None:
+        """Send everything queued so far in one pipeline (retried on connection errors)."""
+        async with self._lock:
+            if not self._ops:
+                return
+            ops, self._ops = self._ops, []
+            for attempt, delay_s in enumerate((*RETRY_DELAYS_S, None)):
+                try:
+                    pipe = self.redis.pipeline(transaction=False)
+                    for op in ops:
+                        op(pipe)
+                    replies = await pipe.execute(raise_on_error=False)
+                    break
+                except (RedisConnectionError, RedisTimeoutError, OSError) as err:
+                    if delay_s is None:
+                        self._ops = ops + self._ops
+                        raise
+                    log.warning(
+                        "result write failed (%s); retry %d in %.2f s", err, attempt + 1, delay_s
+                    )
+                    await asyncio.sleep(delay_s)
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    log.error("result write command failed: %s", reply)
+            self.finals_written += sum(1 for r in replies if r == 1 and not isinstance(r, bool))

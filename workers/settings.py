@@ -1,0 +1,208 @@
+"""Typed settings of one worker, from the environment (``CHATQ_*``) or the CLI.
+
+Every field has one CLI option (``--max-num-seqs``) and one environment variable
+(``CHATQ_MAX_NUM_SEQS``); the CLI wins over the environment, which wins over the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from producer.keys import HEARTBEAT_INTERVAL_S
+from workers.errors import ConfigError
+
+DEFAULT_REDIS_URL = "redis://localhost:6379/0"
+DEFAULT_ENGINE_FACTORY = "gpu_engine:LLMEngine.from_options"
+
+
+def default_worker_name() -> str:
+    """``host-pid-xxxx``: unique per process, readable in ``chatq status``."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Everything a worker process needs; validated on construction."""
+
+    model_path: str = ""
+    redis_url: str = DEFAULT_REDIS_URL
+    name: str = field(default_factory=default_worker_name)
+    served_model_name: str = ""  # request lanes are named after it; default: model dir name
+    prefix: str = "chatq"
+    # --- engine options (gpu_engine.LLMEngine.from_options) ---
+    device: str = "auto"
+    dtype: str = "auto"
+    block_size: int = 16
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 4096
+    kv_cache_tokens: int | None = None
+    enable_prefix_caching: bool = True
+    attention_backend: str = "auto"
+    seed: int = 0
+    torch_threads: int | None = None  # CPU engines: torch.set_num_threads in the engine process
+    engine_factory: str = DEFAULT_ENGINE_FACTORY  # "module:attr" called like from_options
+    # --- intake (how much work this worker takes from Redis) ---
+    max_inflight_factor: float = 1.5  # admitted requests ≤ max_num_seqs × this
+    headroom_tokens: int | None = None  # cost budget above the KV cache; default: batch tokens
+    aging_s: float = 2.0  # one priority level is worth this many seconds of waiting
+    read_block_ms: int = 500  # longest blocking XREADGROUP (bounds shutdown latency)
+    # --- reliability ---
+    max_deliveries: int = 3
+    grace_period_s: float = 30.0
+    heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
+    metrics_port: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(
+                f"redis_url must be redis://, rediss:// or unix://: {self.redis_url!r}"
+            )
+        if not self.prefix or ":" in self.prefix:
+            raise ConfigError(f"prefix must be non-empty and contain no ':': {self.prefix!r}")
+        if not self.name or any(c.isspace() or c in ":*?[]" for c in self.name):
+            raise ConfigError(
+                f"worker name must be non-empty without spaces or ':*?[]': {self.name!r}"
+            )
+        positive = (
+            "block_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "max_deliveries",
+            "read_block_ms",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens <= 0:
+            raise ConfigError("kv_cache_tokens must be positive")
+        if self.max_inflight_factor < 1.0:
+            raise ConfigError("max_inflight_factor must be ≥ 1")
+        if self.aging_s <= 0 or self.grace_period_s < 0 or self.heartbeat_interval_s <= 0:
+            raise ConfigError("aging_s and heartbeat_interval_s must be > 0, grace_period_s ≥ 0")
+        if ":" not in self.engine_factory:
+            raise ConfigError("engine_factory must look like 'module:attr'")
+
+    @property
+    def model_name(self) -> str:
+        """The name requests use for this model (and the lanes' key part)."""
+        if self.served_model_name:
+            return self.served_model_name
+        if not self.model_path:
+            raise ConfigError("model_path is required")
+        return Path(self.model_path).name
+
+    @property
+    def admission_headroom_tokens(self) -> int:
+        return self.max_num_batched_tokens if self.headroom_tokens is None else self.headroom_tokens
+
+    def engine_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``LLMEngine.from_options`` (picklable, sent to the child)."""
+        return {
+            "dtype": self.dtype,
+            "device": self.device,
+            "block_size": self.block_size,
+            "max_num_seqs": self.max_num_seqs,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+            "kv_cache_tokens": self.kv_cache_tokens,
+            "enable_prefix_caching": self.enable_prefix_caching,
+            "attention_backend": self.attention_backend,
+            "seed": self.seed,
+        }
+
+    # --- constructors ---------------------------------------------------------------------
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
+        """``CHATQ_<FIELD>`` for every field (e.g. ``CHATQ_REDIS_URL``, ``CHATQ_MAX_NUM_SEQS``)."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"CHATQ_{f.name.upper()}")
+            if raw is not None:
+                values[f.name] = _parse(f.name, raw, _field_type(f.name))
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def from_args(
+        cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None
+    ) -> WorkerSettings:
+        """Environment first, then every option given on the command line."""
+        given = {
+            f.name: getattr(args, f.name)
+            for f in fields(cls)
+            if getattr(args, f.name, None) is not None
+        }
+        return cls.from_env(environ, **given)
+
+    def with_(self, **changes: Any) -> WorkerSettings:
+        return replace(self, **changes)
+
+
+_TYPES: dict[str, type] = {
+    "block_size": int,
+    "max_num_seqs": int,
+    "max_num_batched_tokens": int,
+    "kv_cache_tokens": int,
+    "enable_prefix_caching": bool,
+    "seed": int,
+    "torch_threads": int,
+    "max_inflight_factor": float,
+    "headroom_tokens": int,
+    "aging_s": float,
+    "read_block_ms": int,
+    "max_deliveries": int,
+    "grace_period_s": float,
+    "heartbeat_interval_s": float,
+    "metrics_port": int,
+}
+
+
+def _field_type(name: str) -> type:
+    return _TYPES.get(name, str)
+
+
+def _parse(name: str, raw: str, kind: type) -> Any:
+    try:
+        if kind is bool:
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes", "on")
+        return kind(raw)
+    except ValueError as err:
+        raise ConfigError(f"CHATQ_{name.upper()}={raw!r} is not a valid {kind.__name__}") from err
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``chatq worker`` options; defaults are None so the environment can fill them."""
+    d = WorkerSettings.__dataclass_fields__
+    parser.add_argument("--model", dest="model_path", help="HF model directory")
+    parser.add_argument(
+        "--redis", dest="redis_url", help=f"Redis URL (default {DEFAULT_REDIS_URL})"
+    )
+    parser.add_argument("--name", help="worker (consumer) name; default host-pid-random")
+    parser.add_argument("--served-model-name", help="model name in requests (default: dir name)")
+    parser.add_argument("--prefix", help="Redis key prefix (default chatq)")
+    parser.add_argument("--device", help="cpu | cuda | cuda:N | auto")
+    parser.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
+    for name, kind in _TYPES.items():
+        if name == "enable_prefix_caching":
+            continue
+        default = d[name].default
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, help=f"(default {default})")
+    parser.add_argument(
+        "--no-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_const",
+        const=False,
+        default=None,
+    )
+    parser.add_argument("--attention-backend", help="auto | torch | triton | flash_attn")
+    parser.add_argument("--engine-factory", help=argparse.SUPPRESS)

@@ -1,0 +1,314 @@
+"""One worker: the host process's single asyncio loop, wired to its engine process.
+
+Startup, in order: connect to Redis and create the consumer groups; load the tokenizer;
+start the engine process and wait for it; take back this consumer name's own pending
+entries; then run intake, the aggregator, the cancel listener and the heartbeat/reclaim
+loop side by side until asked to stop.
+
+Shutdown (SIGTERM / SIGINT / ``stop()``): stop pulling; keep heartbeating so nobody claims
+what is still running; let running requests finish for up to ``grace_period_s``; then abort
+what is left in the engine and hand those entries back to the end of their lanes with
+REQUEUE (ack + re-add in one Lua call, only while the entry is still pending on this
+consumer and has no final result). Nothing is lost (an entry is either answered,
+requeued, or still pending where the reclaimers see it once the heartbeat is gone) and
+nothing is answered twice (finals are write-if-absent; requeued requests get no partial
+answer). Last, delete the heartbeat, so any entry that is still pending on this consumer
+is claimed at once.
+
+If the engine process dies, the worker exits at once without requeueing: the heartbeat is
+deleted and other workers claim the pending entries with their delivery count raised, so
+a request that crashes engines ends in the dead-letter stream after ``max_deliveries``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from redis.asyncio import Redis
+
+from producer.keys import Keys
+from workers.admission import Admission
+from workers.aggregator import Aggregator
+from workers.engine_process import EngineProcess
+from workers.errors import WorkerError
+from workers.intake import Intake, PromptBuilder
+from workers.lanes import Entry, Lanes
+from workers.metrics import Metrics
+from workers.results import ResultWriter
+from workers.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+CANCEL_BLOCK_MS = 1000
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.model = settings.model_name
+        self.keys = Keys(settings.prefix)
+        self.metrics = Metrics(self.name, self.model)
+        self.ready = asyncio.Event()  # set once the engine runs and intake has started
+        self._stop = asyncio.Event()
+        self._fatal: str | None = None
+        self.started_s = time.time()
+        self.intake: Intake | None = None
+        self.engine: EngineProcess | None = None
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown (idempotent; safe from a signal handler)."""
+        self._stop.set()
+
+    async def run(self, *, install_signals: bool = True) -> int:
+        """Serve until stopped; returns the process exit code (0 = clean drain)."""
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop)
+        redis = Redis.from_url(s.redis_url, health_check_interval=30)
+        engine: EngineProcess | None = None
+        tasks: list[asyncio.Task[Any]] = []
+        try:
+            lanes = Lanes(redis, self.keys, self.model, self.name, aging_s=s.aging_s)
+            await lanes.ensure_groups()
+            tokenizer = await loop.run_in_executor(None, _load_tokenizer, s.model_path)
+            prompts = PromptBuilder(tokenizer)
+            writer = ResultWriter(redis, self.keys, self.model, self.name)
+            engine = EngineProcess(
+                s.engine_factory,
+                s.model_path,
+                s.engine_options(),
+                torch_threads=s.torch_threads,
+                on_outputs=lambda o, c: aggregator.on_outputs(o, c),
+                on_fatal=self._on_fatal,
+            )
+            self.engine = engine
+            await engine.start()
+            admission = Admission(
+                engine.capacity,
+                max_num_seqs=s.max_num_seqs,
+                inflight_factor=s.max_inflight_factor,
+                headroom_tokens=s.admission_headroom_tokens,
+            )
+            aggregator = Aggregator(writer, admission, engine, self.metrics, self.name)
+            intake = Intake(
+                redis,
+                self.keys,
+                self.model,
+                lanes,
+                admission,
+                aggregator,
+                writer,
+                engine,
+                prompts,
+                self.metrics,
+                aging_s=s.aging_s,
+                read_block_ms=s.read_block_ms,
+            )
+            self.intake = intake
+            reclaimer = _make_reclaimer(redis, self.keys, self.name, s.max_deliveries)
+            if s.metrics_port:
+                self.metrics.serve(s.metrics_port)
+
+            beat = self._beat_info(engine, admission)
+            await reclaimer.beat(beat())
+            own = await lanes.own_pending()
+            if own:
+                log.info("%s: taking back %d entries pending on this name", self.name, len(own))
+                await intake.process(own)
+            tasks = [
+                asyncio.create_task(intake.run(), name="intake"),
+                asyncio.create_task(aggregator.run(), name="aggregator"),
+                asyncio.create_task(self._cancels(redis, aggregator, intake), name="cancel"),
+                asyncio.create_task(self._heartbeat(reclaimer, intake, beat), name="heartbeat"),
+            ]
+            self.ready.set()
+            log.info("worker %s serving %s (engine pid %s)", self.name, self.model, engine.pid)
+            await self._until_stopped(tasks)
+            if self._fatal is not None:
+                log.error("%s: %s", self.name, self._fatal)
+                return 1
+            await self._drain(intake, admission, aggregator, writer, lanes, tasks)
+            return 0
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            with contextlib.suppress(Exception):
+                await redis.delete(self.keys.heartbeat(self.name))
+            if engine is not None:
+                await engine.stop()
+            if self.intake is not None:
+                self.intake.close()
+            await redis.aclose()
+            if install_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+
+    # --- lifecycle ---
+
+    def _on_fatal(self, message: str) -> None:
+        self._fatal = message
+        self._stop.set()
+
+    async def _until_stopped(self, tasks: list[asyncio.Task[Any]]) -> None:
+        stop_wait = asyncio.create_task(self._stop.wait())
+        done, _ = await asyncio.wait([stop_wait, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        stop_wait.cancel()
+        for t in done:
+            if t is not stop_wait and not t.cancelled() and t.exception() is not None:
+                exc = t.exception()
+                self._fatal = f"task {t.get_name()} failed: {exc!r}"
+                log.error("%s", self._fatal, exc_info=exc)
+
+    async def _drain(
+        self,
+        intake: Intake,
+        admission: Admission,
+        aggregator: Aggregator,
+        writer: ResultWriter,
+        lanes: Lanes,
+        tasks: list[asyncio.Task[Any]],
+    ) -> None:
+        s = self.settings
+        intake.stopping.set()
+        await asyncio.wait([tasks[0]], timeout=s.read_block_ms / 1000 + 5)  # last pull lands
+        deadline = time.monotonic() + s.grace_period_s
+        while admission.admitted and time.monotonic() < deadline:
+            admission.changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(admission.changed.wait(), 0.1)
+        left = [r for r in admission.admitted.values() if not r.finished]
+        if left:
+            log.info("%s: grace period over; handing %d requests back", self.name, len(left))
+            for req in left:
+                req.finished = True
+                admission.release(req)
+            assert self.engine is not None
+            self.engine.abort([r.request_id for r in left])
+            entries: list[Entry] = []
+            for r in left:
+                entries.extend([r.entry, *r.duplicates])
+            self.metrics.requeued += await lanes.requeue(entries)
+        await writer.flush()
+
+    # --- side loops ---
+
+    def _beat_info(
+        self, engine: EngineProcess, admission: Admission
+    ) -> Callable[[], dict[str, Any]]:
+        def info() -> dict[str, Any]:
+            c = engine.capacity
+            return {
+                "worker": self.name,
+                "model": self.model,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started_s": round(self.started_s, 3),
+                "state": "draining" if self._stop.is_set() else "serving",
+                "inflight": len(admission.admitted),
+                "committed_tokens": admission.committed_tokens,
+                "free_kv_tokens": c.free_kv_tokens,
+                "total_kv_tokens": c.total_kv_tokens,
+                "running_seqs": c.running_seqs,
+                "waiting_seqs": c.waiting_seqs,
+                **self.metrics.snapshot(),
+            }
+
+        return info
+
+    async def _heartbeat(
+        self, reclaimer: Any, intake: Intake, info: Callable[[], dict[str, Any]]
+    ) -> None:
+        """Beat every interval (also while draining); claim dead workers' entries while serving."""
+        interval_s = self.settings.heartbeat_interval_s
+        while True:
+            started = time.monotonic()
+            await reclaimer.beat(info())
+            if not intake.stopping.is_set():
+                claimed = await reclaimer.reclaim(self.model)
+                if claimed:
+                    entries = [_entry_from_claim(c, intake.lanes) for c in claimed]
+                    self.metrics.claimed += len(entries)
+                    log.info("%s: claimed %d entries from dead workers", self.name, len(entries))
+                    await intake.process(entries)
+            await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - started)))
+
+    async def _cancels(self, redis: Redis, aggregator: Aggregator, intake: Intake) -> None:
+        """Cancels of running requests: abort in the engine. Queued ones are skipped at intake."""
+        last = await redis.xrevrange(self.keys.cancel, count=1)
+        last_id: Any = last[0][0] if last else "0-0"
+        while True:
+            res: Any = await redis.xread(
+                {self.keys.cancel: last_id}, count=512, block=CANCEL_BLOCK_MS
+            )
+            any_hit = False
+            for _, entries in res or []:
+                for entry_id, fields in entries:
+                    last_id = entry_id
+                    rid = fields.get(b"id") or fields.get(b"request_id")
+                    if rid is None:
+                        continue
+                    rid_s = rid.decode() if isinstance(rid, bytes) else str(rid)
+                    intake.note_cancel(rid_s)
+                    any_hit |= aggregator.cancel(rid_s)
+            if any_hit:
+                await aggregator.writer.flush()
+
+
+def _load_tokenizer(model_path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def _make_reclaimer(redis: Redis, keys: Keys, name: str, max_deliveries: int) -> Any:
+    try:
+        from workers.reclaim import Reclaimer
+    except ImportError as err:
+        raise WorkerError("workers.reclaim is missing") from err
+    return Reclaimer(redis, keys, name, max_deliveries=max_deliveries)
+
+
+def _entry_from_claim(claim: Any, lanes: Lanes) -> Entry:
+    stream = claim.stream.decode() if isinstance(claim.stream, bytes) else str(claim.stream)
+    entry_id = claim.entry_id.decode() if isinstance(claim.entry_id, bytes) else str(claim.entry_id)
+    fields = {
+        (k if isinstance(k, bytes) else str(k).encode()): (
+            v if isinstance(v, bytes) else str(v).encode()
+        )
+        for k, v in claim.fields.items()
+    }
+    return Entry(
+        stream,
+        entry_id,
+        fields,
+        lanes.priority_of.get(stream, "normal"),
+        delivery_count=int(claim.delivery_count),
+    )
+
+
+async def serve(
+    settings: WorkerSettings,
+    *,
+    install_signals: bool = True,
+    on_ready: Callable[[Worker], Awaitable[None]] | None = None,
+) -> int:
+    """Run one worker to completion (``chatq worker``)."""
+    worker = Worker(settings)
+    if on_ready is None:
+        return await worker.run(install_signals=install_signals)
+    task = asyncio.create_task(worker.run(install_signals=install_signals))
+    await worker.ready.wait()
+    await on_ready(worker)
+    return await task
