@@ -125,26 +125,27 @@ return {removed, out}
 # Prefix run before FINALIZE's body, so dead-lettering is one atomic step:
 # KEYS: 1-4 as FINALIZE, 5 dead-letter stream
 # ARGV: 1-6 as FINALIZE (type "error", code dead_letter), 7 dead stream MAXLEN (approximate),
-#       8.. field/value pairs of the dead-letter entry
-# The dead-letter entry and the per-model `dead` counter are written only while the entry
-# is still pending, so a retried call cannot dead-letter one request twice.
+#       8 consumer that must hold the entry, 9.. field/value pairs of the dead-letter entry
+# Returns -1 and changes nothing unless the entry is pending on that consumer (someone else
+# finished, requeued or claimed it: not ours to bury), else records the dead letter, bumps
+# the model's `dead` counter and runs FINALIZE (1: error result written, 0: one existed).
 _DEAD_LETTER_PREFIX = """
-local still = redis.call('XPENDING', KEYS[3], ARGV[1], ARGV[2], ARGV[2], 1)
-if #still == 1 then
-  redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', unpack(ARGV, 8))
-  redis.call('HINCRBY', KEYS[4], 'dead', 1)
-end
+local mine = redis.call('XPENDING', KEYS[3], ARGV[1], ARGV[2], ARGV[2], 1, ARGV[8])
+if #mine == 0 then return -1 end
+redis.call('XADD', KEYS[5], 'MAXLEN', '~', ARGV[7], '*', unpack(ARGV, 9))
+redis.call('HINCRBY', KEYS[4], 'dead', 1)
 """
 DEAD_LETTER = _DEAD_LETTER_PREFIX + FINALIZE
 
 # For an entry whose envelope cannot be decoded (no request id to answer, no cost to give
 # back): KEYS 1 request stream, 2 dead-letter stream, 3 backlog hash; ARGV 1 group,
-# 2 entry id, 3 dead stream MAXLEN, 4.. dead-letter field/value pairs.
-# Returns 1 when this call dead-lettered the entry, 0 when it was no longer pending.
+# 2 entry id, 3 dead stream MAXLEN, 4 consumer that must hold it, 5.. dead-letter fields.
+# Returns 1 when this call dead-lettered the entry, -1 when it was not pending on that
+# consumer.
 DEAD_LETTER_RAW = """
-local still = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
-if #still == 0 then return 0 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
+local mine = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1, ARGV[4])
+if #mine == 0 then return -1 end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 5))
 redis.call('HINCRBY', KEYS[3], 'dead', 1)
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])

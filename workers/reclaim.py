@@ -1,0 +1,366 @@
+"""Heartbeats, reclaiming a dead worker's pending entries, and dead letters.
+
+Every worker beats ``chatq:hb:<name>`` (TTL ``HEARTBEAT_TTL_S``); its consumer name in group
+``workers`` is the same ``<name>``. A consumer whose heartbeat key is gone is dead: the live
+workers' :meth:`Reclaimer.reclaim` moves its pending entries to themselves at once, with no
+idle wait, through one Lua call per consumer that re-checks the heartbeat, so a live (even
+very slow) worker never loses an entry, and two reclaimers never both get one entry. An entry
+delivered more than ``max_deliveries`` times (it keeps killing workers) is not handed out
+again: it goes to ``chatq:dead`` and its requester gets a ``dead_letter`` error, in one
+atomic step with the acknowledgement (FINALIZE's body). Dead consumers are deleted once their
+pending list is empty.
+
+The worker calls these plain async methods from its one loop; nothing here runs its own loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from producer.errors import ProtocolError
+from producer.keys import DEAD_MAXLEN, GROUP, HEARTBEAT_TTL_S, PRIORITIES, RESULT_TTL_S, Keys
+from producer.protocol import (
+    DEFAULT_LIMITS,
+    Envelope,
+    Error,
+    ErrorCode,
+    Limits,
+    decode_envelope,
+    encode_result,
+    estimate_cost_tokens,
+)
+from producer.scripts import DEAD_LETTER, DEAD_LETTER_RAW, RECLAIM
+from workers.errors import WorkerError
+
+STREAM_FIELD_BYTES = b"m"
+
+
+@dataclass(frozen=True)
+class ClaimedEntry:
+    """A request-stream entry now pending on this worker, for intake to process."""
+
+    stream: str
+    entry_id: str
+    fields: dict[bytes, bytes]
+    delivery_count: int  # including the delivery this claim made
+
+    @property
+    def priority(self) -> str:
+        lane = self.stream.rsplit(":", 1)[-1]
+        return lane if lane in PRIORITIES else "normal"
+
+
+@dataclass(frozen=True)
+class ReclaimEvent:
+    """One dead consumer's entries moved off one lane.
+
+    ``last_beat_ms`` is the last heartbeat this reclaimer saw from it (None if it never saw
+    one); the worker died after that beat, so ``since_last_beat_ms`` bounds death→claimed
+    from above, and ``since_expiry_ms`` (claimed minus heartbeat expiry) is how long the
+    reclaim took to notice.
+    """
+
+    dead_worker: str
+    stream: str
+    claimed: int
+    dead_lettered: int
+    consumer_removed: bool
+    claimed_ms: int  # Unix ms
+    last_beat_ms: int | None
+    heartbeat_ttl_ms: int | None
+
+    @property
+    def since_last_beat_ms(self) -> int | None:
+        return None if self.last_beat_ms is None else self.claimed_ms - self.last_beat_ms
+
+    @property
+    def since_expiry_ms(self) -> int | None:
+        if self.last_beat_ms is None or self.heartbeat_ttl_ms is None:
+            return None
+        return self.claimed_ms - (self.last_beat_ms + self.heartbeat_ttl_ms)
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _b(value: Any) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()
+
+
+def _fields(flat: Any) -> dict[bytes, bytes]:
+    items = list(flat or [])
+    return {_b(items[i]): _b(items[i + 1]) for i in range(0, len(items) - 1, 2)}
+
+
+class Reclaimer:
+    """Heartbeat and reclaim for one worker (``worker`` = its consumer name)."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        worker: str,
+        *,
+        max_deliveries: int = 3,
+        heartbeat_ttl_s: float = HEARTBEAT_TTL_S,
+        safety_idle_s: float = 300.0,
+        sweep_interval_s: float = 30.0,
+        batch: int = 100,
+        result_ttl_s: int = RESULT_TTL_S,
+        limits: Limits = DEFAULT_LIMITS,
+        events_kept: int = 256,
+    ) -> None:
+        if max_deliveries < 1 or heartbeat_ttl_s <= 0 or batch < 1:
+            raise WorkerError("max_deliveries and batch must be >= 1, heartbeat_ttl_s > 0")
+        self.redis = redis
+        self.keys = keys
+        self.worker = worker
+        self.max_deliveries = max_deliveries
+        self.heartbeat_ttl_ms = max(1, int(heartbeat_ttl_s * 1000))
+        self.safety_idle_ms = int(safety_idle_s * 1000)
+        self.sweep_interval_s = sweep_interval_s
+        self.batch = batch
+        self.result_ttl_s = result_ttl_s
+        self.limits = limits
+        self.events: deque[ReclaimEvent] = deque(maxlen=events_kept)
+        self.claimed_total = 0
+        self.dead_lettered_total = 0
+        self.stuck_entries = 0  # entries of live workers idle > safety_idle_s (last sweep)
+        self._started_ms = _now_ms()
+        self._has_beaten = False
+        self._last_sweep_s: dict[str, float] = {}
+        self._seen_beats: dict[str, tuple[int, int]] = {}  # worker → (beat ms, ttl ms)
+        self._reclaim = redis.register_script(RECLAIM)
+        self._dead_letter = redis.register_script(DEAD_LETTER)
+        self._dead_letter_raw = redis.register_script(DEAD_LETTER_RAW)
+
+    # --- heartbeat --------------------------------------------------------------------------
+
+    def _beat_value(self, capacity_info: dict[str, Any]) -> str:
+        return json.dumps(
+            {
+                "worker": self.worker,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "ts_ms": _now_ms(),
+                "ttl_ms": self.heartbeat_ttl_ms,
+                "started_ms": self._started_ms,
+                "capacity": capacity_info,
+            },
+            default=str,
+        )
+
+    async def register(self, capacity_info: dict[str, Any], *, wait_s: float | None = None) -> None:
+        """First beat: claim the name, waiting up to ``wait_s`` (default: one heartbeat TTL,
+        so a crashed predecessor's key expires) while another live process holds it."""
+        deadline = time.monotonic() + (self.heartbeat_ttl_ms / 1000 if wait_s is None else wait_s)
+        key = self.keys.heartbeat(self.worker)
+        while not await self.redis.set(
+            key, self._beat_value(capacity_info), px=self.heartbeat_ttl_ms, nx=True
+        ):
+            if time.monotonic() >= deadline:
+                raise WorkerError(f"worker name {self.worker!r} is in use by a live worker")
+            await asyncio.sleep(0.1)
+        self._has_beaten = True
+
+    async def beat(self, capacity_info: dict[str, Any]) -> None:
+        """Refresh this worker's heartbeat (call every ``HEARTBEAT_INTERVAL_S``)."""
+        await self.redis.set(
+            self.keys.heartbeat(self.worker),
+            self._beat_value(capacity_info),
+            px=self.heartbeat_ttl_ms,
+        )
+        self._has_beaten = True
+
+    async def retire(self) -> None:
+        """Drop the heartbeat (clean exit), so peers reclaim anything left at once."""
+        await self.redis.delete(self.keys.heartbeat(self.worker))
+
+    # --- reclaim ----------------------------------------------------------------------------
+
+    async def reclaim(self, model: str) -> list[ClaimedEntry]:
+        """Claim every dead consumer's pending entries on ``model``'s lanes (dead-lettering
+        those delivered too often); runs :meth:`sweep` every ``sweep_interval_s`` too."""
+        lanes = self.keys.request_lanes(model)
+        pipe = self.redis.pipeline(transaction=False)
+        for stream in lanes:
+            pipe.xinfo_consumers(stream, GROUP)
+        replies = await pipe.execute(raise_on_error=False)
+        by_lane: dict[str, list[str]] = {}
+        for stream, reply in zip(lanes, replies, strict=True):
+            if isinstance(reply, ResponseError):  # no stream or no group yet
+                continue
+            if isinstance(reply, Exception):
+                raise reply
+            by_lane[stream] = [_s(c["name"]) for c in reply if _s(c["name"]) != self.worker]
+        names = sorted({name for names in by_lane.values() for name in names})
+        dead = await self._dead_among(names)
+        claimed: list[ClaimedEntry] = []
+        for stream, consumers in by_lane.items():
+            for name in consumers:
+                if name in dead:
+                    claimed += await self._claim_from(model, stream, name)
+        now_s = time.monotonic()
+        if now_s - self._last_sweep_s.get(model, 0.0) >= self.sweep_interval_s:
+            self._last_sweep_s[model] = now_s
+            claimed += await self.sweep(model)
+        return claimed
+
+    async def claim_own(self, model: str) -> list[ClaimedEntry]:
+        """At startup under a reused name: take back what a previous process of this name
+        left pending (delivery counts go up, so a poison entry still ends as a dead letter)."""
+        claimed: list[ClaimedEntry] = []
+        for stream in self.keys.request_lanes(model):
+            try:
+                claimed += await self._claim_from(model, stream, self.worker, own=True)
+            except ResponseError as err:
+                if "NOGROUP" not in str(err) and "no such key" not in str(err):
+                    raise
+        return claimed
+
+    async def sweep(self, model: str) -> list[ClaimedEntry]:
+        """Safety net: entries idle longer than ``safety_idle_s`` on any consumer. Dead
+        owners are reclaimed (same atomic heartbeat check); live owners keep theirs, counted
+        in ``stuck_entries`` so a wedged worker shows up in metrics. Plain XAUTOCLAIM is not
+        used because it cannot spare a live worker's long-running request."""
+        owners: dict[tuple[str, str], int] = {}
+        for stream in self.keys.request_lanes(model):
+            try:
+                rows = await self.redis.xpending_range(
+                    stream, GROUP, "-", "+", self.batch, idle=self.safety_idle_ms
+                )
+            except ResponseError:
+                continue
+            for row in rows:
+                owner = _s(row["consumer"])
+                if owner != self.worker:
+                    owners[(stream, owner)] = owners.get((stream, owner), 0) + 1
+        dead = await self._dead_among(sorted({owner for _, owner in owners}))
+        self.stuck_entries = sum(n for (_, owner), n in owners.items() if owner not in dead)
+        claimed: list[ClaimedEntry] = []
+        for stream, owner in owners:
+            if owner in dead:
+                claimed += await self._claim_from(model, stream, owner)
+        return claimed
+
+    async def _dead_among(self, names: list[str]) -> set[str]:
+        """Names whose heartbeat key is missing; remembers the beats of the live ones."""
+        # Forget beats of workers gone for an hour (names are not reused forever).
+        horizon_ms = _now_ms() - 3_600_000
+        for name in [n for n, (beat_ms, _) in self._seen_beats.items() if beat_ms < horizon_ms]:
+            del self._seen_beats[name]
+        if not names:
+            return set()
+        values = await self.redis.mget([self.keys.heartbeat(n) for n in names])
+        dead: set[str] = set()
+        for name, value in zip(names, values, strict=True):
+            if value is None:
+                dead.add(name)
+                continue
+            try:
+                beat = json.loads(value)
+                self._seen_beats[name] = (int(beat["ts_ms"]), int(beat["ttl_ms"]))
+            except (ValueError, KeyError, TypeError):
+                pass  # a foreign heartbeat format: alive all the same
+        return dead
+
+    async def _claim_from(
+        self, model: str, stream: str, owner: str, *, own: bool = False
+    ) -> list[ClaimedEntry]:
+        if not self._has_beaten:
+            # Without our own heartbeat, peers would judge us dead and take the claims back.
+            raise WorkerError("beat() or register() before claiming entries")
+        reply = await self._reclaim(
+            keys=[stream, self.keys.heartbeat(owner)],
+            args=[GROUP, owner, self.worker, self.batch, "1" if own else "0"],
+        )
+        if int(reply[0]) == -1:
+            return []  # it beat again in the meantime: alive
+        removed, rows = bool(int(reply[0])), reply[1]
+        claimed_ms = _now_ms()
+        out: list[ClaimedEntry] = []
+        dead_lettered = 0
+        for entry_id, count, flat in rows:
+            entry = ClaimedEntry(stream, _s(entry_id), _fields(flat), int(count))
+            if entry.delivery_count > self.max_deliveries:
+                dead_lettered += await self._send_to_dead(model, entry, owner)
+            else:
+                out.append(entry)
+        self.claimed_total += len(out)
+        if rows or removed:
+            beat_ms, ttl_ms = (None, None) if own else self._seen_beats.get(owner, (None, None))
+            self.events.append(
+                ReclaimEvent(
+                    owner, stream, len(out), dead_lettered, removed, claimed_ms, beat_ms, ttl_ms
+                )
+            )
+        return out
+
+    async def _send_to_dead(self, model: str, entry: ClaimedEntry, owner: str) -> int:
+        payload = entry.fields.get(STREAM_FIELD_BYTES, b"")
+        reason = (
+            f"delivered {entry.delivery_count} times (max {self.max_deliveries}); "
+            f"last holder {owner!r} died"
+        )
+        env: Envelope | None
+        try:
+            env = decode_envelope(payload, self.limits)
+        except ProtocolError:
+            env = None
+        dead_fields: list[bytes | str | int] = [
+            "id", env.id if env else "",
+            "model", model,
+            "stream", entry.stream,
+            "entry_id", entry.entry_id,
+            "reason", reason,
+            "deliveries", entry.delivery_count,
+            "worker", self.worker,
+            "dead_worker", owner,
+            "ts_ms", _now_ms(),
+            "payload", payload,
+        ]  # fmt: skip
+        if env is None:
+            # No request id to answer and no cost to give back: record, ack and delete.
+            reply = await self._dead_letter_raw(
+                keys=[entry.stream, self.keys.dead, self.keys.backlog(model)],
+                args=[GROUP, entry.entry_id, DEAD_MAXLEN, self.worker, *dead_fields],
+            )
+        else:
+            body = encode_result(
+                Error(
+                    code=ErrorCode.DEAD_LETTER.value,
+                    message=f"request moved to the dead-letter stream: {reason}",
+                    worker=self.worker,
+                )
+            )
+            reply = await self._dead_letter(
+                keys=[
+                    self.keys.result(env.id),
+                    self.keys.final(env.id),
+                    entry.stream,
+                    self.keys.backlog(env.model),
+                    self.keys.dead,
+                ],
+                args=[
+                    GROUP, entry.entry_id, "error", body["m"], self.result_ttl_s,
+                    estimate_cost_tokens(env), DEAD_MAXLEN, self.worker, *dead_fields,
+                ],
+            )  # fmt: skip
+        done = int(reply) >= 0
+        self.dead_lettered_total += done
+        return int(done)
