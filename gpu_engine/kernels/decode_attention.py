@@ -1,0 +1,251 @@
+"""Paged decode attention (one query token per sequence) with split-K over the context.
+
+Grid: (num_seqs, num_kv_heads, num_splits). A program loads the query rows of all heads that
+share one KV head (GQA group, padded to 16 rows so ``tl.dot`` runs on the tensor cores), so
+each K/V byte is read once per step. Keys are walked in tiles of BLOCK_N tokens gathered
+through the block table (BLOCK_N need not equal the page size). With split-K, each split
+handles a contiguous run of tiles and writes a partial output and its log-sum-exp (base 2);
+a second kernel merges the splits. The split count is a launch constant, and the tile range
+of each split is computed in the kernel from ``seq_lens``: a CUDA graph captured once stays
+valid for any context length.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gpu_engine.kernels import INTERPRET, dot_precision
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_table_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    qk_scale,
+    stride_q_tok,
+    stride_q_head,
+    stride_bt_seq,
+    stride_c_blk,
+    stride_c_tok,
+    stride_o_tok,
+    stride_o_head,
+    num_heads,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens_ptr + seq)
+    num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    tile_lo = split * tiles_per_split
+    tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, BLOCK_D)
+    heads = kv_head * GROUP + g
+    g_mask = g < GROUP
+    d_mask = d < HEAD_DIM
+    q = tl.load(
+        q_ptr + seq.to(tl.int64) * stride_q_tok + heads[:, None] * stride_q_head + d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )  # [GROUP_PAD, BLOCK_D]
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt_seq
+    head_off = kv_head * HEAD_DIM
+    for tile in range(tile_lo, tile_hi):
+        n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n < seq_len
+        blk = tl.load(bt_row + n // PAGE, mask=n_mask, other=0).to(tl.int64)
+        rows = blk * stride_c_blk + (n % PAGE) * stride_c_tok + head_off  # [BLOCK_N]
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [GROUP_PAD, BLOCK_N]
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    o_mask = g_mask[:, None] & d_mask[None, :]
+    if NUM_SPLITS == 1:
+        # seq_len 0 (graph padding) leaves l_i = 0: write zeros, not NaN.
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        o_ptrs = out_ptr + seq.to(tl.int64) * stride_o_tok + heads[:, None] * stride_o_head
+        tl.store(o_ptrs + d[None, :], out.to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        # Partials: part_out [num_seqs, NUM_SPLITS, num_heads, HEAD_DIM] fp32,
+        # part_lse [num_seqs, NUM_SPLITS, num_heads] fp32 (log2 domain, -inf = empty split).
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        base = (seq.to(tl.int64) * NUM_SPLITS + split) * num_heads + heads
+        tl.store(part_out_ptr + base[:, None] * HEAD_DIM + d[None, :], out, mask=o_mask)
+        tl.store(part_lse_ptr + base, lse, mask=g_mask)
+
+
+@triton.jit
+def _merge_kernel(
+    part_out_ptr,
+    part_lse_ptr,
+    out_ptr,
+    stride_o_tok,
+    stride_o_head,
+    num_heads,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    # One program per (sequence, query head): softmax-weighted sum of the split partials.
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    sp = tl.arange(0, SPLITS_PAD)
+    d = tl.arange(0, BLOCK_D)
+    sp_mask = sp < NUM_SPLITS
+    base = (seq.to(tl.int64) * NUM_SPLITS + sp) * num_heads + head  # [SPLITS_PAD]
+    lse = tl.load(part_lse_ptr + base, mask=sp_mask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp2(lse - m_safe)  # empty splits: exp2(-inf) = 0
+    parts = tl.load(
+        part_out_ptr + base[:, None] * HEAD_DIM + d[None, :],
+        mask=sp_mask[:, None] & (d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    total = tl.sum(w, 0)
+    out = tl.sum(parts * w[:, None], 0) / tl.where(total > 0, total, 1.0)
+    o_ptrs = out_ptr + seq.to(tl.int64) * stride_o_tok + head * stride_o_head + d
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM)
+
+
+def choose_num_splits(
+    num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132, block_n: int = 64
+) -> int:
+    """Splits so that programs ≈ 2 waves of the SMs, each split keeping ≥ 4 tiles of work.
+
+    Depends only on host ints, so a graph captured for a batch size can fix it."""
+    programs = max(1, num_seqs * num_kv_heads)
+    want = triton.cdiv(2 * num_sms, programs)
+    cap = max(1, triton.cdiv(max_seq_len, 4 * block_n))
+    return int(max(1, min(want, cap, 64)))
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    num_splits: int = 1,
+    out: torch.Tensor | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """q: [num_seqs, num_heads, head_dim] (one token each, the last of its sequence);
+    caches: [num_blocks, page, num_kv_heads, head_dim]; block_tables: [num_seqs, max_blocks]
+    int32; seq_lens: [num_seqs] int32 context length including this token (0 = padding,
+    output zeros). Returns out: [num_seqs, num_heads, head_dim] in q's dtype."""
+    num_seqs, num_heads, head_dim = q.shape
+    _, page, num_kv_heads, cache_dim = k_cache.shape
+    if cache_dim != head_dim or num_heads % num_kv_heads:
+        raise ValueError(f"q {tuple(q.shape)} vs cache {tuple(k_cache.shape)}")
+    if q.stride(2) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
+        raise ValueError("q rows and the caches must be contiguous in head_dim")
+    if out is None:
+        out = torch.empty_like(q)
+    if num_seqs == 0:
+        return out
+    group = num_heads // num_kv_heads
+    if block_n is None:
+        # fp32 (tests, parity runs) does exact fp32 dots on CUDA cores: smaller tiles keep
+        # the accumulators in registers (64 spills to local memory with split-K).
+        block_n = 64 if q.element_size() <= 2 else 32
+    block_d = triton.next_power_of_2(head_dim)
+    common = dict(
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        PAGE=page,
+        BLOCK_N=block_n,
+        NUM_SPLITS=num_splits,
+        UPCAST=INTERPRET,
+        PRECISION=dot_precision(q.dtype),
+    )
+    if num_splits == 1:
+        part_out = part_lse = out  # unused
+    else:
+        part_out = torch.empty(
+            (num_seqs, num_splits, num_heads, head_dim), dtype=torch.float32, device=q.device
+        )
+        part_lse = torch.empty(
+            (num_seqs, num_splits, num_heads), dtype=torch.float32, device=q.device
+        )
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        out,
+        part_out,
+        part_lse,
+        scale * _LOG2E,
+        q.stride(0),
+        q.stride(1),
+        block_tables.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        out.stride(0),
+        out.stride(1),
+        num_heads,
+        num_warps=4,
+        num_stages=2,
+        **common,
+    )
+    if num_splits > 1:
+        _merge_kernel[(num_seqs, num_heads)](
+            part_out,
+            part_lse,
+            out,
+            out.stride(0),
+            out.stride(1),
+            num_heads,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            NUM_SPLITS=num_splits,
+            SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
+            num_warps=4,
+        )
+    return out

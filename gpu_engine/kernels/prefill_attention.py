@@ -1,0 +1,210 @@
+"""Prefill / chunked-prefill attention over the paged KV cache (FlashAttention-2 algorithm).
+
+Each sequence brings ``query_len`` new tokens at the end of a context of ``seq_len`` tokens
+whose K/V (the cached prefix, earlier chunks and this step's tokens, already stored) live in
+the paged cache. Query token j sits at position ``seq_len - query_len + j`` and attends keys
+at positions ≤ its own. Grid: (query tiles, sequences, query heads). A program keeps a
+[BLOCK_M, head_dim] query tile in registers and streams K/V tiles of BLOCK_N tokens gathered
+through the block table, with an online softmax: the [query_len, seq_len] score matrix is
+never materialised. Keys strictly before the tile's first query position need no causal
+mask (first loop); only the diagonal band is masked (second loop).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gpu_engine.kernels import INTERPRET, dot_precision
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attend_tile(
+    q,
+    m_i,
+    l_i,
+    acc,
+    k_cache_ptr,
+    v_cache_ptr,
+    bt_row,
+    start,
+    q_pos,
+    seq_len,
+    head_off,
+    stride_c_blk,
+    stride_c_tok,
+    qk_scale,
+    d,
+    d_mask,
+    MASKED: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    n = start + tl.arange(0, BLOCK_N)
+    n_mask = n < seq_len
+    blk = tl.load(bt_row + n // PAGE, mask=n_mask, other=0).to(tl.int64)
+    rows = blk * stride_c_blk + (n % PAGE) * stride_c_tok + head_off
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+    if MASKED:
+        keep = (n[None, :] <= q_pos[:, None]) & n_mask[None, :]
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_table_ptr,
+    cu_seqlens_q_ptr,
+    seq_lens_ptr,
+    out_ptr,
+    qk_scale,
+    stride_q_tok,
+    stride_q_head,
+    stride_bt_seq,
+    stride_c_blk,
+    stride_c_tok,
+    stride_o_tok,
+    stride_o_head,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    m_tile = tl.program_id(0)
+    seq = tl.program_id(1)
+    head = tl.program_id(2)
+
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + seq)
+    # Tiles past this sequence's query length have nothing to do (the grid is sized by the
+    # longest query in the step).
+    if m_tile * BLOCK_M < q_len:
+        ctx_len = seq_len - q_len  # tokens before this step's queries
+        m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = m < q_len
+        q_pos = ctx_len + m
+        d = tl.arange(0, BLOCK_D)
+        d_mask = d < HEAD_DIM
+        tok = (q_start + m).to(tl.int64)
+        q = tl.load(
+            q_ptr + tok[:, None] * stride_q_tok + head * stride_q_head + d[None, :],
+            mask=m_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        if UPCAST:
+            q = q.to(tl.float32)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt_seq
+        head_off = (head // GROUP) * HEAD_DIM
+
+        first_q = ctx_len + m_tile * BLOCK_M
+        full_end = (first_q // BLOCK_N) * BLOCK_N  # keys < full_end: visible to every row
+        end = tl.minimum(seq_len, first_q + BLOCK_M)
+        for start in range(0, full_end, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(
+                q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row, start, q_pos, seq_len,
+                head_off, stride_c_blk, stride_c_tok, qk_scale, d, d_mask,
+                False, PAGE, BLOCK_N, UPCAST, PRECISION,
+            )  # fmt: skip
+        for start in range(full_end, end, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(
+                q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row, start, q_pos, seq_len,
+                head_off, stride_c_blk, stride_c_tok, qk_scale, d, d_mask,
+                True, PAGE, BLOCK_N, UPCAST, PRECISION,
+            )  # fmt: skip
+
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        o_ptrs = out_ptr + tok[:, None] * stride_o_tok + head * stride_o_head + d[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    max_query_len: int,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q: [num_tokens, num_heads, head_dim] (sequences back to back, ``cu_seqlens_q``
+    [num_seqs + 1] int32 prefix sums); caches [num_blocks, page, num_kv_heads, head_dim]
+    holding every key of each sequence (this step's included); block_tables [num_seqs,
+    max_blocks] int32; seq_lens [num_seqs] int32. Returns [num_tokens, num_heads, head_dim]."""
+    num_tokens, num_heads, head_dim = q.shape
+    _, page, num_kv_heads, cache_dim = k_cache.shape
+    if cache_dim != head_dim or num_heads % num_kv_heads:
+        raise ValueError(f"q {tuple(q.shape)} vs cache {tuple(k_cache.shape)}")
+    if q.stride(2) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
+        raise ValueError("q rows and the caches must be contiguous in head_dim")
+    if out is None:
+        out = torch.empty_like(q)
+    num_seqs = seq_lens.shape[0]
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    # Short chunks (chunked prefill mixed with decodes) waste less with a 16-row tile; 64
+    # rows use wgmma on Hopper. fp32 (exact dots on CUDA cores) needs small tiles to stay
+    # in registers.
+    if q.element_size() <= 2:
+        block_m = 64 if max_query_len > 32 else 16
+        block_n = 64 if head_dim <= 128 else 32
+    else:
+        block_m, block_n = 16, 32
+    grid = (triton.cdiv(max_query_len, block_m), num_seqs, num_heads)
+    _prefill_kernel[grid](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        cu_seqlens_q,
+        seq_lens,
+        out,
+        scale * _LOG2E,
+        q.stride(0),
+        q.stride(1),
+        block_tables.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        out.stride(0),
+        out.stride(1),
+        GROUP=num_heads // num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        PAGE=page,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        UPCAST=INTERPRET,
+        PRECISION=dot_precision(q.dtype),
+        num_warps=4,
+        num_stages=2,
+    )
+    return out

@@ -1,0 +1,77 @@
+"""Attention backend on our own Triton kernels (the default on CUDA without flash-attn).
+
+Per step: store this step's K/V by slot mapping; the leading prefill / chunked-prefill
+sequences go through the paged FlashAttention-2 kernel (prefix hits read from the cache);
+the trailing decode sequences through the split-K paged decode kernel. The decode part
+needs no host values beyond launch constants, so the model runner can capture it in a CUDA
+graph; the split count then comes from ``meta.max_seq_len`` at capture time (the runner
+passes its max model length there), see ``decode_num_splits``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gpu_engine.kernels.decode_attention import choose_num_splits, paged_decode_attention
+from gpu_engine.kernels.kv_cache import store_kv_cache
+from gpu_engine.kernels.prefill_attention import paged_prefill_attention
+from gpu_engine.layers.base import AttentionMetadata
+
+
+class TritonBackend:
+    name = "triton"
+    # Any page size works (keys are gathered per token); no constraint for the engine.
+    required_block_size: int | None = None
+
+    def __init__(self) -> None:
+        self._num_sms = (
+            torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+            if torch.cuda.is_available()
+            else 132
+        )
+
+    def decode_num_splits(self, num_seqs: int, num_kv_heads: int, max_seq_len: int) -> int:
+        return choose_num_splits(num_seqs, num_kv_heads, max_seq_len, self._num_sms)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        # q: [T, H, D]; k, v: [T, KVH, D]; caches [num_blocks, block_size, KVH, D].
+        store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        num_prefill = meta.num_prefill_seqs
+        prefill_tokens = 0
+        if num_prefill:
+            prefill_tokens = sum(meta.query_lens_host[:num_prefill])
+            paged_prefill_attention(
+                q[:prefill_tokens],
+                k_cache,
+                v_cache,
+                meta.block_tables[:num_prefill],
+                meta.cu_seqlens_q[: num_prefill + 1],
+                meta.seq_lens[:num_prefill],
+                meta.max_query_len,
+                scale,
+                out=out[:prefill_tokens],
+            )
+        num_decode = meta.num_decode_seqs
+        if num_decode:
+            splits = self.decode_num_splits(num_decode, k_cache.shape[2], meta.max_seq_len)
+            paged_decode_attention(
+                q[prefill_tokens : prefill_tokens + num_decode],
+                k_cache,
+                v_cache,
+                meta.block_tables[num_prefill:],
+                meta.seq_lens[num_prefill:],
+                scale,
+                num_splits=splits,
+                out=out[prefill_tokens : prefill_tokens + num_decode],
+            )
+        return out
