@@ -47,8 +47,8 @@ class FakeWorkerSide:
     """Reads queued entries and writes results the way the aggregator does (real Redis)."""
 
     def __init__(self, url: str) -> None:
-        self.redis = redis.Redis.from_url(url)
-        self.finalize = self.redis.register_script(FINALIZE)
+        self.redis: Any = redis.Redis.from_url(url)
+        self.finalize: Any = self.redis.register_script(FINALIZE)
 
     def take(self, priority: str = "normal") -> tuple[bytes, Envelope]:
         stream = KEYS.requests(MODEL, priority)

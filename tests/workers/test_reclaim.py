@@ -14,7 +14,7 @@ from producer import ChatClient, RequestFailed
 from producer.keys import GROUP, STREAM_FIELD, Keys
 from producer.protocol import decode_envelope, decode_result
 from workers.errors import WorkerError
-from workers.reclaim import Reclaimer
+from workers.reclaim import ClaimedEntry, Reclaimer
 
 MODEL = "tiny-chat"
 KEYS = Keys()
@@ -85,7 +85,7 @@ async def test_dead_workers_entries_are_claimed_and_time_is_measured(
 
     # w-dead stops beating (killed); the live worker polls reclaim like its loop would.
     start = time.monotonic()
-    claimed = []
+    claimed: list[ClaimedEntry] = []
     while not claimed and time.monotonic() - start < 3:
         await asyncio.sleep(0.05)
         claimed = await live.reclaim(MODEL)
