@@ -21,11 +21,11 @@ STREAM_FIELD = "m"
 RESULT_TTL_S = 3600
 # A worker's heartbeat key expires this long after its last beat; a worker beats every
 # HEARTBEAT_INTERVAL_S, so a missing key means the process is gone (or stalled > TTL).
-HEARTBEAT_TTL_S = 3
+HEARTBEAT_TTL_S = 2
 HEARTBEAT_INTERVAL_S = 0.5
-# Idempotency keys map to a request id for a day: retries of one logical call within that
-# window get the same id back.
-IDEMPOTENCY_TTL_S = 86_400
+# Idempotency keys map to a request id for as long as the result is kept: a retry within
+# that window gets the same id and can still read the answer.
+IDEMPOTENCY_TTL_S = RESULT_TTL_S
 # A cancel marker only needs to outlive the request it cancels.
 CANCELLED_TTL_S = 86_400
 # The cancel stream only needs to outlive running requests; it is trimmed by length.

@@ -41,6 +41,9 @@ local win_start = tonumber(redis.call('HGET', KEYS[4], 'win_start_ms') or '0')
 local win_tokens = tonumber(redis.call('HGET', KEYS[4], 'win_tokens') or '0') + cost
 if win_start == 0 then
   redis.call('HSET', KEYS[4], 'win_start_ms', now_ms, 'win_tokens', win_tokens)
+elseif now_ms - win_start >= 5000 then
+  -- the window spans an idle gap: start a new one rather than averaging the gap in
+  redis.call('HSET', KEYS[4], 'win_start_ms', now_ms, 'win_tokens', cost)
 elseif now_ms - win_start >= 1000 then
   local inst = win_tokens * 1000.0 / (now_ms - win_start)
   local rate = tonumber(redis.call('HGET', KEYS[4], 'rate') or '0')

@@ -21,7 +21,7 @@ from producer import (
     SyncChatClient,
 )
 from producer.calls import FALLBACK_RETRY_AFTER_S, MAX_RETRY_AFTER_S, retry_after_s
-from producer.keys import GROUP, STREAM_FIELD, Keys
+from producer.keys import GROUP, IDEMPOTENCY_TTL_S, STREAM_FIELD, Keys
 from producer.protocol import (
     Chunk,
     Done,
@@ -141,7 +141,7 @@ async def test_idempotent_submit_returns_same_id_and_one_entry(
     assert first == second != other
     assert await redis_client.xlen(KEYS.requests(MODEL, "normal")) == 2
     assert await redis_client.get(KEYS.idempotency("order-1234-q1")) == first.encode()
-    assert 0 < await redis_client.ttl(KEYS.idempotency("order-1234-q1")) <= 86_400
+    assert 0 < await redis_client.ttl(KEYS.idempotency("order-1234-q1")) <= IDEMPOTENCY_TTL_S
     assert int(await redis_client.hget(KEYS.backlog(MODEL), "requests")) == 2
 
 
