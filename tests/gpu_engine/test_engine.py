@@ -1,0 +1,193 @@
+"""End to end on tiny real checkpoints: greedy parity with transformers under continuous
+batching (mixed lengths, chunked prefill, shared prefixes, preemption), and the LLMEngine /
+LLM API (abort, deadline, capacity, stats, seeds, stop strings, chat, no tokenizer)."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gpu_engine import LLM, EngineError, InvalidRequestError, LLMEngine, SamplingParams
+from tests.gpu_engine.conftest import hf_greedy
+from tests.gpu_engine.test_model_runner import ARCH_IDS, ARCHS
+
+MAX_TOKENS = 10
+GREEDY = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+
+
+def _prompts(seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    shared = [rng.randrange(3, 500) for _ in range(24)]
+    mixed = [[rng.randrange(3, 500) for _ in range(n)] for n in (1, 5, 19, 45)]
+    prefixed = [shared + [rng.randrange(3, 500) for _ in range(n)] for n in (1, 6, 11)]
+    return mixed + prefixed
+
+
+@pytest.mark.parametrize(("arch", "overrides"), ARCHS, ids=ARCH_IDS)
+def test_greedy_generation_matches_transformers(
+    tiny_checkpoint: Any, arch: str, overrides: Any
+) -> None:
+    path = tiny_checkpoint(arch, **overrides)
+    prompts = _prompts(seed=7)
+    want = [hf_greedy(path, p, MAX_TOKENS) for p in prompts]
+    scenarios: dict[str, dict[str, Any]] = {
+        "together": dict(kv_cache_tokens=2048),
+        "chunked": dict(kv_cache_tokens=2048, block_size=8, max_num_batched_tokens=8),
+        # ~7 sequences x up to 56 tokens cannot all fit in 12 blocks of 8: preemption.
+        "preempt": dict(kv_cache_tokens=96, block_size=8, admission_watermark=0.0),
+    }
+    for name, options in scenarios.items():
+        llm = LLM(str(path), **options)
+        outs = llm.generate(prompts, GREEDY)
+        got = [o.token_ids for o in outs]
+        assert got == want, name
+        assert all(o.finish_reason == "length" for o in outs)
+        stats = llm.engine.stats()
+        if name == "chunked":
+            # Later prompts were admitted after the shared prefix had been computed.
+            assert stats["prefix_cache_hit_tokens"] > 0
+        if name == "preempt":
+            assert stats["preemptions"] > 0
+        assert stats["free_kv_tokens"] == stats["total_kv_tokens"]
+
+
+def test_prefix_cache_hits_across_generate_calls(tiny_checkpoint: Any) -> None:
+    path = tiny_checkpoint("qwen3")
+    prompts = _prompts(seed=3)
+    llm = LLM(str(path), kv_cache_tokens=1024)
+    first = llm.generate(prompts[4:5], GREEDY)
+    engine = llm.engine
+    before = engine.stats()["prefix_cache_hit_tokens"]
+    rest = llm.generate(prompts[5:], GREEDY)
+    assert engine.stats()["prefix_cache_hit_tokens"] - before >= 2 * 16
+    for prompt, out in zip(prompts[4:], first + rest, strict=True):
+        assert out.token_ids == hf_greedy(path, prompt, MAX_TOKENS)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint: Any) -> LLM:
+    return LLM(str(tiny_checkpoint("llama")), kv_cache_tokens=1024)
+
+
+def _drain(engine: LLMEngine) -> dict[str, Any]:
+    """Step until idle; per request id the tokens and the final output."""
+    tokens: dict[str, list[int]] = {}
+    final: dict[str, Any] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if out.finished:
+                assert out.request_id not in final, "reported finished twice"
+                final[out.request_id] = out
+    return {"tokens": tokens, "final": final}
+
+
+def test_step_outputs_abort_deadline_and_capacity(llm: LLM) -> None:
+    engine = llm.engine
+    idle = engine.capacity()
+    assert idle.free_kv_tokens == idle.total_kv_tokens == 1024
+    assert (idle.running_seqs, idle.waiting_seqs, idle.waiting_tokens) == (0, 0, 0)
+    engine.add_request("keep", [5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True))
+    engine.add_request("gone", list(range(3, 40)), SamplingParams(max_tokens=50))
+    engine.add_request("late", [5, 6], SamplingParams(max_tokens=5), deadline=time.time() - 1)
+    assert engine.capacity().waiting_tokens == 3 + 37 + 2
+    first = {o.request_id: o for o in engine.step()}
+    assert first["late"].finished and first["late"].finish_reason == "deadline"
+    assert first["late"].new_token_ids == []
+    assert len(first["keep"].new_token_ids) == 1 and first["keep"].num_prompt_tokens == 3
+    cap = engine.capacity()
+    assert cap.running_seqs == 2 and cap.free_kv_tokens < cap.total_kv_tokens
+    assert engine.abort("gone") and not engine.abort("gone") and not engine.abort("unknown")
+    assert engine.capacity().free_kv_tokens > cap.free_kv_tokens  # freed at once
+    result = _drain(engine)
+    assert result["final"]["gone"].finish_reason == "abort"
+    assert result["final"]["keep"].finish_reason == "length"
+    assert len(result["tokens"]["keep"]) == 3  # 4 in all with the first step's token
+    assert engine.capacity().free_kv_tokens == 1024
+    with pytest.raises(InvalidRequestError):
+        engine.add_request("bad", [])
+    with pytest.raises(InvalidRequestError):
+        engine.add_request("bad", [10_000])
+    with pytest.raises(InvalidRequestError):
+        engine.add_request("bad", [5] * 1024)
+
+
+def test_eos_stops_unless_ignored(llm: LLM) -> None:
+    engine = llm.engine
+    assert engine.eos_token_ids == [2]
+    prompt = [5, 6, 7]
+    free_run = llm.generate([prompt], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    # Make the 3rd greedy token a stop token: generation ends right there, token included.
+    stop_at = free_run[0].token_ids[2]
+    out = llm.generate(
+        [prompt], SamplingParams(max_tokens=8, temperature=0, stop_token_ids=[stop_at])
+    )[0]
+    assert out.finish_reason == "stop"
+    assert out.token_ids == free_run[0].token_ids[: free_run[0].token_ids.index(stop_at) + 1]
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(llm: LLM) -> None:
+    seeded = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=1234, ignore_eos=True)
+    other = SamplingParams(max_tokens=12, temperature=1.2, ignore_eos=True)
+    alone = llm.generate([[5, 6, 7]], seeded)[0].token_ids
+    batched = llm.generate([[9, 9], [5, 6, 7], list(range(3, 30))], [other, seeded, other])
+    assert batched[1].token_ids == alone
+    different = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=99, ignore_eos=True)
+    assert llm.generate([[5, 6, 7]], different)[0].token_ids != alone
+    # top_k=1 is greedy whatever the temperature.
+    greedy = llm.generate(
+        [[5, 6, 7]], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    )
+    top1 = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=12, top_k=1, ignore_eos=True))
+    assert greedy[0].token_ids == top1[0].token_ids
+
+
+def test_text_prompts_stop_strings_and_chat(llm: LLM) -> None:
+    tok = llm.tokenizer
+    assert tok is not None
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    (out,) = llm.generate(["Where is my order?"], params)
+    assert out.prompt_token_ids == tok.encode("Where is my order?")
+    assert out.text == tok.decode(out.token_ids, skip_special_tokens=True)
+    if len(out.text) > 4:
+        stop = out.text[2:4]
+        (cut,) = llm.generate(
+            ["Where is my order?"],
+            SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, stop=[stop]),
+        )
+        assert cut.finish_reason == "stop" and cut.text == out.text[: out.text.index(stop)]
+        assert len(cut.token_ids) < len(out.token_ids)
+    convo = [{"role": "user", "content": "Hello!"}]
+    (chat,) = llm.chat(convo, params)
+    want = tok.encode(
+        tok.apply_chat_template(convo, tokenize=False, add_generation_prompt=True),
+        add_special_tokens=False,
+    )
+    assert chat.prompt_token_ids == want and len(chat.token_ids) == 16
+    assert not llm.engine.has_unfinished()
+
+
+def test_model_dir_without_tokenizer_takes_token_ids(tiny_checkpoint: Any, tmp_path: Path) -> None:
+    src = tiny_checkpoint("qwen2")
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(src / name, tmp_path / name)
+    llm = LLM(str(tmp_path), kv_cache_tokens=256)
+    assert llm.tokenizer is None
+    (out,) = llm.generate([[5, 6, 7]], GREEDY)
+    assert out.token_ids == hf_greedy(src, [5, 6, 7], MAX_TOKENS) and out.text == ""
+    with pytest.raises(EngineError):
+        llm.generate(["text needs a tokenizer"], GREEDY)
+
+
+def test_from_options_rejects_unknown_and_bad_options(tiny_checkpoint: Any) -> None:
+    with pytest.raises(EngineError, match="unknown engine option"):
+        LLMEngine.from_options(str(tiny_checkpoint("llama")), kv_cache_size=5)
+    with pytest.raises(EngineError):
+        LLMEngine.from_options(str(tiny_checkpoint("llama")), attention_backend="magic")
+    with pytest.raises(EngineError, match="not a model directory"):
+        LLMEngine.from_options("/nonexistent/model")
