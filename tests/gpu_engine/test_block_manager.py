@@ -42,7 +42,7 @@ def test_prefix_hit_only_after_blocks_are_computed() -> None:
     prompt = list(range(13))  # 3 full blocks + 1 token
     a = seq("a", prompt)
     bm.allocate(a)
-    b = seq("b", prompt + [99])
+    b = seq("b", [*prompt, 99])
     assert bm.allocate(b) == 0, "a's blocks are not computed yet: no hit may be served"
     bm.free(b)
     computed(bm, a)
