@@ -333,7 +333,7 @@ class EngineProcess:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(self._out_recv.fileno())
         proc = self._proc
-        if proc is not None:
+        if proc is not None and proc.pid is not None:  # started
             await asyncio.get_running_loop().run_in_executor(None, proc.join, timeout_s)
             if proc.is_alive():
                 proc.kill()

@@ -188,25 +188,6 @@ class Lanes:
                 out.append(Entry(name, _s(entry_id), _fields(flat), self.priority_of[name]))
         return out
 
-    async def own_pending(self, count: int = 1000) -> list[Entry]:
-        """Entries already delivered to this consumer name (a restart under the same name)."""
-        out: list[Entry] = []
-        for stream in self.streams:
-            res: Any = await self.redis.xreadgroup(GROUP, self.consumer, {stream: "0"}, count=count)
-            for _, entries in res or []:
-                for entry_id, flat in entries:
-                    if flat:  # deleted entries come back with no fields
-                        out.append(
-                            Entry(
-                                stream,
-                                _s(entry_id),
-                                _fields(flat),
-                                self.priority_of[stream],
-                                delivery_count=2,
-                            )
-                        )
-        return out
-
     async def requeue(self, entries: list[Entry]) -> int:
         """Hand ``entries`` back to the end of their lanes; returns how many were requeued."""
         from producer.keys import STREAM_FIELD

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -95,21 +96,12 @@ class ResultWriter:
         """An entry nobody can answer (no request id): park it in the dead-letter stream."""
         payload = entry.fields.get(STREAM_FIELD.encode(), b"")[:MAX_PAYLOAD_IN_DEAD_LETTER]
         fields: list[Any] = [
-            "stream",
-            entry.stream,
-            "entry_id",
-            entry.entry_id,
-            "reason",
-            reason,
-            "deliveries",
-            entry.delivery_count,
-            "worker",
-            self.worker,
-            "payload",
-            payload,
-        ]
+            "id", "", "model", self.model, "stream", entry.stream, "entry_id", entry.entry_id,
+            "reason", reason, "deliveries", entry.delivery_count, "worker", self.worker,
+            "ts_ms", time.time_ns() // 1_000_000, "payload", payload,
+        ]  # fmt: skip
         keys = [entry.stream, self.keys.dead, self.keys.backlog(self.model)]
-        args: list[Any] = [GROUP, entry.entry_id, DEAD_MAXLEN, *fields]
+        args: list[Any] = [GROUP, entry.entry_id, DEAD_MAXLEN, self.worker, *fields]
 
         def op(pipe: Any) -> None:
             pipe_script(pipe, self._dead_raw, keys, args)

@@ -29,7 +29,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -38,10 +38,10 @@ from producer.keys import Keys
 from workers.admission import Admission
 from workers.aggregator import Aggregator
 from workers.engine_process import EngineProcess
-from workers.errors import WorkerError
 from workers.intake import Intake, PromptBuilder
 from workers.lanes import Entry, Lanes
 from workers.metrics import Metrics
+from workers.reclaim import ClaimedEntry, Reclaimer
 from workers.results import ResultWriter
 from workers.settings import WorkerSettings
 
@@ -116,16 +116,16 @@ class Worker:
                 read_block_ms=s.read_block_ms,
             )
             self.intake = intake
-            reclaimer = _make_reclaimer(redis, self.keys, self.name, s.max_deliveries)
+            reclaimer = Reclaimer(redis, self.keys, self.name, max_deliveries=s.max_deliveries)
             if s.metrics_port:
                 self.metrics.serve(s.metrics_port)
 
             beat = self._beat_info(engine, admission)
-            await reclaimer.beat(beat())
-            own = await lanes.own_pending()
+            await reclaimer.register(beat())
+            own = await reclaimer.claim_own(self.model)
             if own:
                 log.info("%s: taking back %d entries pending on this name", self.name, len(own))
-                await intake.process(own)
+                await intake.process([_entry_from_claim(c, lanes) for c in own])
             tasks = [
                 asyncio.create_task(intake.run(), name="intake"),
                 asyncio.create_task(aggregator.run(), name="aggregator"),
@@ -145,7 +145,7 @@ class Worker:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             with contextlib.suppress(Exception):
-                await redis.delete(self.keys.heartbeat(self.name))
+                await redis.delete(self.keys.heartbeat(self.name))  # Reclaimer.retire()
             if engine is not None:
                 await engine.stop()
             if self.intake is not None:
@@ -272,43 +272,11 @@ def _load_tokenizer(model_path: str) -> Any:
     return AutoTokenizer.from_pretrained(model_path)
 
 
-def _make_reclaimer(redis: Redis, keys: Keys, name: str, max_deliveries: int) -> Any:
-    try:
-        from workers.reclaim import Reclaimer
-    except ImportError as err:
-        raise WorkerError("workers.reclaim is missing") from err
-    return Reclaimer(redis, keys, name, max_deliveries=max_deliveries)
-
-
-def _entry_from_claim(claim: Any, lanes: Lanes) -> Entry:
-    stream = claim.stream.decode() if isinstance(claim.stream, bytes) else str(claim.stream)
-    entry_id = claim.entry_id.decode() if isinstance(claim.entry_id, bytes) else str(claim.entry_id)
-    fields = {
-        (k if isinstance(k, bytes) else str(k).encode()): (
-            v if isinstance(v, bytes) else str(v).encode()
-        )
-        for k, v in claim.fields.items()
-    }
+def _entry_from_claim(claim: ClaimedEntry, lanes: Lanes) -> Entry:
     return Entry(
-        stream,
-        entry_id,
-        fields,
-        lanes.priority_of.get(stream, "normal"),
-        delivery_count=int(claim.delivery_count),
+        claim.stream,
+        claim.entry_id,
+        dict(claim.fields),
+        lanes.priority_of.get(claim.stream, claim.priority),
+        delivery_count=claim.delivery_count,
     )
-
-
-async def serve(
-    settings: WorkerSettings,
-    *,
-    install_signals: bool = True,
-    on_ready: Callable[[Worker], Awaitable[None]] | None = None,
-) -> int:
-    """Run one worker to completion (``chatq worker``)."""
-    worker = Worker(settings)
-    if on_ready is None:
-        return await worker.run(install_signals=install_signals)
-    task = asyncio.create_task(worker.run(install_signals=install_signals))
-    await worker.ready.wait()
-    await on_ready(worker)
-    return await task
