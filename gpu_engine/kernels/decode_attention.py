@@ -21,7 +21,9 @@ from gpu_engine.kernels import INTERPRET, dot_precision
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# The block-table row stride changes with the longest sequence of a step: not specialising on
+# it keeps one compiled variant instead of three (==1, %16 == 0, other).
+@triton.jit(do_not_specialize=["stride_bt_seq"])
 def _decode_kernel(
     q_ptr,
     k_cache_ptr,
@@ -152,13 +154,16 @@ def _merge_kernel(
 def choose_num_splits(
     num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int = 132, block_n: int = 64
 ) -> int:
-    """Splits so that programs ≈ 2 waves of the SMs, each split keeping ≥ 4 tiles of work.
+    """Splits so that programs ≈ 2 waves of the SMs, each split keeping ≥ 4 tiles of work,
+    rounded down to a power of two (each split count is its own compiled kernel: the set
+    stays small and is compiled when the decode graphs are captured).
 
     Depends only on host ints, so a graph captured for a batch size can fix it."""
     programs = max(1, num_seqs * num_kv_heads)
     want = triton.cdiv(2 * num_sms, programs)
     cap = max(1, triton.cdiv(max_seq_len, 4 * block_n))
-    return int(max(1, min(want, cap, 64)))
+    splits = max(1, min(want, cap, 64))
+    return 1 << (splits.bit_length() - 1)
 
 
 def paged_decode_attention(

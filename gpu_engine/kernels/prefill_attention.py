@@ -67,7 +67,8 @@ def _attend_tile(
     return m_new, l_i, acc
 
 
-@triton.jit
+# See decode_attention: one variant whatever the block-table width of the step.
+@triton.jit(do_not_specialize=["stride_bt_seq"])
 def _prefill_kernel(
     q_ptr,
     k_cache_ptr,

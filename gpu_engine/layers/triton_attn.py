@@ -64,12 +64,18 @@ class TritonBackend:
         num_decode = meta.num_decode_seqs
         if num_decode:
             splits = self.decode_num_splits(num_decode, k_cache.shape[2], meta.max_seq_len)
+            block_tables, seq_lens = meta.block_tables, meta.seq_lens
+            if num_prefill:
+                # Fresh 16-byte-aligned copies: Triton specialises kernels on pointer
+                # alignment, and a slice at an odd row would compile another variant.
+                block_tables = block_tables[num_prefill:].clone()
+                seq_lens = seq_lens[num_prefill:].clone()
             paged_decode_attention(
                 q[prefill_tokens : prefill_tokens + num_decode],
                 k_cache,
                 v_cache,
-                meta.block_tables[num_prefill:],
-                meta.seq_lens[num_prefill:],
+                block_tables,
+                seq_lens,
                 scale,
                 num_splits=splits,
                 out=out[prefill_tokens : prefill_tokens + num_decode],

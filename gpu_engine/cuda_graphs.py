@@ -1,0 +1,116 @@
+"""Decode steps captured as CUDA graphs at fixed batch sizes, replayed from static buffers.
+
+A decode-only step (every sequence brings one token) has shapes that depend only on the
+batch size, so the whole model forward for batch sizes 1, 2, 4, 8, 16, 32, ... max_num_seqs
+is captured once (largest first, one shared memory pool) and replayed: one launch instead of
+~10 per layer, no Python in the loop. A step with n sequences copies its inputs into the
+first n rows of the static buffers and replays the smallest graph of at least n rows; the
+padding rows get slot -1 (their K/V is not stored) and context length 0 (the attention
+kernels write zeros for them). Attention backends must not read host values in their decode
+path (the Triton and flash-attn backends do not; the torch reference does, and is never
+captured). Mixed and prefill steps run eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from gpu_engine.context import forward_context
+from gpu_engine.layers.base import AttentionMetadata
+
+log = logging.getLogger(__name__)
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [b for b in (1, 2, 4, 8) if b < max_num_seqs]
+    sizes += list(range(16, max_num_seqs, 16))
+    return sorted({*sizes, max_num_seqs})
+
+
+class DecodeGraphs:
+    def __init__(
+        self,
+        model: nn.Module,
+        max_num_seqs: int,
+        max_model_len: int,
+        block_size: int,
+        hidden_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.max_model_len = max_model_len
+        self.batch_sizes = graph_batch_sizes(max_num_seqs)
+        max_bs = self.batch_sizes[-1]
+        max_blocks = -(-max_model_len // block_size)
+        # Static inputs/outputs every graph reads and writes (row i = sequence i).
+        self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(max_bs, dtype=torch.int64, device=device)
+        self.slot_mapping = torch.full((max_bs,), -1, dtype=torch.int64, device=device)
+        self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=device)
+        self.block_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=device)
+        self.cu_seqlens_q = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
+        self.hidden = torch.zeros(max_bs, hidden_size, dtype=dtype, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._pool: tuple[int, int] | None = None
+
+    def _meta(self, bs: int) -> AttentionMetadata:
+        # Host fields describe the worst case the graph must serve (the Triton backend sizes
+        # its split-K from max_seq_len); the kernels read the true lengths from seq_lens.
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:bs],
+            cu_seqlens_q=self.cu_seqlens_q[: bs + 1],
+            seq_lens=self.seq_lens[:bs],
+            block_tables=self.block_tables[:bs],
+            max_query_len=1,
+            max_seq_len=self.max_model_len,
+            num_prefill_seqs=0,
+            num_decode_seqs=bs,
+            query_lens_host=[1] * bs,
+            seq_lens_host=[self.max_model_len] * bs,
+        )
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for bs in reversed(self.batch_sizes):
+                meta = self._meta(bs)
+                with forward_context(meta):
+                    # Warm-up outside the graph: Triton compiles, cuBLAS picks its kernels.
+                    self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=self._pool, stream=stream):
+                        self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
+                if self._pool is None:
+                    self._pool = graph.pool()
+                self.graphs[bs] = graph
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        log.info("captured decode CUDA graphs for batch sizes %s", self.batch_sizes)
+
+    def can_run(self, num_seqs: int, max_blocks: int) -> bool:
+        return num_seqs <= self.batch_sizes[-1] and max_blocks <= self.block_tables.shape[1]
+
+    def run(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Replay for this step's n sequences; returns hidden states [n, hidden] (a view of
+        the static output, valid until the next replay)."""
+        n = input_ids.shape[0]
+        bs = next(b for b in self.batch_sizes if b >= n)
+        width = meta.block_tables.shape[1]
+        self.input_ids[:n].copy_(input_ids, non_blocking=True)
+        self.positions[:n].copy_(positions, non_blocking=True)
+        self.slot_mapping[:n].copy_(meta.slot_mapping, non_blocking=True)
+        self.seq_lens[:n].copy_(meta.seq_lens, non_blocking=True)
+        self.block_tables[:n, :width].copy_(meta.block_tables, non_blocking=True)
+        if bs > n:
+            self.slot_mapping[n:bs].fill_(-1)
+            self.seq_lens[n:bs].zero_()
+        self.graphs[bs].replay()
+        return self.hidden[:n]
