@@ -9,8 +9,11 @@ least recently used first.
 
 Every side-effecting call has a ``can_*`` check: ``can_allocate``/``allocate`` admit a
 sequence (blocks for all its current tokens), ``can_append``/``append`` grow it by the block
-its next token needs. Hashes are registered only by ``cache_computed_blocks`` after a step
-wrote the K/V, so a block being prefilled in chunks is never served to another sequence early.
+its next token needs. A block's hash is registered by ``cache_blocks`` when the scheduler
+commits a step that computes the block's last token: every backend stores a step's K/V before
+any query of that step reads the cache (``gpu_engine.layers.base``), so a request admitted in
+the same step can already share it, while the blocks of later chunks stay unregistered until
+their chunk is scheduled (an abort mid-prefill never leaves an uncomputed block findable).
 """
 
 from __future__ import annotations
@@ -180,12 +183,13 @@ class BlockManager:
             seq.block_table.append(self._take_free_block())
 
     # -- after a step --------------------------------------------------------------------
-    def cache_computed_blocks(self, seq: Sequence) -> None:
-        """Register ``seq``'s full blocks whose K/V is now computed in the prefix cache."""
+    def cache_blocks(self, seq: Sequence, num_tokens: int) -> None:
+        """Register ``seq``'s full blocks within its first ``num_tokens`` tokens in the prefix
+        cache. Call with the tokens computed by the end of the step being scheduled."""
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        num_full = min(seq.num_computed_tokens // bs, len(seq.block_table))
+        num_full = min(num_tokens // bs, len(seq.block_table))
         hashes = self._seq_block_hashes(seq, num_full)
         parent = _ROOT_HASH
         for i, h in enumerate(hashes):

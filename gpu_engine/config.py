@@ -9,6 +9,7 @@ from gpu_engine.errors import EngineError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
+LOAD_FORMATS = ("auto", "random")
 
 
 class ConfigError(EngineError, ValueError):
@@ -48,6 +49,9 @@ class EngineConfig:
     admission_watermark: float = 0.01
     # Run every step eagerly (the GPU fast path may capture decode steps as CUDA graphs).
     enforce_eager: bool = False
+    # "auto": safetensors from the model directory; "random": random weights built on the
+    # device from config.json alone (benchmarks of model shapes without a checkpoint).
+    load_format: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -58,6 +62,10 @@ class EngineConfig:
             raise ConfigError(
                 f"attention_backend must be one of {ATTENTION_BACKENDS}, "
                 f"got {self.attention_backend!r}"
+            )
+        if self.load_format not in LOAD_FORMATS:
+            raise ConfigError(
+                f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}"
             )
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)

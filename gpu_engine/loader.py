@@ -21,17 +21,12 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 def resolve_model_dir(model: str) -> Path:
     """A checkpoint directory; a ``.gguf`` file is first converted to a cached HF directory
-    by ``gpu_engine.gguf`` (owned by the GGUF import)."""
+    (``gpu_engine.gguf.convert_gguf``)."""
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        try:
-            from gpu_engine import gguf  # type: ignore[attr-defined]
-        except ImportError as err:
-            raise EngineError(f"cannot import GGUF file {path}: {err}") from err
-        convert = getattr(gguf, "gguf_to_hf_dir", None) or getattr(gguf, "ensure_hf_dir", None)
-        if convert is None:
-            raise EngineError("gpu_engine.gguf has no GGUF -> HF directory converter")
-        path = Path(convert(path))
+        from gpu_engine.gguf import convert_gguf
+
+        path = convert_gguf(path)
     if not (path / "config.json").is_file():
         raise EngineError(f"{model!r} is not a model directory (no config.json)")
     return path
@@ -67,8 +62,11 @@ def build_model(
     dtype: torch.dtype,
     device: torch.device,
     backend: AttentionBackend,
+    load_format: str = "auto",
+    seed: int = 0,
 ) -> LlamaForCausalLM:
-    """Construct directly in ``dtype`` on ``device`` and copy the checkpoint in."""
+    """Construct directly in ``dtype`` on ``device`` and copy the checkpoint in
+    (``load_format="random"``: random weights instead, no checkpoint files read)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -76,7 +74,12 @@ def build_model(
             model = LlamaForCausalLM(arch, backend)
     finally:
         torch.set_default_dtype(previous)
-    model.load_weights(iter_safetensors(path))
+    if load_format == "random":
+        from gpu_engine.random_weights import init_random_weights
+
+        init_random_weights(model, seed)
+    else:
+        model.load_weights(iter_safetensors(path))
     return model.eval()
 
 

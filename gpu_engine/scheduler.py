@@ -119,6 +119,7 @@ class Scheduler:
             if not self._make_room_to_append(seq, order, scheduled, preempted, finished):
                 continue
             self.block_manager.append(seq)
+            self.block_manager.cache_blocks(seq, seq.num_tokens)
             decodes.append(seq)
             scheduled.add(id(seq))
             budget -= 1
@@ -129,6 +130,7 @@ class Scheduler:
             if seq.status is SequenceStatus.RUNNING and id(seq) not in scheduled:
                 chunk = min(seq.num_uncomputed_tokens, budget)
                 if chunk > 0:
+                    self.block_manager.cache_blocks(seq, seq.num_computed_tokens + chunk)
                     prefills.append((seq, chunk))
                     scheduled.add(id(seq))
                     budget -= chunk
@@ -169,6 +171,8 @@ class Scheduler:
             self.running.append(seq)
             seq.status = SequenceStatus.RUNNING
             chunk = min(seq.num_uncomputed_tokens, budget)
+            # Registered now, so the next request admitted in this loop can share them.
+            self.block_manager.cache_blocks(seq, seq.num_computed_tokens + chunk)
             prefills.append((seq, chunk))
             budget -= chunk
         return budget
@@ -249,7 +253,6 @@ class Scheduler:
             if seq.status is not SequenceStatus.RUNNING:
                 continue
             seq.num_computed_tokens += query_len
-            self.block_manager.cache_computed_blocks(seq)
             if token is None:
                 continue
             seq.append_token(token)

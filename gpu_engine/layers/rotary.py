@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from gpu_engine.kernels import use_fused
+
 from gpu_engine.errors import EngineError
 
 
@@ -101,6 +103,14 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if use_fused(q) and q.stride(-1) == 1 and k.stride(-1) == 1:
+            from gpu_engine.kernels.rotary import apply_rotary
+
+            # One Triton kernel rotates q and k in place (fp32 math, one rounding); the
+            # tables hold each frequency twice, the kernel reads the first half.
+            half = self.cos_cache.shape[1] // 2
+            apply_rotary(positions, q, k, self.cos_cache[:, :half], self.sin_cache[:, :half])
+            return q, k
         cos = self.cos_cache[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
         sin = self.sin_cache[positions].unsqueeze(1).to(q.dtype)
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin

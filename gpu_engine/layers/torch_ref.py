@@ -88,28 +88,26 @@ class TorchRefBackend:
     ) -> torch.Tensor:
         # q: [N, H, D], one query per decode sequence, at the last position of each.
         first = meta.num_prefill_seqs
-        seq_lens_host = meta.seq_lens_host[first:]
-        block_size = k_cache.shape[1]
-        max_len = max(seq_lens_host)
-        num_blocks = -(-max_len // block_size)
-        tables = meta.block_tables[first : first + len(seq_lens_host), :num_blocks].long()
-        n, kvh, d = tables.shape[0], k_cache.shape[2], k_cache.shape[3]
-        # [N, nb, block_size, KVH, D] -> [N, KVH, nb * block_size, D]; padded slots are masked.
-        keys = k_cache[tables].reshape(n, -1, kvh, d).transpose(1, 2).to(q.dtype)
-        values = v_cache[tables].reshape(n, -1, kvh, d).transpose(1, 2).to(q.dtype)
-        seq_lens = torch.tensor(seq_lens_host, device=q.device)
-        mask = torch.arange(keys.shape[2], device=q.device)[None, :] < seq_lens[:, None]
-        # Slots past a sequence's length may hold anything (stale or NaN): zero them, since a
-        # masked-out NaN value still turns the weighted sum into NaN.
-        keep = mask[:, None, :, None]  # [N, 1, L, 1]
-        keys = keys.masked_fill(~keep, 0.0)
-        values = values.masked_fill(~keep, 0.0)
+        n, num_heads, head_dim = q.shape
+        block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+        groups = num_heads // num_kv_heads
+        max_len = max(meta.seq_lens_host[first:])
+        seq_lens = meta.seq_lens[first : first + n].long()[:, None]  # [N, 1]
+        pos = torch.arange(max_len, device=q.device)[None, :]  # [1, L]
+        # Padding positions re-read the sequence's last real slot: finite whatever the
+        # cache holds elsewhere (a masked NaN would still poison the weighted sum).
+        clamped = torch.minimum(pos, seq_lens - 1)  # [N, L]
+        tables = meta.block_tables[first : first + n].long()
+        slots = tables.gather(1, clamped // block_size) * block_size + clamped % block_size
+        keys = k_cache.view(-1, num_kv_heads, head_dim)[slots]  # [N, L, KVH, D]
+        values = v_cache.view(-1, num_kv_heads, head_dim)[slots]
+        # Grouped-query attention without expanding K/V: the query heads sharing a KV head
+        # (heads g*G .. g*G+G-1 use KV head g) act as G queries against it.
         o = F.scaled_dot_product_attention(
-            q.unsqueeze(2),  # [N, H, 1, D]
-            keys,
-            values,
-            attn_mask=mask[:, None, None, :],  # [N, 1, 1, L]
+            q.view(n, num_kv_heads, groups, head_dim),  # [N, KVH, G, D]
+            keys.transpose(1, 2).to(q.dtype),  # [N, KVH, L, D]
+            values.transpose(1, 2).to(q.dtype),
+            attn_mask=(pos < seq_lens)[:, None, None, :],  # [N, 1, 1, L]
             scale=scale,
-            enable_gqa=True,
         )
-        return o.squeeze(2)
+        return o.reshape(n, num_heads, head_dim)

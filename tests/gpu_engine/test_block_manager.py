@@ -18,9 +18,9 @@ def seq(rid: str, tokens: list[int]) -> Sequence:
 
 
 def computed(bm: BlockManager, s: Sequence) -> None:
-    """Pretend a step computed every token of ``s`` (what the scheduler's postprocess does)."""
+    """Pretend a step computed every token of ``s`` (the scheduler registers at scheduling)."""
+    bm.cache_blocks(s, s.num_tokens)
     s.num_computed_tokens = s.num_tokens
-    bm.cache_computed_blocks(s)
 
 
 def test_allocate_and_free_return_ref_counts_to_zero() -> None:
@@ -37,13 +37,13 @@ def test_allocate_and_free_return_ref_counts_to_zero() -> None:
     assert all(block.ref_count == 0 for block in bm.blocks)
 
 
-def test_prefix_hit_only_after_blocks_are_computed() -> None:
+def test_prefix_hit_only_after_blocks_are_scheduled() -> None:
     bm = BlockManager(16, BS)
     prompt = list(range(13))  # 3 full blocks + 1 token
     a = seq("a", prompt)
     bm.allocate(a)
     b = seq("b", [*prompt, 99])
-    assert bm.allocate(b) == 0, "a's blocks are not computed yet: no hit may be served"
+    assert bm.allocate(b) == 0, "a's blocks are not scheduled yet: no hit may be served"
     bm.free(b)
     computed(bm, a)
     c = seq("c", [*prompt[:12], 7, 8])
@@ -59,8 +59,8 @@ def test_only_computed_full_blocks_are_registered() -> None:
     bm = BlockManager(16, BS)
     a = seq("a", list(range(13)))
     bm.allocate(a)
-    a.num_computed_tokens = 7  # a chunk covering one full block and part of the next
-    bm.cache_computed_blocks(a)
+    bm.cache_blocks(a, 7)  # a chunk covering one full block and part of the next
+    a.num_computed_tokens = 7
     assert bm.num_cached_blocks == 1
     bm.free(a)  # e.g. aborted mid-prefill: only the computed block may be served later
     assert bm.allocate(seq("b", list(range(13)))) == 4

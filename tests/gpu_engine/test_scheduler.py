@@ -58,18 +58,24 @@ class Sim:
         # Prefill chunks first, decodes (query length 1) last.
         assert batch.query_lens == sorted(batch.query_lens, key=lambda n: n == 1)
         assert batch.num_decode_seqs == sum(1 for n in batch.query_lens if n == 1)
-        sampled: list[int | None] = []
         bs = self.bm.block_size
+
+        def slot(s: Sequence, p: int) -> int:
+            return s.block_table[p // bs] * bs + p % bs
+
+        # Like a backend: store every new token's K/V first, then each query reads its context.
         for s, n in zip(batch.seqs, batch.query_lens, strict=True):
             assert s.status is SequenceStatus.RUNNING
             start = s.num_computed_tokens
             assert n > 0 and start + n <= s.num_tokens
             assert len(s.block_table) * bs >= start + n
-            for p in range(start):  # attended context must be this sequence's tokens
-                slot = s.block_table[p // bs] * bs + p % bs
-                assert self.kv.get(slot) == (s.token_ids[p], p), (s.request_id, p)
             for p in range(start, start + n):
-                self.kv[s.block_table[p // bs] * bs + p % bs] = (s.token_ids[p], p)
+                self.kv[slot(s, p)] = (s.token_ids[p], p)
+        sampled: list[int | None] = []
+        for s, n in zip(batch.seqs, batch.query_lens, strict=True):
+            start = s.num_computed_tokens
+            for p in range(start + n):  # attended context must be this sequence's tokens
+                assert self.kv.get(slot(s, p)) == (s.token_ids[p], p), (s.request_id, p)
             last = start + n == s.num_tokens
             sampled.append(2 + (len(s.token_ids) * 7 + len(s.request_id)) % 50 if last else None)
         self.scheduler.postprocess(batch, sampled)
@@ -221,6 +227,16 @@ def test_abort_frees_blocks_at_once_and_reports_next_step() -> None:
     batch = sim.step()
     assert batch.finished == [a] and not batch.seqs
     assert not sim.scheduler.has_unfinished()
+
+
+def test_requests_admitted_together_share_a_prefix() -> None:
+    sim = make_sim(max_num_batched_tokens=256)
+    prefix = list(range(2, 22))  # 5 full blocks of 4
+    seqs = [sim.add(f"r{i}", [*prefix, 30 + i], max_tokens=2) for i in range(3)]
+    batch = sim.step()
+    assert batch.query_lens == [21, 1, 1]
+    assert [s.num_cached_tokens for s in seqs] == [0, 20, 20]
+    sim.run()
 
 
 def test_prefix_hits_skip_computation() -> None:
