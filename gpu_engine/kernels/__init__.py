@@ -25,6 +25,15 @@ if not torch.cuda.is_available():
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# The model's RMSNorm / SiLU-and-mul / RoPE layers use the fused Triton kernels on CUDA tensors;
+# CHATQ_FUSED_KERNELS=0 keeps them on the eager torch ops (for A/B measurements).
+FUSED_KERNELS: bool = os.environ.get("CHATQ_FUSED_KERNELS", "1") != "0"
+
+
+def use_fused(x: torch.Tensor) -> bool:
+    return FUSED_KERNELS and x.is_cuda
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """``input_precision`` for ``tl.dot``: exact fp32 for fp32 models (no tf32 surprises in
     greedy parity), the native path for 16-bit operands."""

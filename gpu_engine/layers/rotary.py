@@ -8,9 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from gpu_engine.kernels import use_fused
-
 from gpu_engine.errors import EngineError
+from gpu_engine.kernels import use_fused
 
 
 def rope_inv_freq(

@@ -285,3 +285,35 @@ def test_rotary_matches_rotate_half(dtype: torch.dtype, heads, d: int) -> None:
     apply_rotary(pos, q, k, cos_full[:, : d // 2], sin_full[:, : d // 2])
     assert rel_err(q, q_ref) < TOL[dtype] and rel_err(k, k_ref) < TOL[dtype]
     assert torch.equal(qkv[:, (hq + hk) * d :], v_before)
+
+
+# ---------------------------------------------------------------- wiring into the model
+
+
+def test_model_with_fused_kernels_matches_eager_layers(
+    tiny_checkpoint, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decoder with fused RMSNorm+residual, SiLU-and-mul and RoPE (Triton; interpreted
+    on CPU) generates the tokens of the plain torch layers (fp32, greedy), Qwen3 q/k norms
+    and GQA included."""
+    import gpu_engine.layers.activation as act_mod
+    import gpu_engine.layers.norm as norm_mod
+    import gpu_engine.layers.rotary as rope_mod
+    from gpu_engine import LLM, SamplingParams
+
+    path = tiny_checkpoint("qwen3")
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [40]]
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    kw = dict(device=DEV, dtype="float32", kv_cache_tokens=512)
+    plain = [o.token_ids for o in LLM(str(path), **kw).generate(prompts, params)]
+    calls = {"n": 0}
+
+    def always(x: torch.Tensor) -> bool:
+        calls["n"] += 1
+        return True
+
+    for mod in (act_mod, norm_mod, rope_mod):
+        monkeypatch.setattr(mod, "use_fused", always)
+    fused = [o.token_ids for o in LLM(str(path), **kw).generate(prompts, params)]
+    assert calls["n"] > 0
+    assert fused == plain
