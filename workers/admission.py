@@ -40,7 +40,7 @@ class Admission:
         self.committed_tokens = 0
         self._used_fraction = 1.0  # EWMA of completion_tokens / max_tokens
         self._completions = 0
-        self._avg_cost = float(DEFAULT_AVG_COST_TOKENS)
+        self._avg_cost: float | None = None  # EWMA of admitted costs
         self.changed = asyncio.Event()  # set when room may have appeared
 
     # --- costs ---
@@ -68,9 +68,9 @@ class Admission:
         if self.admitted and self.capacity.waiting_tokens > self.headroom_tokens:
             return 0
         room = self.budget_tokens - self.committed_tokens
-        if not self.admitted:
-            return max(1, min(slots, room // max(1, int(self._avg_cost))))
-        return max(0, min(slots, int(room // max(1.0, self._avg_cost))))
+        avg = max(1.0, self._avg_cost or DEFAULT_AVG_COST_TOKENS)
+        fit = int(room // avg)
+        return max(1, min(slots, fit)) if not self.admitted else max(0, min(slots, fit))
 
     def fits_alone(self, prompt_tokens: int, max_tokens: int) -> bool:
         """False when the request could never fit in the KV cache even by itself."""
@@ -81,7 +81,8 @@ class Admission:
     def admit(self, req: InflightRequest) -> None:
         self.admitted[req.request_id] = req
         self.committed_tokens += req.cost_tokens
-        self._avg_cost = 0.8 * self._avg_cost + 0.2 * req.cost_tokens
+        prev = self._avg_cost
+        self._avg_cost = req.cost_tokens if prev is None else 0.8 * prev + 0.2 * req.cost_tokens
 
     def release(self, req: InflightRequest) -> None:
         """The request's final result is decided: its cost frees up."""

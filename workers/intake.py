@@ -18,6 +18,7 @@ as well.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -27,6 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.errors import ProtocolError
 from producer.keys import STREAM_FIELD, Keys
@@ -53,6 +56,9 @@ log = logging.getLogger(__name__)
 
 _ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
 RECENT_CANCELS = 10_000
+RETRY_DELAY_S = 0.5
+SALVAGE_MAX_BYTES = 64 << 20
+MARKER_ATTEMPTS = 20
 # FINALIZE never writes this (a final exists already); it only acks and deletes the entry.
 _NOOP_ERROR = Error(code=ErrorCode.INTERNAL.value, message="already answered")
 CHATML_FALLBACK = (
@@ -91,9 +97,13 @@ class PromptBuilder:
 
 
 def salvage_request_id(payload: bytes | None, limits: Limits) -> str | None:
-    """The ``id`` of an envelope that failed validation, when it is itself well-formed."""
+    """The ``id`` of an envelope that failed validation, so its requester gets the error.
+
+    An over-limit payload is still parsed (up to SALVAGE_MAX_BYTES) just to read its id.
+    """
+    data = payload or b""
     try:
-        obj = unpack_bounded(payload or b"", limits.max_payload_bytes)
+        obj = unpack_bounded(data, max(limits.max_payload_bytes, min(len(data), SALVAGE_MAX_BYTES)))
     except ProtocolError:
         return None
     rid = obj.get("id") if isinstance(obj, dict) else None
@@ -148,34 +158,51 @@ class Intake:
     async def run(self) -> None:
         """Pull until ``stopping`` is set; entries already delivered are always processed."""
         while not self.stopping.is_set():
-            n = self.admission.pull_count()
-            if n == 0:
-                self.admission.changed.clear()
-                if self.admission.pull_count() == 0:
-                    stop_wait = asyncio.ensure_future(self.stopping.wait())
-                    room_wait = asyncio.ensure_future(self.admission.changed.wait())
-                    await asyncio.wait(
-                        {stop_wait, room_wait}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    stop_wait.cancel()
-                    room_wait.cancel()
-                continue
-            entries = await self.lanes.pull(n)
-            if not entries:
-                entries = await self.lanes.wait(self.read_block_ms)
-            if entries:
-                self.metrics.pulled += len(entries)
-                await self.process(entries)
+            try:
+                await self._round()
+            except (RedisConnectionError, RedisTimeoutError) as err:
+                # A lost XREADGROUP reply may have delivered entries we never saw: they are
+                # pending on us and no one else would take them while we live. Re-read them.
+                log.warning("intake: Redis unavailable (%s); retrying", err)
+                await asyncio.sleep(RETRY_DELAY_S)
+                with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
+                    await self.recover_delivered()
+
+    async def _round(self) -> None:
+        n = self.admission.pull_count()
+        if n == 0:
+            self.admission.changed.clear()
+            if self.admission.pull_count() == 0:
+                stop_wait = asyncio.ensure_future(self.stopping.wait())
+                room_wait = asyncio.ensure_future(self.admission.changed.wait())
+                await asyncio.wait(
+                    {stop_wait, room_wait}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED
+                )
+                stop_wait.cancel()
+                room_wait.cancel()
+            return
+        entries = await self.lanes.pull(n)
+        if not entries:
+            entries = await self.lanes.wait(self.read_block_ms)
+        if entries:
+            self.metrics.pulled += len(entries)
+            await self.process(entries)
+
+    async def recover_delivered(self) -> None:
+        """Process entries pending on this consumer that this worker does not hold."""
+        held = {(r.entry.stream, r.entry.entry_id) for r in self.admission.admitted.values()}
+        held |= {(d.stream, d.entry_id) for r in self.admission.admitted.values()
+                 for d in r.duplicates}  # fmt: skip
+        lost = [e for e in await self.lanes.delivered() if (e.stream, e.entry_id) not in held]
+        if lost:
+            log.warning("intake: recovering %d delivered entries", len(lost))
+            await self.process(lost)
 
     async def process(self, entries: Sequence[Entry]) -> None:
         now_ms = time.time_ns() // 1_000_000
         candidates = [c for c in (self._decode(e) for e in entries) if c is not None]
         if candidates:
-            pipe = self.redis.pipeline(transaction=False)
-            for _, env in candidates:
-                pipe.exists(self.keys.cancelled(env.id))
-                pipe.exists(self.keys.final(env.id))
-            flags = await pipe.execute()
+            flags = await self._markers([env for _, env in candidates])
         ready: list[tuple[Entry, Envelope]] = []
         for i, (entry, env) in enumerate(candidates):
             cancelled, answered = flags[2 * i], flags[2 * i + 1]
@@ -199,6 +226,22 @@ class Intake:
             )
             self._admit(ready, token_ids)
         await self.writer.flush()
+
+    async def _markers(self, envs: list[Envelope]) -> list[Any]:
+        """[cancelled, answered] flags per request, retried: these entries are ours now."""
+        for attempt in range(MARKER_ATTEMPTS):
+            try:
+                pipe = self.redis.pipeline(transaction=False)
+                for env in envs:
+                    pipe.exists(self.keys.cancelled(env.id))
+                    pipe.exists(self.keys.final(env.id))
+                flags: list[Any] = await pipe.execute()
+                return flags
+            except (RedisConnectionError, RedisTimeoutError):
+                if attempt == MARKER_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(RETRY_DELAY_S * (attempt + 1))
+        raise AssertionError("unreachable")
 
     def _decode(self, entry: Entry) -> tuple[Entry, Envelope] | None:
         payload = entry.fields.get(STREAM_FIELD.encode())

@@ -13,6 +13,8 @@ scripts); only when every lane is empty does the worker block on a plain XREADGR
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +22,10 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from producer.keys import GROUP, PRIORITIES, Keys
+from producer.keys import GROUP, PRIORITIES, STREAM_FIELD, Keys
+from producer.protocol import decode_envelope
+
+log = logging.getLogger(__name__)
 
 LEVELS: dict[str, int] = {"high": 2, "normal": 1, "low": 0}
 
@@ -177,10 +182,27 @@ class Lanes:
                 GROUP, self.consumer, dict.fromkeys(self.streams, ">"), count=1, block=block_ms
             )
         except ResponseError as err:
-            if "NOGROUP" not in str(err):
-                raise
+            # NOGROUP, or UNBLOCKED: the stream was deleted while we waited (FLUSHALL, DEL).
+            log.warning("lane read failed (%s); re-creating the consumer groups", err)
+            await asyncio.sleep(0.05)
             await self.ensure_groups()
             return []
+        return self._entries(res)
+
+    async def delivered(self, count: int = 1000) -> list[Entry]:
+        """Entries pending on this consumer (after a lost reply: delivered but never seen)."""
+        out: list[Entry] = []
+        for stream in self.streams:
+            try:
+                res: Any = await self.redis.xreadgroup(
+                    GROUP, self.consumer, {stream: "0"}, count=count
+                )
+            except ResponseError:
+                continue
+            out += [e for e in self._entries(res) if e.fields]  # deleted ones have no fields
+        return out
+
+    def _entries(self, res: Any) -> list[Entry]:
         out = []
         for stream, entries in res or []:
             name = _s(stream)
@@ -190,9 +212,6 @@ class Lanes:
 
     async def requeue(self, entries: list[Entry]) -> int:
         """Hand ``entries`` back to the end of their lanes; returns how many were requeued."""
-        from producer.keys import STREAM_FIELD
-        from producer.protocol import decode_envelope
-
         n = 0
         for e in entries:
             payload = e.fields.get(STREAM_FIELD.encode(), b"")
