@@ -247,7 +247,9 @@ class LLM:
         stops = dict(order)
         while self.engine.has_unfinished():
             for out in self.engine.step():
-                res = results[out.request_id]
+                res = results.get(out.request_id)
+                if res is None:
+                    continue  # a request added to the engine directly, not by this call
                 if res.finish_reason is not None:
                     continue  # already finished here by a stop string; this is its abort
                 res.token_ids.extend(out.new_token_ids)

@@ -78,6 +78,7 @@ class ModelRunner:
         )
         self.block_size = self._block_size()
         self.sampler = Sampler(self.device, config.seed)
+        self.graphs: DecodeGraphs | None = None  # captured after the KV cache exists
         self.num_kv_blocks = self._num_kv_blocks()
         self._allocate_kv_cache(self.num_kv_blocks)
         limit = min(
