@@ -194,9 +194,12 @@ class LLM:
         sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); results in input order."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
-        token_prompts = [self._encode(p) for p in prompts]
+        batch: list[Any] = (
+            [prompts]
+            if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int))
+            else list(prompts)
+        )
+        token_prompts = [self._encode(p) for p in batch]
         return self._run(token_prompts, sampling_params)
 
     def chat(
@@ -208,11 +211,14 @@ class LLM:
         generate; one conversation or a list of them."""
         if self.tokenizer is None:
             raise EngineError("chat needs a tokenizer; this model directory has none")
-        if conversations and isinstance(conversations[0], dict):
-            conversations = [conversations]  # type: ignore[list-item]
+        convos: list[Any] = (
+            [conversations]
+            if conversations and isinstance(conversations[0], dict)
+            else list(conversations)
+        )
         prompts = [
             self.tokenizer.apply_chat_template(list(c), tokenize=False, add_generation_prompt=True)
-            for c in conversations
+            for c in convos
         ]
         token_prompts = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         return self._run(token_prompts, sampling_params)
