@@ -82,7 +82,9 @@ class LlamaArchConfig:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: LlamaArchConfig, backend: AttentionBackend) -> None:
+    def __init__(
+        self, cfg: LlamaArchConfig, backend: AttentionBackend, rotary_emb: RotaryEmbedding
+    ) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = (
             cfg.num_heads,
@@ -97,9 +99,7 @@ class LlamaAttention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
-        self.rotary_emb = RotaryEmbedding(
-            cfg.head_dim, cfg.max_position_embeddings, cfg.rope_parameters
-        )
+        self.rotary_emb = rotary_emb  # shared by all layers (one cos/sin table)
         self.attn = Attention(
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim**-0.5, backend
         )
@@ -129,9 +129,11 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaArchConfig, backend: AttentionBackend) -> None:
+    def __init__(
+        self, cfg: LlamaArchConfig, backend: AttentionBackend, rotary_emb: RotaryEmbedding
+    ) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, backend)
+        self.self_attn = LlamaAttention(cfg, backend, rotary_emb)
         self.mlp = LlamaMLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -155,7 +157,12 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: LlamaArchConfig, backend: AttentionBackend) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, backend) for _ in range(cfg.num_layers))
+        # One table for every layer: [max_position, head_dim] cos and sin in fp32 (tens of MB
+        # for long-context models, so never per layer).
+        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_parameters)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(cfg, backend, rotary) for _ in range(cfg.num_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
