@@ -154,14 +154,12 @@ def test_text_prompts_stop_strings_and_chat(llm: LLM) -> None:
     (out,) = llm.generate(["Where is my order?"], params)
     assert out.prompt_token_ids == tok.encode("Where is my order?")
     assert out.text == tok.decode(out.token_ids, skip_special_tokens=True)
-    if len(out.text) > 4:
-        stop = out.text[2:4]
-        (cut,) = llm.generate(
-            ["Where is my order?"],
-            SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, stop=[stop]),
-        )
-        assert cut.finish_reason == "stop" and cut.text == out.text[: out.text.index(stop)]
-        assert len(cut.token_ids) < len(out.token_ids)
+    assert len(out.text) > 4
+    stop = out.text[2:4]
+    stop_params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, stop=[stop])
+    (cut,) = llm.generate(["Where is my order?"], stop_params)
+    assert cut.finish_reason == "stop" and cut.text == out.text[: out.text.index(stop)]
+    assert len(cut.token_ids) < len(out.token_ids)
     convo = [{"role": "user", "content": "Hello!"}]
     (chat,) = llm.chat(convo, params)
     want = tok.encode(
