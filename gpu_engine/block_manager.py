@@ -65,6 +65,10 @@ class BlockManager:
         # Free blocks with cached content, least recently used first (evicted in that order).
         self._free_cached: OrderedDict[int, None] = OrderedDict()
         self._hash_to_block: dict[int, int] = {}
+        # request id -> leading blocks of that sequence already offered to the cache, so a
+        # decode step looks at its new full block only (not all ~100 blocks of a long
+        # sequence: that scan was ~1.5 ms per step at 256 sequences).
+        self._registered: dict[str, int] = {}
         # Counters for stats().
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
@@ -190,16 +194,19 @@ class BlockManager:
             return
         bs = self.block_size
         num_full = min(num_tokens // bs, len(seq.block_table))
+        start = self._registered.get(seq.request_id, 0)
+        if num_full <= start:
+            return
         hashes = self._seq_block_hashes(seq, num_full)
-        parent = _ROOT_HASH
-        for i, h in enumerate(hashes):
+        for i in range(start, num_full):
+            h = hashes[i]
             block = self.blocks[seq.block_table[i]]
             if block.hash is None and h not in self._hash_to_block:
                 block.hash = h
-                block.parent_hash = parent
+                block.parent_hash = hashes[i - 1] if i else _ROOT_HASH
                 block.token_ids = tuple(seq.token_ids[i * bs : (i + 1) * bs])
                 self._hash_to_block[h] = block.block_id
-            parent = h
+        self._registered[seq.request_id] = num_full
 
     # -- release -------------------------------------------------------------------------
     def free(self, seq: Sequence) -> None:
@@ -217,6 +224,7 @@ class BlockManager:
                     self._free_plain.append(block_id)
         seq.block_table = []
         seq.num_computed_tokens = 0
+        self._registered.pop(seq.request_id, None)
 
     # -- reporting -----------------------------------------------------------------------
     def paging_waste(self, seqs: Iterable[Sequence]) -> tuple[int, int]:
