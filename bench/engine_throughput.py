@@ -128,6 +128,7 @@ class StepTimer:
             (engine.scheduler, "schedule", "schedule"),
             (engine.model_runner, "run", "run"),
             (engine.model_runner, "prepare", "prepare"),
+            (engine.model_runner, "_graph_decode_hidden", "graph_stage"),
             (engine.scheduler, "postprocess", "postprocess"),
         ):
             self._wrap(obj, attr, label)
@@ -304,6 +305,8 @@ def run_roofline(path: str, batches: list[int], copy_bw: float, args: Any) -> li
             b.record()
             b.synchronize()
             replay_s = a.elapsed_time(b) / 1e3 / 20
+            if args.profile and bs == 1:
+                profile_replay(g)
         step_bytes = weight_bytes + bs * embed.shape[1] * 2 + bs * ctx * kv_tok
         head = model.lm_head.weight
         replay_bytes = step_bytes - head.numel() * head.element_size()  # the head runs after
@@ -317,6 +320,23 @@ def run_roofline(path: str, batches: list[int], copy_bw: float, args: Any) -> li
         rows.append(row)
     free_engine(llm)
     return rows
+
+
+def profile_replay(graph: Any) -> None:
+    """Kernel-level breakdown of five replays (where the time of a decode step goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            graph.replay()
+        torch.cuda.synchronize()
+    for key in ("device_time_total", "cuda_time_total"):
+        try:
+            log("decode replay profile (5 replays):\n" + prof.key_averages().table(
+                sort_by=key, row_limit=16, max_name_column_width=70))  # fmt: skip
+            return
+        except Exception as err:  # older/newer column names
+            log(f"profile table by {key} failed: {err!r}")
 
 
 # ---------------------------------------------------------------- table
@@ -399,6 +419,7 @@ def main() -> int:
     ap.add_argument("--max-num-batched-tokens", type=int, default=16384)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--profile", action="store_true", help="kernel breakdown of a 7B replay")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, 8 short requests")
     args = ap.parse_args()
     import triton

@@ -9,6 +9,10 @@ padding rows get slot -1 (their K/V is not stored) and context length 0 (the att
 kernels write zeros for them). Attention backends must not read host values in their decode
 path (the Triton and flash-attn backends do not; the torch reference does, and is never
 captured). Mixed and prefill steps run eagerly.
+
+``stage`` fills the static inputs straight from host lists: two pinned host buffers (int64:
+token ids, positions, slots; int32: context lengths, block tables) whose layout mirrors the
+device buffers, so a decode step costs two host-to-device copies and one replay.
 """
 
 from __future__ import annotations
@@ -46,12 +50,21 @@ class DecodeGraphs:
         self.batch_sizes = graph_batch_sizes(max_num_seqs)
         max_bs = self.batch_sizes[-1]
         max_blocks = -(-max_model_len // block_size)
-        # Static inputs/outputs every graph reads and writes (row i = sequence i).
-        self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=device)
-        self.positions = torch.zeros(max_bs, dtype=torch.int64, device=device)
-        self.slot_mapping = torch.full((max_bs,), -1, dtype=torch.int64, device=device)
-        self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=device)
-        self.block_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=device)
+        # Static inputs/outputs every graph reads and writes (row i = sequence i), as views
+        # of two packed buffers: int64 [ids | positions | slots], int32 [lens | tables].
+        self._max_bs, self._max_blocks = max_bs, max_blocks
+        self._dev64 = torch.zeros(3 * max_bs, dtype=torch.int64, device=device)
+        self._dev32 = torch.zeros(max_bs * (1 + max_blocks), dtype=torch.int32, device=device)
+        pin = device.type == "cuda"
+        self._host64 = torch.zeros(3 * max_bs, dtype=torch.int64, pin_memory=pin)
+        self._host32 = torch.zeros(max_bs * (1 + max_blocks), dtype=torch.int32, pin_memory=pin)
+        self.input_ids = self._dev64[:max_bs]
+        self.positions = self._dev64[max_bs : 2 * max_bs]
+        self.slot_mapping = self._dev64[2 * max_bs :]
+        self.slot_mapping.fill_(-1)
+        self.seq_lens = self._dev32[:max_bs]
+        self.block_tables = self._dev32[max_bs:].view(max_bs, max_blocks)
+        self.num_replays = 0
         self.cu_seqlens_q = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
         self.hidden = torch.zeros(max_bs, hidden_size, dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -96,6 +109,39 @@ class DecodeGraphs:
     def can_run(self, num_seqs: int, max_blocks: int) -> bool:
         return num_seqs <= self.batch_sizes[-1] and max_blocks <= self.block_tables.shape[1]
 
+    def stage_and_run(
+        self,
+        token_ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        seq_lens: list[int],
+        tables: list[list[int]],
+    ) -> torch.Tensor:
+        """One decode step for n sequences from host lists: fills the pinned host mirrors,
+        copies them in (two asynchronous copies), replays. Returns hidden [n, hidden] (a view
+        of the static output, valid until the next replay). The host buffers are rewritten
+        only after the caller has synchronised on this step's sampled tokens, by which time
+        the copies have completed (they precede the replay in stream order)."""
+        n = len(token_ids)
+        bs = next(b for b in self.batch_sizes if b >= n)
+        m, w = self._max_bs, self._max_blocks
+        h64, h32 = self._host64.numpy(), self._host32.numpy()
+        h64[:n] = token_ids
+        h64[m : m + n] = positions
+        h64[2 * m : 2 * m + n] = slots
+        h64[2 * m + n : 2 * m + bs] = -1  # padding rows store nothing
+        h32[:n] = seq_lens
+        h32[n:bs] = 0  # ... and attend to nothing (zeros out)
+        rows = h32[m:].reshape(m, w)
+        for i, table in enumerate(tables):
+            rows[i, : len(table)] = table
+        self._dev64.copy_(self._host64, non_blocking=True)
+        used32 = m + bs * w  # lengths + the first bs table rows
+        self._dev32[:used32].copy_(self._host32[:used32], non_blocking=True)
+        self.graphs[bs].replay()
+        self.num_replays += 1
+        return self.hidden[:n]
+
     def run(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
@@ -113,4 +159,5 @@ class DecodeGraphs:
             self.slot_mapping[n:bs].fill_(-1)
             self.seq_lens[n:bs].zero_()
         self.graphs[bs].replay()
+        self.num_replays += 1
         return self.hidden[:n]

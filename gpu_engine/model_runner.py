@@ -307,9 +307,38 @@ class ModelRunner:
     def forward_logits(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
         """Logits [S, vocab] for the sequences that reach their last token this step, and
         their indices in ``batch.seqs``."""
+        hidden = self._graph_decode_hidden(batch)
+        if hidden is not None:  # every sequence samples its one new token
+            return self.model.compute_logits(hidden), list(range(len(batch.seqs)))
         inputs = self.prepare(batch)
         hidden = self._execute(inputs)
         return self.model.compute_logits(hidden[inputs.sample_rows]), inputs.sample_seqs
+
+    def _graph_decode_hidden(self, batch: ScheduledBatch) -> torch.Tensor | None:
+        """Hidden states [n, hidden] of a decode-only step through the captured graphs,
+        staged from host lists without building a StepInputs; None if this step does not
+        qualify (prefill chunks, a 1-token chunk that is not a sequence's last token, a
+        batch or context larger than captured)."""
+        graphs = self.graphs
+        if graphs is None or batch.num_prefill_seqs or not batch.seqs:
+            return None
+        bs = self.block_size
+        ids, positions, slots, lens, tables = [], [], [], [], []
+        max_blocks = 0
+        for seq in batch.seqs:
+            p = seq.num_computed_tokens
+            if p + 1 != seq.num_tokens:
+                return None
+            table = seq.block_table
+            ids.append(seq.token_ids[p])
+            positions.append(p)
+            slots.append(table[p // bs] * bs + p % bs)
+            lens.append(p + 1)
+            tables.append(table)
+            max_blocks = max(max_blocks, len(table))
+        if not graphs.can_run(len(ids), max_blocks):
+            return None
+        return graphs.stage_and_run(ids, positions, slots, lens, tables)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[int | None]:

@@ -39,9 +39,9 @@ class Sampler:
         logits = logits.float()
         if all(p.greedy for p in params):
             return logits.argmax(dim=-1).tolist()
-        greedy = torch.tensor([p.greedy for p in params], device=logits.device)
-        temperature = torch.tensor(
-            [p.temperature if not p.greedy else 1.0 for p in params], device=logits.device
+        greedy = _to_device([p.greedy for p in params], torch.bool, logits.device)
+        temperature = _to_device(
+            [p.temperature if not p.greedy else 1.0 for p in params], torch.float32, logits.device
         )
         probs = apply_top_k_top_p(
             logits / temperature[:, None],
@@ -58,6 +58,17 @@ class Sampler:
         return torch.where(greedy, logits.argmax(dim=-1), sampled).tolist()
 
 
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Small per-row parameter vectors: staged in pinned memory and copied asynchronously,
+    so building them does not wait for the forward pass still running on the GPU (a copy
+    from pageable memory synchronises the stream); the one sync per step stays the
+    ``tolist()`` of the sampled tokens."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def apply_top_k_top_p(
     logits: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float]
 ) -> torch.Tensor:
@@ -72,10 +83,10 @@ def apply_top_k_top_p(
     ranks = torch.arange(vocab, device=logits.device)[None, :]
     drop = torch.zeros_like(sorted_logits, dtype=torch.bool)
     if use_k:
-        k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=logits.device)
+        k = _to_device([kk if kk > 0 else vocab for kk in top_k], torch.int64, logits.device)
         drop |= ranks >= k[:, None]
     if use_p:
-        p = torch.tensor(top_p, device=logits.device, dtype=torch.float32)
+        p = _to_device(list(top_p), torch.float32, logits.device)
         probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # probability of strictly better tokens
         drop |= mass_before >= p[:, None]

@@ -317,3 +317,50 @@ def test_model_with_fused_kernels_matches_eager_layers(
     fused = [o.token_ids for o in LLM(str(path), **kw).generate(prompts, params)]
     assert calls["n"] > 0
     assert fused == plain
+
+
+def test_staged_decode_graph_path_matches_eager(tiny_checkpoint) -> None:
+    """The CUDA-graph decode path (static buffers filled by ``stage_and_run``, padding rows,
+    Triton backend reading only device metadata) generates the eager tokens. Without CUDA
+    the 'graph' is the same forward replayed eagerly on the static buffers, and the Triton
+    kernels run interpreted; on CUDA the real captured graphs run."""
+    from gpu_engine import LLM, SamplingParams
+    from gpu_engine.context import forward_context
+    from gpu_engine.cuda_graphs import DecodeGraphs
+
+    path = tiny_checkpoint("qwen3")
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [40], [41, 42], [43] * 20]
+    # Different lengths: the batch shrinks 5 -> 1 (graph sizes 8, 4, 2, 1 with padding rows).
+    params = [
+        SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (6, 2, 4, 3, 5)
+    ]
+    kw = dict(device=DEV, dtype="float32", kv_cache_tokens=512, max_num_seqs=8)
+    eager = [
+        o.token_ids for o in LLM(str(path), enforce_eager=True, **kw).generate(prompts, params)
+    ]
+
+    llm = LLM(str(path), **kw)
+    runner = llm.engine.model_runner
+    if not CUDA:
+        backend = TritonBackend()
+        for attn in runner.model.attention_layers():
+            attn.backend = backend
+        graphs = DecodeGraphs(
+            runner.model, 8, runner.max_model_len, runner.block_size,
+            runner.arch.hidden_size, runner.dtype, runner.device,
+        )  # fmt: skip
+
+        class EagerReplay:
+            def __init__(self, bs: int) -> None:
+                self.bs = bs
+
+            def replay(self) -> None:
+                with forward_context(graphs._meta(self.bs)):
+                    bs = self.bs
+                    graphs.hidden[:bs] = graphs.model(graphs.input_ids[:bs], graphs.positions[:bs])
+
+        graphs.graphs = {bs: EagerReplay(bs) for bs in graphs.batch_sizes}  # type: ignore[misc]
+        runner.graphs = graphs
+    staged = [o.token_ids for o in llm.generate(prompts, params)]
+    assert runner.graphs is not None and runner.graphs.num_replays >= 4
+    assert staged == eager
