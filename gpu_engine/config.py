@@ -52,6 +52,9 @@ class EngineConfig:
     # "auto": safetensors from the model directory; "random": random weights built on the
     # device from config.json alone (benchmarks of model shapes without a checkpoint).
     load_format: str = "auto"
+    # Shard the model over this many devices of one host (ranks 1..N-1 in processes the engine
+    # spawns; see gpu_engine.tp_runner). 1 = no process group, the single-device path.
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -67,7 +70,12 @@ class EngineConfig:
             raise ConfigError(
                 f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}"
             )
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        for name in (
+            "block_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "tensor_parallel_size",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive int, got {value!r}")

@@ -15,6 +15,7 @@ from gpu_engine.model_runner import ModelRunner
 from gpu_engine.outputs import EngineCapacity, RequestOutput, StepOutput
 from gpu_engine.scheduler import Scheduler
 from gpu_engine.sequence import SamplingParams, Sequence, check_prompt
+from gpu_engine.tp_runner import close_model_runner, make_model_runner
 
 
 class LLMEngine:
@@ -27,7 +28,8 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        self.model_runner = ModelRunner(config)
+        # tensor_parallel_size > 1: rank 0 here, ranks 1..N-1 in spawned processes.
+        self.model_runner: ModelRunner = make_model_runner(config)
         self.tokenizer: Any | None = load_tokenizer(self.model_runner.model_dir)
         self.eos_token_ids: list[int] = read_eos_token_ids(
             self.model_runner.model_dir, self.model_runner.hf_config, self.tokenizer
@@ -49,6 +51,17 @@ class LLMEngine:
     @classmethod
     def from_options(cls, model: str, **options: Any) -> LLMEngine:
         return cls(EngineConfig.from_options(model, **options))
+
+    def close(self) -> None:
+        """Stop the tensor-parallel worker processes (idempotent; a no-op on one device).
+        Also runs when the engine is garbage-collected or the interpreter exits."""
+        close_model_runner(self.model_runner)
+
+    def __enter__(self) -> LLMEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- requests ------------------------------------------------------------------------
     def add_request(
@@ -170,6 +183,7 @@ class LLM:
         enable_prefix_caching: bool = True,
         attention_backend: str = "auto",
         seed: int = 0,
+        tensor_parallel_size: int = 1,
         **engine_options: Any,
     ) -> None:
         self.engine = LLMEngine.from_options(
@@ -183,10 +197,21 @@ class LLM:
             enable_prefix_caching=enable_prefix_caching,
             attention_backend=attention_backend,
             seed=seed,
+            tensor_parallel_size=tensor_parallel_size,
             **engine_options,
         )
         self.tokenizer: Any | None = self.engine.tokenizer
         self._ids = itertools.count()
+
+    def close(self) -> None:
+        """Stop the engine's tensor-parallel workers (idempotent)."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def generate(
         self,

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from gpu_engine import tp_group
 from gpu_engine.errors import EngineError
 from gpu_engine.layers.base import AttentionBackend
 from gpu_engine.models import LlamaArchConfig, LlamaForCausalLM
@@ -38,10 +39,8 @@ def load_hf_config(path: Path) -> dict[str, Any]:
     return cfg
 
 
-def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, cpu tensor) for every tensor, following model.safetensors.index.json shards."""
-    from safetensors import safe_open
-
+def safetensors_files(path: Path) -> list[Path]:
+    """The checkpoint's safetensors files, following model.safetensors.index.json shards."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         with open(index, encoding="utf-8") as f:
@@ -50,8 +49,15 @@ def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
         files = sorted(p.name for p in path.glob("*.safetensors"))
     if not files:
         raise EngineError(f"no safetensors weights in {path}")
-    for name in files:
-        with safe_open(str(path / name), framework="pt", device="cpu") as f:
+    return [path / name for name in files]
+
+
+def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, cpu tensor) for every tensor, following model.safetensors.index.json shards."""
+    from safetensors import safe_open
+
+    for file in safetensors_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                 yield key, f.get_tensor(key)
 
@@ -78,6 +84,11 @@ def build_model(
         from gpu_engine.random_weights import init_random_weights
 
         init_random_weights(model, seed)
+    elif tp_group.current().size > 1:  # this rank's slices only
+        from gpu_engine.tp_shards import iter_rank_shards
+
+        tp = tp_group.current()
+        model.load_weights(iter_rank_shards(safetensors_files(path), arch.head_dim, tp))
     else:
         model.load_weights(iter_safetensors(path))
     return model.eval()

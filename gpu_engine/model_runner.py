@@ -25,6 +25,8 @@ from gpu_engine.models import LlamaArchConfig
 from gpu_engine.sampling import Sampler
 from gpu_engine.scheduler import ScheduledBatch
 from gpu_engine.sequence import SamplingParams
+from gpu_engine.tp_group import current as current_tp_group
+from gpu_engine.tp_shards import local_arch
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,8 @@ class ModelRunner:
         self.dtype = _DTYPES[auto_dtype if config.dtype == "auto" else config.dtype]
         self.model_dir = resolve_model_dir(config.model)
         self.hf_config = load_hf_config(self.model_dir)
-        self.arch = LlamaArchConfig.from_hf(self.hf_config)
+        # This rank's share of heads / KV heads / intermediate size (all of it for one rank).
+        self.arch = local_arch(LlamaArchConfig.from_hf(self.hf_config), current_tp_group().size)
         self.backend = make_attention_backend(config.attention_backend, self.device.type)
         self.model = build_model(
             self.arch,
@@ -147,7 +150,8 @@ class ModelRunner:
                 int(cfg.cpu_kv_cache_fraction * _available_ram_bytes()) // self.kv_bytes_per_token,
                 cfg.cpu_kv_cache_max_tokens,
             )
-        num_blocks = tokens // self.block_size
+        # Every rank allocates the same number of blocks: what the tightest rank can hold.
+        num_blocks = current_tp_group().min_int(tokens, self.device) // self.block_size
         if num_blocks < 1:
             raise EngineError(f"no memory left for the KV cache ({tokens} tokens)")
         return num_blocks

@@ -97,7 +97,8 @@ def build_checkpoint(
 
     path.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(path)
-    cfg = _config(arch, VOCAB_SIZE, tok.convert_tokens_to_ids("<|im_end|>"), **overrides)
+    vocab_size = overrides.pop("vocab_size", VOCAB_SIZE)  # >= VOCAB_SIZE: extra rows unused
+    cfg = _config(arch, vocab_size, tok.convert_tokens_to_ids("<|im_end|>"), **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, torch_dtype=getattr(torch, dtype))
     model.save_pretrained(str(path), safe_serialization=True)
