@@ -60,6 +60,7 @@ class TPModelRunner(ModelRunner):
             super().__init__(config)
         self.channel = StepChannel(group, self.device)
         self._closed = False
+        self._sent_step = False
         # Rank 0 only (set by ``launch``): stops the workers once; their process ids.
         self.finalizer: weakref.finalize[Any, Any] | None = None
         self.worker_pids: list[int] = []
@@ -69,7 +70,24 @@ class TPModelRunner(ModelRunner):
             raise EngineError("the engine is closed")
         inputs = super().prepare(batch)
         self.channel.send(inputs)
+        self._sent_step = True
         return inputs
+
+    def _graph_decode_hidden(self, batch: ScheduledBatch) -> torch.Tensor | None:
+        # The staged decode path replays graphs straight from host lists, skipping prepare(),
+        # which is where a step reaches the other ranks. TP decode steps take the StepInputs
+        # path instead; it still replays the captured graphs (``_run_decode``).
+        return None
+
+    def forward_logits(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
+        self._sent_step = False
+        out = super().forward_logits(batch)
+        if not self._sent_step:  # the other ranks would wait in this step's collectives
+            raise EngineError(
+                "a forward path of ModelRunner.forward_logits skipped prepare(): its inputs "
+                "never reached the other tensor-parallel ranks (override it in TPModelRunner)"
+            )
+        return out
 
     @torch.inference_mode()
     def serve(self) -> None:
@@ -77,6 +95,10 @@ class TPModelRunner(ModelRunner):
         while (inputs := self.channel.recv()) is not None:
             hidden = self._execute(inputs)
             self.model.compute_logits(hidden[inputs.sample_rows])  # joins the logits gather
+            if self.device.type == "cuda":
+                # Rank 0 syncs on its sampled tokens; this rank never samples. Finishing the
+                # step here keeps the next step's staging from racing this one's copies.
+                torch.cuda.current_stream(self.device).synchronize()
 
     def release_graphs(self) -> None:
         """Drop captured CUDA graphs: NCCL's communicator teardown waits for every graph that

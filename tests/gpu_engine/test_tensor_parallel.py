@@ -172,6 +172,42 @@ def test_workers_stop_when_the_engine_is_garbage_collected(tiny_checkpoint: Any)
     assert not dist.is_initialized()
 
 
+class _EagerGraphs:
+    """Stands in for rank 0's ``DecodeGraphs`` on CPU: ``run`` is the model forward (same
+    collectives as a replay); the staged path must never be taken with TP."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.num_runs = model, 0
+
+    def can_run(self, num_seqs: int, max_blocks: int) -> bool:
+        return True
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor:
+        self.num_runs += 1
+        hidden: torch.Tensor = self.model(input_ids, positions)
+        return hidden
+
+    def stage_and_run(self, *args: Any) -> torch.Tensor:
+        raise AssertionError("staged decode skips the broadcast to the other ranks")
+
+
+def test_decode_steps_with_graphs_still_reach_every_rank(tiny_checkpoint: Any) -> None:
+    path = str(tiny_checkpoint("qwen3"))
+    prompts = _prompts(seed=2)[:4]
+    want = [o.token_ids for o in LLM(path, **OPTIONS).generate(prompts, _greedy())]
+    with LLM(path, tensor_parallel_size=2, **OPTIONS) as llm:
+        runner = llm.engine.model_runner
+        runner.graphs = graphs = _EagerGraphs(runner.model)  # type: ignore[assignment]
+        assert [o.token_ids for o in llm.generate(prompts, _greedy())] == want
+        assert graphs.num_runs >= MAX_TOKENS - 1  # decode steps took the graph path
+        # A forward path that skips prepare() is an error, not a silent hang.
+        hidden = runner.arch.hidden_size
+        runner._graph_decode_hidden = lambda batch: torch.zeros(0, hidden)  # type: ignore
+        llm.engine.add_request("x", [5, 6, 7], _greedy())
+        with pytest.raises(EngineError, match="skipped prepare"):
+            llm.engine.step()
+
+
 _ORPHAN_SCRIPT = """
 import sys, time
 from gpu_engine import LLM
