@@ -23,8 +23,9 @@ t0=$(date +%s)
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 if want engine; then
   echo "== engine_throughput (a), chatq only $(($(date +%s) - t0))s"
-  timeout 180 python3 bench/engine_throughput.py --hf-requests 0 --skip-roofline --out "$OUT" \
+  timeout 180 python3 bench/engine_throughput.py --hf-requests 0 --skip-roofline --out /tmp/eng \
     2>&1 | tee "$OUT/engine_a.log" | grep -v "^\[" | tail -12
+  cp /tmp/eng/engine_throughput.md "$OUT/engine_a.md" 2>/dev/null
 fi
 if want spike; then
   echo "== spike $(($(date +%s) - t0))s"
