@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import multiprocessing
 import os
 import sys
 import threading
@@ -125,7 +126,7 @@ class WorkerPool:
                 name=f"chatq-tp-rank{rank}",
                 daemon=True,  # multiprocessing's own exit hook terminates them as a last resort
             )
-            proc.start()
+            _start_even_if_daemonic(proc)
             self.procs.append(proc)
 
     @property
@@ -147,6 +148,19 @@ class WorkerPool:
                 proc.join(5.0)
             if proc.exitcode not in (0, None):
                 log.warning("tensor-parallel worker %s exited with %s", proc.name, proc.exitcode)
+
+
+def _start_even_if_daemonic(proc: Any) -> None:
+    """Start ``proc`` also from a daemonic process (the worker host runs its engine in one):
+    multiprocessing refuses children there only because a daemon's children are orphaned
+    when it is terminated; ours watch their parent and exit with it (``_exit_with_parent``)."""
+    config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
+    daemonic = config.get("daemon", False)
+    config["daemon"] = False
+    try:
+        proc.start()
+    finally:
+        config["daemon"] = daemonic
 
 
 def rank_devices(config: EngineConfig) -> list[torch.device]:

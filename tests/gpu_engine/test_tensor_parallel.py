@@ -1,7 +1,9 @@
 """Tensor parallelism: TP=2 (rank 0 here, rank 1 a spawned process; gloo on CPU, NCCL on CUDA)
 gives TP=1's greedy tokens, with logits within 1e-4 relative, under chunked prefill and prefix
-hits; KV heads split or replicated; vocab shards padded; workers gone after close, garbage
-collection or the engine process's death; shapes that do not split are config errors."""
+hits, also when rank 0 has decode graphs; KV heads split or replicated; vocab shards padded;
+workers gone after close, garbage collection or the engine process's death; an engine inside a
+daemonic process (as the worker host runs it) starts its ranks; shapes that do not split are
+config errors."""
 
 from __future__ import annotations
 
@@ -114,6 +116,25 @@ def _wait_gone(pids: list[int], timeout_s: float) -> bool:
     return all(_gone(p) for p in pids)
 
 
+class _EagerGraphs:
+    """Stands in for rank 0's ``DecodeGraphs`` on CPU: ``run`` is the model forward (same
+    collectives as a replay); the staged path must never be taken with TP."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.num_runs = model, 0
+
+    def can_run(self, num_seqs: int, max_blocks: int) -> bool:
+        return True
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor:
+        self.num_runs += 1
+        hidden: torch.Tensor = self.model(input_ids, positions)
+        return hidden
+
+    def stage_and_run(self, *args: Any) -> torch.Tensor:
+        raise AssertionError("staged decode skips the broadcast to the other ranks")
+
+
 @pytest.mark.parametrize(("arch", "overrides", "kv_heads_per_rank"), CASES, ids=CASE_IDS)
 def test_tp2_matches_tp1(
     tiny_checkpoint: Any, arch: str, overrides: dict[str, Any], kv_heads_per_rank: int
@@ -146,13 +167,23 @@ def test_tp2_matches_tp1(
             assert len(got) == len(want) == MAX_TOKENS
             for g, w in zip(got, want, strict=True):
                 assert g.shape == w.shape and rel_err(g, w) < 1e-4
+        # LLM.generate (sampler on rank 0) with decode steps through rank 0's graphs.
+        runner.graphs = graphs = _EagerGraphs(runner.model)  # type: ignore[assignment]
         assert [o.token_ids for o in two.generate(prompts, _greedy())] == want_generate
+        assert graphs.num_runs >= MAX_TOKENS - 1
         stats = two.engine.stats()
         assert stats["prefix_cache_hit_tokens"] > 0
         assert stats["free_kv_tokens"] == stats["total_kv_tokens"]
+        # A forward path that skips prepare() is an error, not a silent hang.
+        hidden = runner.arch.hidden_size
+        runner._graph_decode_hidden = lambda batch: torch.zeros(0, hidden)  # type: ignore
+        two.engine.add_request("x", [5, 6, 7], _greedy())
+        with pytest.raises(EngineError, match="skipped prepare"):
+            two.engine.step()
+        del runner._graph_decode_hidden
     assert _wait_gone(pids, 0.0), "close() returned with a worker still running"
     assert not dist.is_initialized()
-    with pytest.raises(EngineError):
+    with pytest.raises(EngineError, match="closed"):
         two.generate(prompts[:1], _greedy())
 
 
@@ -172,40 +203,31 @@ def test_workers_stop_when_the_engine_is_garbage_collected(tiny_checkpoint: Any)
     assert not dist.is_initialized()
 
 
-class _EagerGraphs:
-    """Stands in for rank 0's ``DecodeGraphs`` on CPU: ``run`` is the model forward (same
-    collectives as a replay); the staged path must never be taken with TP."""
-
-    def __init__(self, model: Any) -> None:
-        self.model, self.num_runs = model, 0
-
-    def can_run(self, num_seqs: int, max_blocks: int) -> bool:
-        return True
-
-    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: Any) -> torch.Tensor:
-        self.num_runs += 1
-        hidden: torch.Tensor = self.model(input_ids, positions)
-        return hidden
-
-    def stage_and_run(self, *args: Any) -> torch.Tensor:
-        raise AssertionError("staged decode skips the broadcast to the other ranks")
-
-
-def test_decode_steps_with_graphs_still_reach_every_rank(tiny_checkpoint: Any) -> None:
-    path = str(tiny_checkpoint("qwen3"))
-    prompts = _prompts(seed=2)[:4]
-    want = [o.token_ids for o in LLM(path, **OPTIONS).generate(prompts, _greedy())]
+def _generate_in_daemon(path: str, conn: Any) -> None:
+    """Child of ``test_engine_in_a_daemonic_process_can_spawn_its_ranks``."""
     with LLM(path, tensor_parallel_size=2, **OPTIONS) as llm:
-        runner = llm.engine.model_runner
-        runner.graphs = graphs = _EagerGraphs(runner.model)  # type: ignore[assignment]
-        assert [o.token_ids for o in llm.generate(prompts, _greedy())] == want
-        assert graphs.num_runs >= MAX_TOKENS - 1  # decode steps took the graph path
-        # A forward path that skips prepare() is an error, not a silent hang.
-        hidden = runner.arch.hidden_size
-        runner._graph_decode_hidden = lambda batch: torch.zeros(0, hidden)  # type: ignore
-        llm.engine.add_request("x", [5, 6, 7], _greedy())
-        with pytest.raises(EngineError, match="skipped prepare"):
-            llm.engine.step()
+        out = llm.generate(_prompts(seed=4)[:3], _greedy())
+        conn.send_bytes(repr([o.token_ids for o in out]).encode())
+
+
+def test_engine_in_a_daemonic_process_can_spawn_its_ranks(tiny_checkpoint: Any) -> None:
+    """The worker host runs its engine in a daemonic spawned process (workers.engine_process),
+    where multiprocessing normally refuses to start children."""
+    path = str(tiny_checkpoint("llama"))
+    want = [o.token_ids for o in LLM(path, **OPTIONS).generate(_prompts(seed=4)[:3], _greedy())]
+    ctx = multiprocessing.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_generate_in_daemon, args=(path, send), daemon=True)
+    proc.start()
+    send.close()
+    try:
+        assert recv.poll(120), "no result from the daemonic engine process"
+        assert recv.recv_bytes().decode() == repr(want)
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+    assert proc.exitcode == 0
 
 
 _ORPHAN_SCRIPT = """
