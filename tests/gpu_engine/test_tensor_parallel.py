@@ -230,20 +230,25 @@ def test_engine_in_a_daemonic_process_can_spawn_its_ranks(tiny_checkpoint: Any) 
     assert proc.exitcode == 0
 
 
-_ORPHAN_SCRIPT = """
+_ENGINE_SCRIPT = """
 import sys, time
 from gpu_engine import LLM
 llm = LLM(sys.argv[1], tensor_parallel_size=2, kv_cache_tokens=256)
 print(llm.engine.model_runner.worker_pids[0], flush=True)
+if sys.argv[2] == "exit":
+    sys.exit(0)  # without close(): the interpreter-exit hook stops the worker
 time.sleep(120)
 """
 
 
-def test_workers_exit_when_the_engine_process_is_killed(tiny_checkpoint: Any) -> None:
+@pytest.mark.parametrize("end", ["exit", "kill"])
+def test_workers_end_with_the_engine_process(tiny_checkpoint: Any, end: str) -> None:
+    """Interpreter exit without close() (the atexit safety net), or SIGKILL of the engine
+    process (no EXIT is ever sent: the worker notices its parent is gone on its own)."""
     path = str(tiny_checkpoint("llama"))
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen(
-        [sys.executable, "-c", _ORPHAN_SCRIPT, path],
+        [sys.executable, "-c", _ENGINE_SCRIPT, path, end],
         cwd=root,
         env={**os.environ, "PYTHONPATH": str(root)},
         stdout=subprocess.PIPE,
@@ -253,10 +258,12 @@ def test_workers_exit_when_the_engine_process_is_killed(tiny_checkpoint: Any) ->
         assert proc.stdout is not None
         worker = int(proc.stdout.readline())
         assert not _gone(worker)
+        if end == "exit":
+            assert proc.wait(60) == 0
+            assert _gone(worker)  # reaped before the engine process finished exiting
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-    # No EXIT was ever sent: the worker notices its parent is gone on its own.
     assert _wait_gone([worker], 10.0)
 
 
