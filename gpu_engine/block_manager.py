@@ -19,9 +19,12 @@ their chunk is scheduled (an abort mid-prefill never leaves an uncomputed block 
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import repeat
+from operator import attrgetter, sub
 
 from gpu_engine.errors import EngineError
 from gpu_engine.sequence import Sequence
@@ -37,7 +40,8 @@ def chain_hash(parent_hash: int, token_ids: Iterable[int]) -> int:
     """128-bit content hash of one block given its parent's hash (deterministic across runs)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(parent_hash.to_bytes(16, "little"))
-    h.update(b"".join(int(t).to_bytes(4, "little", signed=True) for t in token_ids))
+    ids = [int(t) for t in token_ids]
+    h.update(struct.pack(f"<{len(ids)}i", *ids))  # int32 little-endian each
     return int.from_bytes(h.digest(), "little")
 
 
@@ -180,6 +184,19 @@ class BlockManager:
     def can_append(self, seq: Sequence) -> bool:
         return self.blocks_needed_to_append(seq) <= self.num_free_blocks
 
+    def try_append(self, seq: Sequence) -> bool:
+        """``append(seq)`` if ``can_append(seq)``; whether it did. One call on the decode
+        path, which runs for every running sequence each step."""
+        table = seq.block_table
+        need = -(-len(seq.token_ids) // self.block_size) - len(table)
+        if need <= 0:
+            return True
+        if need > len(self._free_plain) + len(self._free_cached):
+            return False
+        for _ in range(need):
+            table.append(self._take_free_block())
+        return True
+
     def append(self, seq: Sequence) -> None:
         if not self.can_append(seq):
             raise BlockAllocationError(f"not enough free blocks to grow {seq.request_id}")
@@ -229,12 +246,12 @@ class BlockManager:
     # -- reporting -----------------------------------------------------------------------
     def paging_waste(self, seqs: Iterable[Sequence]) -> tuple[int, int]:
         """(unused token slots in blocks held by ``seqs``, all slots they hold)."""
-        waste = slots = 0
-        for seq in seqs:
-            held = len(seq.block_table) * self.block_size
-            slots += held
-            waste += max(0, held - seq.num_tokens)
-        return waste, slots
+        # sum over seqs of max(0, held - num_tokens), in C-level maps: runs every step.
+        seqs = list(seqs)
+        held = [len(t) * self.block_size for t in map(attrgetter("block_table"), seqs)]
+        num_tokens = map(len, map(attrgetter("token_ids"), seqs))
+        waste = sum(map(max, repeat(0), map(sub, held, num_tokens)))
+        return waste, sum(held)
 
     def check_invariants(self, live: Iterable[Sequence]) -> None:
         """Ref counts equal references from ``live`` sequences; free lists are consistent."""

@@ -14,7 +14,7 @@ from gpu_engine.loader import load_tokenizer, read_eos_token_ids
 from gpu_engine.model_runner import ModelRunner
 from gpu_engine.outputs import EngineCapacity, RequestOutput, StepOutput
 from gpu_engine.scheduler import Scheduler
-from gpu_engine.sequence import SamplingParams, Sequence, check_prompt
+from gpu_engine.sequence import SamplingParams, Sequence, SequenceStatus, check_prompt
 from gpu_engine.tp_runner import close_model_runner, make_model_runner
 
 
@@ -45,7 +45,6 @@ class LLMEngine:
         )
         self._num_steps = 0
         self._num_generated_tokens = 0
-        self._num_computed_prompt_tokens = 0
         self._waste_sum = 0.0
 
     @classmethod
@@ -106,29 +105,37 @@ class LLMEngine:
             self._num_steps += 1
             waste, slots = self.block_manager.paging_waste(self.scheduler.running)
             self._waste_sum += waste / slots if slots else 0.0
-            self._num_computed_prompt_tokens += sum(
-                n
-                for s, n in zip(batch.seqs, batch.query_lens, strict=True)
-                if s.num_computed_tokens < s.num_prompt_tokens
-            )
             sampled = self.model_runner.run(batch)
-            for seq, token in self.scheduler.postprocess(batch, sampled):
-                self._num_generated_tokens += 1
-                outputs.append(self._output(seq, [token]))
+            new_tokens = self.scheduler.postprocess(batch, sampled)
+            self._num_generated_tokens += len(new_tokens)
+            # One StepOutput per running request per step: built inline (see _output).
+            make, finished = StepOutput.make, SequenceStatus.FINISHED
+            outputs += [
+                make(
+                    seq.request_id,
+                    [token],
+                    seq.status is finished,
+                    seq.finish_reason,
+                    len(seq.prompt_token_ids),
+                    seq.num_cached_tokens,
+                )
+                for seq, token in new_tokens
+            ]
+        release = self.model_runner.sampler.release
         for out in outputs:
             if out.finished:
-                self.model_runner.sampler.release(out.request_id)
+                release(out.request_id)
         return outputs
 
     @staticmethod
     def _output(seq: Sequence, new_token_ids: list[int]) -> StepOutput:
-        return StepOutput(
-            request_id=seq.request_id,
-            new_token_ids=new_token_ids,
-            finished=seq.is_finished,
-            finish_reason=seq.finish_reason,
-            num_prompt_tokens=seq.num_prompt_tokens,
-            num_cached_tokens=seq.num_cached_tokens,
+        return StepOutput.make(
+            seq.request_id,
+            new_token_ids,
+            seq.is_finished,
+            seq.finish_reason,
+            seq.num_prompt_tokens,
+            seq.num_cached_tokens,
         )
 
     # -- reporting -----------------------------------------------------------------------
@@ -150,7 +157,7 @@ class LLMEngine:
         return {
             "steps": self._num_steps,
             "generated_tokens": self._num_generated_tokens,
-            "computed_prompt_tokens": self._num_computed_prompt_tokens,
+            "computed_prompt_tokens": sched.num_computed_prompt_tokens,
             "prefix_cache_query_tokens": bm.prefix_query_tokens,
             "prefix_cache_hit_tokens": bm.prefix_hit_tokens,
             "prefix_cache_hit_rate": bm.prefix_hit_tokens / max(1, bm.prefix_query_tokens),

@@ -326,34 +326,23 @@ class ModelRunner:
         graphs = self.graphs
         if graphs is None or batch.num_prefill_seqs or not batch.seqs:
             return None
-        bs = self.block_size
-        ids, positions, slots, lens, tables = [], [], [], [], []
-        max_blocks = 0
-        for seq in batch.seqs:
-            p = seq.num_computed_tokens
-            if p + 1 != seq.num_tokens:
-                return None
-            table = seq.block_table
-            ids.append(seq.token_ids[p])
-            positions.append(p)
-            slots.append(table[p // bs] * bs + p % bs)
-            lens.append(p + 1)
-            tables.append(table)
-            max_blocks = max(max_blocks, len(table))
-        if not graphs.can_run(len(ids), max_blocks):
-            return None
-        return graphs.stage_and_run(ids, positions, slots, lens, tables)
+        return graphs.stage_and_run(batch.seqs)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[int | None]:
         """One step: the sampled token per sequence (None for a non-final prefill chunk)."""
-        out: list[int | None] = [None] * len(batch.seqs)
         logits, rows = self.forward_logits(batch)
-        if rows:
-            seqs = [batch.seqs[i] for i in rows]
-            tokens = self.sampler.sample(
-                logits, [s.sampling_params for s in seqs], [s.request_id for s in seqs]
-            )
-            for i, token in zip(rows, tokens, strict=True):
-                out[i] = token
+        if not rows:
+            return [None] * len(batch.seqs)
+        # rows are increasing indices into batch.seqs: all of them on decode steps.
+        every_row = len(rows) == len(batch.seqs)
+        seqs = batch.seqs if every_row else [batch.seqs[i] for i in rows]
+        tokens = self.sampler.sample(
+            logits, [s.sampling_params for s in seqs], [s.request_id for s in seqs]
+        )
+        if every_row:
+            return list(tokens)
+        out: list[int | None] = [None] * len(batch.seqs)
+        for i, token in zip(rows, tokens, strict=True):
+            out[i] = token
         return out

@@ -17,6 +17,29 @@ class StepOutput:
     num_prompt_tokens: int
     num_cached_tokens: int  # prompt tokens served from the prefix cache at admission
 
+    @classmethod
+    def make(
+        cls,
+        request_id: str,
+        new_token_ids: list[int],
+        finished: bool,
+        finish_reason: str | None,
+        num_prompt_tokens: int,
+        num_cached_tokens: int,
+    ) -> StepOutput:
+        """The constructor without the frozen dataclass's ``object.__setattr__`` per field
+        (~3x faster; the engine builds one per running request per step). Fills the
+        instance ``__dict__`` directly, which is what ``__init__`` does too."""
+        out = object.__new__(cls)
+        d = out.__dict__
+        d["request_id"] = request_id
+        d["new_token_ids"] = new_token_ids
+        d["finished"] = finished
+        d["finish_reason"] = finish_reason
+        d["num_prompt_tokens"] = num_prompt_tokens
+        d["num_cached_tokens"] = num_cached_tokens
+        return out
+
 
 @dataclass(frozen=True)
 class EngineCapacity:

@@ -64,6 +64,9 @@ class Scheduler:
         self._live: dict[str, Sequence] = {}  # waiting or running, by request id
         self._unreported: list[Sequence] = []  # aborted / expired, reported at next schedule
         self.num_preemptions = 0
+        # Prompt tokens computed so far (recomputed ones after preemption included).
+        self.num_computed_prompt_tokens = 0
+        self._num_with_deadline = 0  # live sequences with a deadline (0: skip _expire)
         self._watermark_blocks = int(config.admission_watermark * block_manager.num_blocks)
 
     # -- requests ------------------------------------------------------------------------
@@ -78,6 +81,8 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
         self._live[seq.request_id] = seq
+        if seq.deadline is not None:
+            self._num_with_deadline += 1
 
     def abort(self, request_id: str) -> bool:
         """Finish a waiting or running request now (its blocks are freed at once); the next
@@ -98,33 +103,49 @@ class Scheduler:
     # -- scheduling ----------------------------------------------------------------------
     def schedule(self, now: float) -> ScheduledBatch:
         finished, self._unreported = self._unreported, []
-        self._expire(now, finished)
+        if self._num_with_deadline:
+            self._expire(now, finished)
         aging_s = self.config.priority_aging_s
         budget = self.config.max_num_batched_tokens
         prefills: list[tuple[Sequence, int]] = []
         decodes: list[Sequence] = []
         scheduled: set[int] = set()
         preempted: list[Sequence] = []
+        bm = self.block_manager
+        running_status = SequenceStatus.RUNNING
 
         # Running sequences, most urgent first; aging from the last time each was served
-        # makes equal-priority sequences take turns when the token budget is short.
+        # makes equal-priority sequences take turns when the token budget is short. The key
+        # is ``Sequence.effective_priority`` inlined (same float operations, so the same
+        # order): this sort runs over every running sequence each step.
         order = sorted(
-            self.running, key=lambda s: (-s.effective_priority(now, aging_s), s.arrival_time)
+            self.running,
+            key=lambda s: (
+                -(s.priority + max(0.0, now - s.last_scheduled_time) / aging_s),
+                s.arrival_time,
+            ),
         )
         for seq in order:
-            if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed_tokens != 1:
+            if seq.status is not running_status or (
+                len(seq.token_ids) - seq.num_computed_tokens != 1
+            ):
                 continue
             if budget == 0:
                 break
-            if not self._make_room_to_append(seq, order, scheduled, preempted, finished):
-                continue
-            self.block_manager.append(seq)
-            self.block_manager.cache_blocks(seq, seq.num_tokens)
+            # try_append is append-if-can_append; only a decode that finds no free block
+            # takes the preemption path.
+            if not bm.try_append(seq):
+                if not self._make_room_to_append(seq, order, scheduled, preempted, finished):
+                    continue
+                bm.append(seq)
+            bm.cache_blocks(seq, len(seq.token_ids))
             decodes.append(seq)
             scheduled.add(id(seq))
             budget -= 1
 
-        for seq in order:
+        # Running sequences not served above (chunked prefills); none when every running
+        # sequence got its decode, the steady state.
+        for seq in order if len(decodes) < len(self.running) else ():
             if budget == 0:
                 break
             if seq.status is SequenceStatus.RUNNING and id(seq) not in scheduled:
@@ -239,7 +260,8 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        self._live.pop(seq.request_id, None)
+        if self._live.pop(seq.request_id, None) is not None and seq.deadline is not None:
+            self._num_with_deadline -= 1
 
     # -- after the model ran -------------------------------------------------------------
     def postprocess(
@@ -248,29 +270,35 @@ class Scheduler:
         """Advance each scheduled sequence by its chunk, append sampled tokens and finish
         sequences that hit eos / a stop token / max_tokens / max_model_len. Returns the
         (sequence, new token) pairs of this step."""
+        # Stop checks and Sequence.append_token inlined: this loop runs over every scheduled
+        # sequence each step.
         out: list[tuple[Sequence, int]] = []
+        eos = self.eos_token_ids
+        max_model_len = self.max_model_len
+        running_status = SequenceStatus.RUNNING
+        prompt_tokens = 0
         for seq, query_len, token in zip(batch.seqs, batch.query_lens, sampled, strict=True):
-            if seq.status is not SequenceStatus.RUNNING:
+            computed = seq.num_computed_tokens
+            num_prompt = len(seq.prompt_token_ids)
+            if computed < num_prompt:
+                prompt_tokens += query_len
+            if seq.status is not running_status:
                 continue
-            seq.num_computed_tokens += query_len
+            seq.num_computed_tokens = computed + query_len
             if token is None:
                 continue
-            seq.append_token(token)
-            reason = self._stop_reason(seq, token)
-            if reason is not None:
-                self._finish(seq, reason)
+            token_ids = seq.token_ids
+            token_ids.append(int(token))
+            params = seq.sampling_params
+            if (not params.ignore_eos and token in eos) or token in params.stop_token_ids:
+                self._finish(seq, "stop")
+            elif len(token_ids) - num_prompt >= params.max_tokens or (
+                len(token_ids) >= max_model_len
+            ):
+                self._finish(seq, "length")
             out.append((seq, token))
+        self.num_computed_prompt_tokens += prompt_tokens
         return out
-
-    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
-        params = seq.sampling_params
-        if (not params.ignore_eos and token in self.eos_token_ids) or (
-            token in params.stop_token_ids
-        ):
-            return "stop"
-        if seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len:
-            return "length"
-        return None
 
     # -- reporting -----------------------------------------------------------------------
     @property
