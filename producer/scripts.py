@@ -29,7 +29,8 @@ redis.call('XADD', KEYS[1], '*', 't', ARGV[3], 'm', ARGV[4])
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('SET', KEYS[2], ARGV[3], 'EX', ttl)
 local cost = tonumber(ARGV[6])
-local left = redis.call('HINCRBY', KEYS[4], 'tokens', -cost)
+-- 0 - cost, not -cost: Lua's -0 reaches Redis as "-0", which HINCRBY rejects.
+local left = redis.call('HINCRBY', KEYS[4], 'tokens', 0 - cost)
 if left < 0 then redis.call('HSET', KEYS[4], 'tokens', 0) end
 redis.call('HINCRBY', KEYS[4], 'requests', -1)
 if tonumber(redis.call('HGET', KEYS[4], 'requests')) < 0 then
