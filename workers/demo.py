@@ -161,7 +161,8 @@ def _report(console: Any, outcomes: list[Outcome], wall_s: float, show: int) -> 
     table.add_column("wall", justify="right")
     table.add_row(
         str(len(outcomes)), str(sum(1 for o in outcomes if o.error)),
-        f"{_percentile(latencies, 0.5) / 1000:.2f} s", f"{_percentile(latencies, 0.99) / 1000:.2f} s",
+        f"{_percentile(latencies, 0.5) / 1000:.2f} s",
+        f"{_percentile(latencies, 0.99) / 1000:.2f} s",
         f"{tokens / max(wall_s, 1e-6):.1f}", f"{wall_s:.1f} s",
     )  # fmt: skip
     console.print(table)

@@ -49,6 +49,7 @@ from workers.detokenizer import IncrementalDetokenizer, fast_decoder
 from workers.engine_process import AddCommand, EngineProcess
 from workers.lanes import Entry, Lanes
 from workers.metrics import Metrics
+from workers.prompts import PromptBuilder
 from workers.request import InflightRequest
 from workers.results import ResultWriter
 
@@ -56,44 +57,13 @@ log = logging.getLogger(__name__)
 
 _ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
 RECENT_CANCELS = 10_000
+# Smaller rounds let intake, engine and aggregator overlap instead of taking turns.
+MAX_PULL_PER_ROUND = 128
 RETRY_DELAY_S = 0.5
 SALVAGE_MAX_BYTES = 64 << 20
 MARKER_ATTEMPTS = 20
 # FINALIZE never writes this (a final exists already); it only acks and deletes the entry.
 _NOOP_ERROR = Error(code=ErrorCode.INTERNAL.value, message="already answered")
-CHATML_FALLBACK = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-class PromptBuilder:
-    """Chat template + tokenizer of the model directory (thread-safe: called from one thread)."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self._fast = fast_decoder(tokenizer)
-        if not getattr(tokenizer, "chat_template", None):
-            tokenizer.chat_template = CHATML_FALLBACK
-
-    def token_ids(self, env: Envelope) -> list[int]:
-        messages = [{"role": m.role, "content": m.content} for m in env.messages]
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        encode = getattr(self._fast, "encode", None)
-        if encode is not None and hasattr(self._fast, "token_to_id"):
-            return list(encode(text, add_special_tokens=False).ids)
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def batch(self, envs: Sequence[Envelope]) -> list[list[int] | Exception]:
-        out: list[list[int] | Exception] = []
-        for env in envs:
-            try:
-                out.append(self.token_ids(env))
-            except Exception as err:  # a template can reject a conversation (role order...)
-                out.append(err)
-        return out
 
 
 def salvage_request_id(payload: bytes | None, limits: Limits) -> str | None:
@@ -181,7 +151,7 @@ class Intake:
                 stop_wait.cancel()
                 room_wait.cancel()
             return
-        entries = await self.lanes.pull(n)
+        entries = await self.lanes.pull(min(n, MAX_PULL_PER_ROUND))
         if not entries:
             entries = await self.lanes.wait(self.read_block_ms)
         if entries:
@@ -228,15 +198,14 @@ class Intake:
         await self.writer.flush()
 
     async def _markers(self, envs: list[Envelope]) -> list[Any]:
-        """[cancelled, answered] flags per request, retried: these entries are ours now."""
+        """[cancelled, answered] per request (one MGET), retried: these entries are ours now."""
+        keys: list[str] = []
+        for env in envs:
+            keys += [self.keys.cancelled(env.id), self.keys.final(env.id)]
         for attempt in range(MARKER_ATTEMPTS):
             try:
-                pipe = self.redis.pipeline(transaction=False)
-                for env in envs:
-                    pipe.exists(self.keys.cancelled(env.id))
-                    pipe.exists(self.keys.final(env.id))
-                flags: list[Any] = await pipe.execute()
-                return flags
+                values: list[Any] = await self.redis.mget(keys)
+                return [v is not None for v in values]
             except (RedisConnectionError, RedisTimeoutError):
                 if attempt == MARKER_ATTEMPTS - 1:
                     raise

@@ -38,9 +38,10 @@ from producer.keys import Keys
 from workers.admission import Admission
 from workers.aggregator import Aggregator
 from workers.engine_process import EngineProcess
-from workers.intake import Intake, PromptBuilder
+from workers.intake import Intake
 from workers.lanes import Entry, Lanes
 from workers.metrics import Metrics
+from workers.prompts import PromptBuilder
 from workers.reclaim import ClaimedEntry, Reclaimer
 from workers.results import ResultWriter
 from workers.settings import WorkerSettings

@@ -1,0 +1,493 @@
+"""The queue layer alone: chatq (producer → Redis → worker → result) next to arq.
+
+chatq's worker runs unchanged (``chatq worker`` subprocess: intake, engine process and IPC,
+aggregator, FINALIZE) except that its engine is :class:`ZeroCostEngine`, a benchmark tool
+that answers every request at once, so what is measured is the queue path. arq runs a no-op
+job on the same Redis (its own worker subprocess, msgpack serializer hooks, no pickle).
+
+Two measurements per system:
+
+- throughput: ``--requests`` chats submitted by ``--concurrency`` concurrent producers,
+  clock from the first submit to the last completion (completions are detected the same way
+  for both: a pipelined EXISTS on the result keys every 5 ms);
+- added latency: ``--latency-requests`` chats one at a time, submit → result received, on an
+  idle worker (the engine costs nothing, so all of it is queue).
+
+    .venv/bin/python bench/queue_throughput.py                       # private Redis
+    .venv/bin/python bench/queue_throughput.py --redis redis://...   # an existing one
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+MODEL = "zero"
+MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant for an online shop."},
+    {"role": "user", "content": "Where is my order #12345? It has not arrived yet."},
+]
+ARQ_QUEUE = "bench:arq"
+
+
+# --- the zero-cost engine (a benchmark tool: it does no inference) --------------------------
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What the engine process builds from each request (same fields as gpu_engine's)."""
+
+    max_tokens: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class _Out:
+    request_id: str
+    new_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_cached_tokens: int
+
+
+@dataclass(frozen=True)
+class _Capacity:
+    free_kv_tokens: int
+    total_kv_tokens: int
+    waiting_tokens: int
+    running_seqs: int
+    waiting_seqs: int
+    max_num_seqs: int
+
+
+class ZeroCostEngine:
+    """LLMEngine's interface with no model: each step gives every request one fixed token
+    until ``max_tokens``. Lets the benchmark isolate the queue path."""
+
+    TOKEN_ID = 300
+    KV_TOKENS = 1 << 24
+
+    def __init__(self, max_num_seqs: int = 256) -> None:
+        self.max_num_seqs = max_num_seqs
+        self.eos_token_ids = [2]
+        self._live: dict[str, list[int]] = {}  # id → [max_tokens, generated, prompt tokens]
+        self._aborted: list[str] = []
+
+    @classmethod
+    def from_options(cls, model: str, **options: Any) -> ZeroCostEngine:
+        return cls(max_num_seqs=int(options.get("max_num_seqs", 256)))
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: Any,
+        *,
+        priority: int = 0,
+        deadline: float | None = None,
+    ) -> None:
+        self._live[request_id] = [params.max_tokens, 0, len(prompt_token_ids)]
+
+    def abort(self, request_id: str) -> bool:
+        if self._live.pop(request_id, None) is None:
+            return False
+        self._aborted.append(request_id)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self._live or self._aborted)
+
+    def step(self) -> list[_Out]:
+        outs = [_Out(rid, [], True, "abort", 0, 0) for rid in self._aborted]
+        self._aborted = []
+        for rid, state in list(self._live.items()):
+            state[1] += 1
+            done = state[1] >= state[0]
+            outs.append(_Out(rid, [self.TOKEN_ID], done, "length" if done else None, state[2], 0))
+            if done:
+                del self._live[rid]
+        return outs
+
+    def capacity(self) -> _Capacity:
+        return _Capacity(self.KV_TOKENS, self.KV_TOKENS, 0, len(self._live), 0, self.max_num_seqs)
+
+
+# --- arq side ---------------------------------------------------------------------------------
+
+
+async def noop(ctx: dict[str, Any], messages: Any) -> str:
+    return "ok"
+
+
+def _arq_settings(url: str) -> Any:
+    from arq.connections import RedisSettings
+
+    return RedisSettings.from_dsn(url)
+
+
+def _packb(obj: Any) -> bytes:
+    import msgpack
+
+    packed: bytes = msgpack.packb(obj, use_bin_type=True, datetime=True)
+    return packed
+
+
+def _unpackb(data: bytes) -> Any:
+    import msgpack
+
+    return msgpack.unpackb(data, raw=False, timestamp=3)
+
+
+def run_arq_worker(url: str, max_jobs: int, poll_delay_s: float) -> None:
+    from arq.worker import Worker, func
+
+    worker = Worker(
+        functions=[func(noop, name="noop")], redis_settings=_arq_settings(url),
+        queue_name=ARQ_QUEUE, job_serializer=_packb, job_deserializer=_unpackb,
+        max_jobs=max_jobs, poll_delay=poll_delay_s, keep_result=3600, log_results=False,
+        handle_signals=True,
+    )  # fmt: skip
+    worker.run()
+
+
+# --- measuring --------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    system: str
+    mode: str
+    requests: int
+    seconds: float
+    latencies_ms: list[float]
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    def pct(self, q: float) -> float:
+        xs = sorted(self.latencies_ms)
+        return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] if xs else float("nan")
+
+
+async def _bounded(n: int, concurrency: int, one: Callable[[int], Awaitable[str]]) -> list[str]:
+    sem = asyncio.Semaphore(concurrency)
+    out: list[str] = [""] * n
+
+    async def run(i: int) -> None:
+        async with sem:
+            out[i] = await one(i)
+
+    await asyncio.gather(*(run(i) for i in range(n)))
+    return out
+
+
+async def _all_exist(redis: Any, keys: list[str], poll_s: float = 0.002) -> float:
+    """Wait until every key exists; returns when the first one appeared (perf_counter).
+
+    Both systems serve roughly in order, so poll the first and the last key (one EXISTS per
+    poll, cheap for the machine under test), then sweep the rest."""
+    while not await redis.exists(keys[0]):
+        await asyncio.sleep(poll_s)
+    first_s = time.perf_counter()
+    while not await redis.exists(keys[-1]):
+        await asyncio.sleep(poll_s)
+    left = list(keys)
+    while left:
+        pipe = redis.pipeline(transaction=False)
+        for k in left:
+            pipe.exists(k)
+        flags = await pipe.execute()
+        left = [k for k, f in zip(left, flags, strict=True) if not f]
+        if left:
+            await asyncio.sleep(poll_s)
+    return first_s
+
+
+async def chatq_end_to_end(url: str, n: int, concurrency: int, n_lat: int) -> Row:
+    """Producers (ChatClient.submit) and the worker run together; then one at a time."""
+    from producer.client import ChatClient
+    from producer.keys import Keys
+
+    keys = Keys()
+    async with ChatClient(url) as client:
+        await client.chat(MESSAGES, model=MODEL, max_tokens=1, timeout_s=60)  # warm-up
+        t0 = time.perf_counter()
+        ids = await _bounded(
+            n, concurrency, lambda i: client.submit(MESSAGES, model=MODEL, max_tokens=1)
+        )
+        await _all_exist(client.redis, [keys.final(rid) for rid in ids])
+        seconds = time.perf_counter() - t0
+        for rid in ids[:: max(1, n // 50)]:  # spot-check answers
+            res = await client.result(rid, timeout_s=10)
+            assert res.usage.completion_tokens == 1 and res.finish_reason == "length"
+        latencies = []
+        for _ in range(n_lat):
+            t = time.perf_counter()
+            await client.chat(MESSAGES, model=MODEL, max_tokens=1, timeout_s=10)
+            latencies.append((time.perf_counter() - t) * 1000)
+    return Row("chatq", "end to end", n, seconds, latencies)
+
+
+async def chatq_fill(url: str, n: int) -> list[str]:
+    """Queue ``n`` requests (ENQUEUE pipelined, no worker running); their final keys."""
+    from producer.calls import build_envelope, enqueue_call
+    from producer.client import ChatClient
+
+    async with ChatClient(url) as client:
+        await client.redis.script_load(client._enqueue.script)
+        finals = []
+        for start in range(0, n, 500):
+            pipe = client.redis.pipeline(transaction=False)
+            for _ in range(start, min(n, start + 500)):
+                env, payload = build_envelope(client.settings, MESSAGES, model=MODEL, max_tokens=1)
+                k, a = enqueue_call(client.keys, client.settings, env, payload)
+                pipe.evalsha(client._enqueue.sha, len(k), *k, *a)
+                finals.append(client.keys.final(env.id))
+            await pipe.execute()
+    return finals
+
+
+async def _arq_result(job: Any, poll_delay_s: float) -> Any:
+    """Poll like ``Job.result(poll_delay=...)``; arq 0.25's own ``result()`` raises
+    ResultNotFound when it looks while the job is running (neither queued nor finished)."""
+    while True:
+        info = await job.result_info()
+        if info is not None:
+            return info
+        await asyncio.sleep(poll_delay_s)
+
+
+async def _arq_pool(url: str) -> Any:
+    from arq.connections import create_pool
+
+    return await create_pool(
+        _arq_settings(url),
+        job_serializer=_packb,
+        job_deserializer=_unpackb,
+        default_queue_name=ARQ_QUEUE,
+    )
+
+
+async def arq_end_to_end(
+    url: str, n: int, concurrency: int, n_lat: int, poll_delay_s: float
+) -> Row:
+    from arq.constants import result_key_prefix
+
+    pool = await _arq_pool(url)
+    try:
+        warm = await pool.enqueue_job("noop", MESSAGES)
+        assert warm is not None
+        await _arq_result(warm, poll_delay_s)
+
+        async def submit(i: int) -> str:
+            job = await pool.enqueue_job("noop", MESSAGES)
+            assert job is not None
+            return str(job.job_id)
+
+        t0 = time.perf_counter()
+        ids = await _bounded(n, concurrency, submit)
+        await _all_exist(pool, [result_key_prefix + jid for jid in ids])
+        seconds = time.perf_counter() - t0
+        latencies = []
+        for _ in range(n_lat):
+            t = time.perf_counter()
+            job = await pool.enqueue_job("noop", MESSAGES)
+            assert job is not None
+            assert (await _arq_result(job, poll_delay_s)).result == "ok"
+            latencies.append((time.perf_counter() - t) * 1000)
+    finally:
+        await pool.aclose()
+    return Row("arq (no-op job)", "end to end", n, seconds, latencies)
+
+
+async def arq_fill(url: str, n: int, concurrency: int) -> list[str]:
+    from arq.constants import result_key_prefix
+
+    pool = await _arq_pool(url)
+    try:
+
+        async def submit(i: int) -> str:
+            job = await pool.enqueue_job("noop", MESSAGES)
+            assert job is not None
+            return result_key_prefix + str(job.job_id)
+
+        return await _bounded(n, concurrency, submit)
+    finally:
+        await pool.aclose()
+
+
+async def drain_rate(url: str, system: str, result_keys: list[str]) -> Row:
+    """Worker alone on a full queue: first result → last result."""
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(url)
+    try:
+        first_s = await _all_exist(redis, result_keys)
+        seconds = time.perf_counter() - first_s
+    finally:
+        await redis.aclose()
+    return Row(system, "drain a full queue", len(result_keys) - 1, seconds, [])
+
+
+def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        args,
+        cwd=REPO,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+async def _wait_heartbeat(url: str, name: str, proc: subprocess.Popen[bytes]) -> None:
+    from redis.asyncio import Redis
+
+    from producer.keys import Keys
+
+    redis = Redis.from_url(url)
+    try:
+        while not await redis.exists(Keys().heartbeat(name)):
+            if proc.poll() is not None:
+                raise RuntimeError("chatq worker exited; see its log")
+            await asyncio.sleep(0.1)
+    finally:
+        await redis.aclose()
+
+
+def run(args: argparse.Namespace, url: str, workdir: Path) -> list[Row]:
+    from tests.checkpoints import build_tokenizer
+
+    tok_dir = workdir / "tokenizer"
+    if not tok_dir.exists():
+        build_tokenizer(tok_dir)  # the worker applies a real chat template and tokenizes
+    chatq_cmd = [
+        sys.executable, "-m", "workers.cli", "--log-level", "WARNING", "worker",
+        "--model", str(tok_dir), "--served-model-name", MODEL, "--redis", url,
+        "--name", "bench-worker", "--max-num-seqs", str(args.max_num_seqs),
+        "--engine-factory", "bench.queue_throughput:ZeroCostEngine.from_options",
+    ]  # fmt: skip
+    arq_cmd = [
+        sys.executable, str(Path(__file__).resolve()), "--arq-worker", "--redis", url,
+        "--arq-max-jobs", str(args.arq_max_jobs), "--arq-poll-delay-s", str(args.arq_poll_delay_s),
+    ]  # fmt: skip
+    n, conc, n_lat = args.requests, args.concurrency, args.latency_requests
+    rows: list[Row] = []
+
+    worker = _spawn(chatq_cmd, workdir / "chatq-worker.log")
+    try:
+        asyncio.run(_wait_heartbeat(url, "bench-worker", worker))
+        rows.append(asyncio.run(chatq_end_to_end(url, n, conc, n_lat)))
+    finally:
+        _stop(worker)
+    finals = asyncio.run(chatq_fill(url, n))
+    worker = _spawn(chatq_cmd, workdir / "chatq-worker.log")
+    try:
+        rows.append(asyncio.run(drain_rate(url, "chatq", finals)))
+    finally:
+        _stop(worker)
+
+    arq_worker = _spawn(arq_cmd, workdir / "arq-worker.log")
+    try:
+        time.sleep(1.0)
+        rows.append(asyncio.run(arq_end_to_end(url, n, conc, n_lat, args.arq_poll_delay_s)))
+    finally:
+        _stop(arq_worker)
+    results = asyncio.run(arq_fill(url, n, conc))
+    arq_worker = _spawn(arq_cmd, workdir / "arq-worker.log")
+    try:
+        rows.append(asyncio.run(drain_rate(url, "arq (no-op job)", results)))
+    finally:
+        _stop(arq_worker)
+    return rows
+
+
+def best(runs: list[list[Row]]) -> list[Row]:
+    """Per row, the repeat with the most requests/s (the machine is shared: less noise)."""
+    return [max(group, key=lambda r: r.rps) for group in zip(*runs, strict=True)]
+
+
+def table(rows: list[Row]) -> str:
+    lines = [
+        "| system | mode | requests | seconds | requests/s | p50 ms | p99 ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lat = f"{r.pct(0.5):.2f} | {r.pct(0.99):.2f}" if r.latencies_ms else "- | -"
+        lines.append(
+            f"| {r.system} | {r.mode} | {r.requests} | {r.seconds:.2f} | {r.rps:,.0f} | {lat} |"
+        )
+    by = {(r.system.split()[0], r.mode): r for r in rows}
+    lines.append("")
+    for mode in ("end to end", "drain a full queue"):
+        if ("chatq", mode) in by and ("arq", mode) in by:
+            ratio = by[("chatq", mode)].rps / by[("arq", mode)].rps
+            lines.append(f"- chatq / arq requests/s, {mode}: {ratio:.1f}x")
+    e2e = by.get(("chatq", "end to end"))
+    if e2e is not None:
+        lines.append(
+            f"- chatq latency added by the queue, one request at a time: "
+            f"p50 {e2e.pct(0.5):.2f} ms, p99 {e2e.pct(0.99):.2f} ms "
+            f"(mean {statistics.fmean(e2e.latencies_ms):.2f} ms)"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--redis", help="Redis URL (default: a private server)")
+    p.add_argument("--requests", type=int, default=5000)
+    p.add_argument("--concurrency", type=int, default=64, help="producer calls in flight")
+    p.add_argument("--latency-requests", type=int, default=300)
+    p.add_argument("--repeats", type=int, default=1, help="keep the best of N runs per row")
+    p.add_argument("--max-num-seqs", type=int, default=512)
+    p.add_argument("--arq-max-jobs", type=int, default=512)
+    p.add_argument("--arq-poll-delay-s", type=float, default=0.005)
+    p.add_argument("--arq-worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.arq_worker:
+        run_arq_worker(args.redis, args.arq_max_jobs, args.arq_poll_delay_s)
+        return 0
+    from workers.redis_server import RedisServer
+
+    runs: list[list[Row]] = []
+    with tempfile.TemporaryDirectory(prefix="chatq-bench-") as tmp:
+        for _ in range(args.repeats):
+            if args.redis:
+                runs.append(run(args, args.redis, Path(tmp)))
+            else:
+                with RedisServer() as server:
+                    runs.append(run(args, server.url, Path(tmp)))
+    print(table(best(runs)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
