@@ -184,17 +184,24 @@ class BlockManager:
     def can_append(self, seq: Sequence) -> bool:
         return self.blocks_needed_to_append(seq) <= self.num_free_blocks
 
-    def try_append(self, seq: Sequence) -> bool:
-        """``append(seq)`` if ``can_append(seq)``; whether it did. One call on the decode
-        path, which runs for every running sequence each step."""
+    def try_append(self, seq: Sequence, cache: bool = False) -> bool:
+        """``append(seq)`` if ``can_append(seq)``; whether it did. With ``cache``, a
+        successful append is followed by ``cache_blocks(seq, seq.num_tokens)``. One call on
+        the decode path, which runs for every running sequence each step."""
         table = seq.block_table
-        need = -(-len(seq.token_ids) // self.block_size) - len(table)
-        if need <= 0:
-            return True
-        if need > len(self._free_plain) + len(self._free_cached):
-            return False
-        for _ in range(need):
-            table.append(self._take_free_block())
+        num_tokens = len(seq.token_ids)
+        need = -(-num_tokens // self.block_size) - len(table)
+        if need > 0:
+            if need > len(self._free_plain) + len(self._free_cached):
+                return False
+            for _ in range(need):
+                table.append(self._take_free_block())
+        if (
+            cache
+            and self.enable_prefix_caching
+            and num_tokens // self.block_size > self._registered.get(seq.request_id, 0)
+        ):
+            self.cache_blocks(seq, num_tokens)
         return True
 
     def append(self, seq: Sequence) -> None:

@@ -176,6 +176,7 @@ class DecodeGraphs:
             return None
         mirror = self._mirror
         mirror.reserve(n)
+        row_of, source, written = mirror._row_of, mirror._source, mirror._written
         token_ids: list[int] = []
         positions: list[int] = []
         rows: list[int] = []
@@ -184,9 +185,13 @@ class DecodeGraphs:
             toks = seq.token_ids
             if p + 1 != len(toks):
                 return None
-            r = mirror.row(seq.request_id, seq.block_table)
-            if r < 0:
-                return None
+            table = seq.block_table
+            r = row_of.get(seq.request_id, -1)
+            # Inlined fast path of mirror.row: the row already holds this table.
+            if r < 0 or source[r] is not table or written[r] != len(table):
+                r = mirror.row(seq.request_id, table)
+                if r < 0:
+                    return None
             token_ids.append(toks[p])
             positions.append(p)
             rows.append(r)

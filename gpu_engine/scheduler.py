@@ -21,10 +21,15 @@ from __future__ import annotations
 from collections.abc import Iterable
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from gpu_engine.block_manager import BlockManager
 from gpu_engine.config import EngineConfig
 from gpu_engine.sequence import InvalidRequestError, Sequence, SequenceStatus
+
+_priority = attrgetter("priority")
+_last_scheduled = attrgetter("last_scheduled_time")
+_arrival = attrgetter("arrival_time")
 
 
 @dataclass
@@ -117,14 +122,21 @@ class Scheduler:
         # Running sequences, most urgent first; aging from the last time each was served
         # makes equal-priority sequences take turns when the token budget is short. The key
         # is ``Sequence.effective_priority`` inlined (same float operations, so the same
-        # order): this sort runs over every running sequence each step.
-        order = sorted(
-            self.running,
-            key=lambda s: (
-                -(s.priority + max(0.0, now - s.last_scheduled_time) / aging_s),
-                s.arrival_time,
-            ),
-        )
+        # order): this sort runs over every running sequence each step. When all share one
+        # priority and one last-served time (the steady state: every one was served last
+        # step) the first part of the key is the same for all, and arrival time alone gives
+        # the same order (sorted is stable).
+        running = self.running
+        if len(set(map(_priority, running))) <= 1 and len(set(map(_last_scheduled, running))) <= 1:
+            order = sorted(running, key=_arrival)
+        else:
+            order = sorted(
+                running,
+                key=lambda s: (
+                    -(s.priority + max(0.0, now - s.last_scheduled_time) / aging_s),
+                    s.arrival_time,
+                ),
+            )
         for seq in order:
             if seq.status is not running_status or (
                 len(seq.token_ids) - seq.num_computed_tokens != 1
@@ -132,13 +144,13 @@ class Scheduler:
                 continue
             if budget == 0:
                 break
-            # try_append is append-if-can_append; only a decode that finds no free block
-            # takes the preemption path.
-            if not bm.try_append(seq):
+            # try_append is append-if-can_append (then cache_blocks); only a decode that
+            # finds no free block takes the preemption path.
+            if not bm.try_append(seq, cache=True):
                 if not self._make_room_to_append(seq, order, scheduled, preempted, finished):
                     continue
                 bm.append(seq)
-            bm.cache_blocks(seq, len(seq.token_ids))
+                bm.cache_blocks(seq, len(seq.token_ids))
             decodes.append(seq)
             scheduled.add(id(seq))
             budget -= 1
