@@ -15,6 +15,7 @@ Scenarios (both by default):
   randint(100, 1024), temperature 0.6) run to completion; per-step means over every step.
 
     .venv/bin/python bench/host_overhead.py [--steps 300] [--scenario decode] [--profile]
+        [--eager-decode]   # also decode steps through prepare() (no graphs: CPU, TP ranks)
 
 Prints one table: milliseconds per step of each phase (median over steps for ``decode``,
 mean for ``nano``). ``other`` is ``LLMEngine.step`` minus the listed phases (StepOutput
@@ -99,7 +100,7 @@ class PhaseTimer:
         return outs
 
 
-def build_engine(root: Path, max_model_len: int) -> LLMEngine:
+def build_engine(root: Path, max_model_len: int, graphs_path: bool = True) -> LLMEngine:
     path = root / "tiny-qwen3"
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(TINY_QWEN3))
@@ -118,6 +119,8 @@ def build_engine(root: Path, max_model_len: int) -> LLMEngine:
         return torch.zeros(input_ids.shape[0], hidden)
 
     runner._run_eager = no_forward  # type: ignore[method-assign]
+    if not graphs_path:  # decode steps through prepare(), as tensor-parallel ranks run them
+        return engine
     # The device's decode path: static buffers staged from host lists, graph replay (a no-op).
     graphs = DecodeGraphs(
         runner.model, 256, runner.max_model_len, runner.block_size, hidden, runner.dtype,
@@ -128,8 +131,8 @@ def build_engine(root: Path, max_model_len: int) -> LLMEngine:
     return engine
 
 
-def run_decode(root: Path, steps: int, profile: bool) -> dict[str, float]:
-    engine = build_engine(root, 4096)
+def run_decode(root: Path, steps: int, profile: bool, graphs: bool) -> dict[str, float]:
+    engine = build_engine(root, 4096, graphs)
     seed(0)
     for i in range(256):
         prompt = [randint(2, 63) for _ in range(randint(100, 2000))]
@@ -177,14 +180,19 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=300, help="timed decode steps")
     ap.add_argument("--scenario", choices=("decode", "nano", "both"), default="both")
     ap.add_argument("--profile", action="store_true", help="cProfile the decode steps")
+    ap.add_argument(
+        "--eager-decode", action="store_true", help="also time decode steps through prepare()"
+    )
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows: list[tuple[str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         if args.scenario in ("decode", "both"):
-            rows.append(
-                ("decode, 256 seqs (median)", run_decode(Path(tmp), args.steps, args.profile))
-            )
+            res = run_decode(Path(tmp), args.steps, args.profile, graphs=True)
+            rows.append(("decode, 256 seqs (median)", res))
+            if args.eager_decode:
+                res = run_decode(Path(tmp), args.steps, args.profile, graphs=False)
+                rows.append(("decode via prepare(), 256 seqs (median)", res))
         if args.scenario in ("nano", "both"):
             res, n = run_nano(Path(tmp))
             rows.append((f"nano-vllm shape, {n} steps (mean)", res))
