@@ -129,6 +129,7 @@ class Aggregator:
         )
         self._finish(req)
         self.writer.final(req.entry, req.request_id, done, req.backlog_cost_tokens)
+        self._ack_duplicates(req)
         self.metrics.completed += 1
         self.metrics.observe_latency_ms(done.timings.total_ms)
 
@@ -136,6 +137,7 @@ class Aggregator:
         """Answer an admitted request with an ``error`` (the caller aborts the engine side)."""
         self._finish(req)
         self.writer.error(req.entry, req.request_id, code, message, req.backlog_cost_tokens)
+        self._ack_duplicates(req)
         self.metrics.count_error(code)
 
     def cancel(self, request_id: str) -> bool:
@@ -150,7 +152,11 @@ class Aggregator:
     def _finish(self, req: InflightRequest) -> None:
         req.finished = True
         self.admission.release(req)
-        for dup in req.duplicates:  # same request id queued twice: ack the copies too
+
+    def _ack_duplicates(self, req: InflightRequest) -> None:
+        """Same request id queued twice: FINALIZE the copies after the original's final, so
+        they only ack (the final marker exists by then)."""
+        for dup in req.duplicates:
             self.writer.final(dup, req.request_id, _ALREADY, 0)
 
 

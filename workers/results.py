@@ -180,7 +180,7 @@ class ResultWriter:
                 elif isinstance(reply, list) and -1 in reply:
                     log.error("FINALIZE failed for %d requests of a batch", reply.count(-1))
             self.finals_written += sum(
-                sum(int(x) for x in r)
+                sum(1 for x in r if x == 1)
                 for r in replies[len(replies) - _calls(len(finals)) :]
                 if isinstance(r, list)
             )

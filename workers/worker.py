@@ -33,6 +33,8 @@ from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.keys import Keys
 from workers.admission import Admission
@@ -235,24 +237,34 @@ class Worker:
         interval_s = self.settings.heartbeat_interval_s
         while True:
             started = time.monotonic()
-            await reclaimer.beat(info())
-            if not intake.stopping.is_set():
-                claimed = await reclaimer.reclaim(self.model)
-                if claimed:
-                    entries = [_entry_from_claim(c, intake.lanes) for c in claimed]
-                    self.metrics.claimed += len(entries)
-                    log.info("%s: claimed %d entries from dead workers", self.name, len(entries))
-                    await intake.process(entries)
+            try:
+                await reclaimer.beat(info())
+                if not intake.stopping.is_set():
+                    claimed = await reclaimer.reclaim(self.model)
+                    if claimed:
+                        entries = [_entry_from_claim(c, intake.lanes) for c in claimed]
+                        self.metrics.claimed += len(entries)
+                        log.info("%s: claimed %d entries of dead workers", self.name, len(entries))
+                        await intake.process(entries)
+            except (RedisConnectionError, RedisTimeoutError) as err:
+                log.warning("%s: heartbeat/reclaim failed (%s); retrying", self.name, err)
             await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - started)))
 
     async def _cancels(self, redis: Redis, aggregator: Aggregator, intake: Intake) -> None:
         """Cancels of running requests: abort in the engine. Queued ones are skipped at intake."""
-        last = await redis.xrevrange(self.keys.cancel, count=1)
-        last_id: Any = last[0][0] if last else "0-0"
+        last_id: Any = None
         while True:
-            res: Any = await redis.xread(
-                {self.keys.cancel: last_id}, count=512, block=CANCEL_BLOCK_MS
-            )
+            try:
+                if last_id is None:  # only cancels from now on matter
+                    last = await redis.xrevrange(self.keys.cancel, count=1)
+                    last_id = last[0][0] if last else "0-0"
+                res: Any = await redis.xread(
+                    {self.keys.cancel: last_id}, count=512, block=CANCEL_BLOCK_MS
+                )
+            except (RedisConnectionError, RedisTimeoutError) as err:
+                log.warning("%s: cancel stream read failed (%s); retrying", self.name, err)
+                await asyncio.sleep(0.5)
+                continue
             any_hit = False
             for _, entries in res or []:
                 for entry_id, fields in entries:

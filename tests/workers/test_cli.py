@@ -96,7 +96,7 @@ def test_kill_9_mid_batch_every_request_completes_once_on_the_other_worker(
         results = [client.result(rid, timeout_s=120) for rid in ids]
     print(f"\nkill -9 → claimed: {claim_s:.2f} s ({held_by_wa} entries)")
     assert wa.wait(10) == -signal.SIGKILL
-    assert claim_s <= 3.5, f"claim took {claim_s:.2f} s"
+    assert claim_s <= 3.0, f"claim took {claim_s:.2f} s"
     assert sum(res.worker == "wb" for res in results) >= held_by_wa
     assert all(
         res.finish_reason == "length" and res.usage.completion_tokens == 600 for res in results

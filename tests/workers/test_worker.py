@@ -285,3 +285,19 @@ async def test_poison_entry_goes_to_dead_letters_after_max_deliveries(
         await _lanes_drained(redis_client)
         # ...and the worker goes on serving.
         assert (await client.chat(USER, model=MODEL, max_tokens=2, timeout_s=30)).worker == "tw"
+
+
+async def test_same_request_queued_twice_is_answered_once_and_both_entries_acked(
+    tiny_worker: ThreadWorker, redis_url: str, redis_client: Any
+) -> None:
+    env = make_envelope(USER, model=MODEL, request_id="twice-1", params=Params(max_tokens=30))
+    pipe = redis_client.pipeline(transaction=True)
+    for _ in range(2):
+        pipe.xadd(KEYS.requests(MODEL, "normal"), {STREAM_FIELD: encode_envelope(env)})
+    await pipe.execute()
+    async with ChatClient(redis_url) as client:
+        res = await client.result("twice-1", timeout_s=30)
+    assert res.usage.completion_tokens > 0
+    await _lanes_drained(redis_client)
+    assert len(await _finals(redis_client, "twice-1")) == 1
+    assert (await redis_client.xpending(KEYS.requests(MODEL, "normal"), GROUP))["pending"] == 0

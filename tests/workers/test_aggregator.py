@@ -1,0 +1,147 @@
+"""Turning engine outputs into results: result encoding, batched FINALIZE, stop strings."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from producer.keys import GROUP, STREAM_FIELD, Keys
+from producer.protocol import (
+    Chunk,
+    Done,
+    Error,
+    Params,
+    Timings,
+    Usage,
+    decode_result,
+    encode_envelope,
+    encode_result,
+    make_envelope,
+)
+from workers.admission import Admission
+from workers.aggregator import Aggregator
+from workers.detokenizer import IncrementalDetokenizer, fast_decoder
+from workers.engine_process import Capacity, EngineProcess, Output
+from workers.lanes import Entry
+from workers.metrics import Metrics
+from workers.request import InflightRequest
+from workers.results import ResultWriter, result_fields
+
+KEYS = Keys()
+MODEL = "m"
+LANE = KEYS.requests(MODEL, "normal")
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        Chunk(index=3, delta="héllo "),
+        Done(
+            text="Your order ships today.",
+            finish_reason="stop",
+            usage=Usage(12, 5, 4),
+            timings=Timings(1.5, 20.0, 90.25, 70.0),
+            worker="w1",
+        ),
+        Error(code="cancelled", message="cancelled by the requester", worker="w1"),
+    ],
+)
+def test_result_fields_match_the_protocol_encoder(entry: Any) -> None:
+    assert result_fields(entry) == encode_result(entry)
+    assert decode_result(result_fields(entry)) == entry
+
+
+async def _pending_entries(redis: Any, n: int) -> list[Entry]:
+    await redis.xgroup_create(LANE, GROUP, id="0", mkstream=True)
+    for i in range(n):
+        env = make_envelope([{"role": "user", "content": "hi"}], model=MODEL, request_id=f"r{i}")
+        await redis.xadd(LANE, {STREAM_FIELD: encode_envelope(env)})
+    res = await redis.xreadgroup(GROUP, "w1", {LANE: ">"}, count=n)
+    return [Entry(LANE, eid.decode(), fields, "normal") for eid, fields in res[0][1]]
+
+
+async def test_batched_finalize_writes_once_acks_all_and_isolates_failures(
+    redis_client: Any,
+) -> None:
+    entries = await _pending_entries(redis_client, 4)
+    await redis_client.hset(KEYS.backlog(MODEL), mapping={"tokens": 100, "requests": 4})
+    await redis_client.set(KEYS.final("r1"), "done")  # r1 was answered before
+    writer = ResultWriter(redis_client, KEYS, MODEL, "w1")
+    writer.chunk("r0", 0, "Hel")
+    writer.final(entries[0], "r0", Done(text="Hello", finish_reason="stop"), 30)
+    writer.final(entries[1], "r1", Done(text="again", finish_reason="stop"), 30)
+    writer.error(entries[2], "r2", "invalid_request", "bad", 0)  # cost 0 must work
+    writer.final(entries[3], "r3", Done(text="x", finish_reason="stop"), "nan")  # type: ignore[arg-type]
+    await writer.flush()
+    assert writer.pending == 0
+    r0 = [decode_result(f) for _, f in await redis_client.xrange(KEYS.result("r0"))]
+    assert r0 == [Chunk(0, "Hel"), Done(text="Hello", finish_reason="stop")]
+    assert await redis_client.xlen(KEYS.result("r1")) == 0  # not answered twice
+    r2 = [decode_result(f) for _, f in await redis_client.xrange(KEYS.result("r2"))]
+    assert r2 == [Error("invalid_request", "bad", "w1")]
+    # r3's arguments broke its FINALIZE mid-way; the others in the same call still landed.
+    pending = await redis_client.xpending(LANE, GROUP)
+    assert pending["pending"] == 0
+    assert await redis_client.xlen(LANE) == 0
+    backlog = await redis_client.hgetall(KEYS.backlog(MODEL))
+    assert int(backlog[b"tokens"]) == 70 and int(backlog[b"requests"]) == 2
+    assert writer.finals_written == 2
+
+
+def _request(detok: IncrementalDetokenizer, entry: Entry, stream: bool) -> InflightRequest:
+    env = make_envelope(
+        [{"role": "user", "content": "hi"}],
+        model=MODEL,
+        request_id="r0",
+        params=Params(max_tokens=64, stop=("login",)),
+        stream=stream,
+    )
+    return InflightRequest(
+        env=env,
+        entry=entry,
+        prompt_ids=[1, 2, 3],
+        cost_tokens=67,
+        backlog_cost_tokens=40,
+        level=1,
+        detok=detok,
+    )
+
+
+async def test_stop_string_finishes_aborts_and_streams_exactly_the_answer(
+    redis_client: Any, tiny_checkpoint: Callable[..., Path]
+) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_checkpoint("llama"))
+    (entry,) = await _pending_entries(redis_client, 1)
+    admission = Admission(
+        Capacity(1000, 1000, 0, 0, 0, 4), max_num_seqs=4, inflight_factor=1.0, headroom_tokens=0
+    )
+    # Not started: commands for the engine stay in its outbox, where the test reads them.
+    engine = EngineProcess("x:y", "", {}, on_outputs=lambda o, c: None, on_fatal=lambda m: None)
+    writer = ResultWriter(redis_client, KEYS, MODEL, "w1")
+    agg = Aggregator(writer, admission, engine, Metrics("w1", MODEL), "w1")
+    req = _request(IncrementalDetokenizer(fast_decoder(tok), [1, 2, 3], ("login",)), entry, True)
+    admission.admit(req)
+    ids = tok("To reset your password, open the login page.", add_special_tokens=False)
+    for i, token in enumerate(ids["input_ids"]):
+        agg._handle(Output("r0", [token], False, None, 3, 0), 0.0)
+        if i % 3 == 2:
+            await writer.flush()
+    await writer.flush()
+    results = [decode_result(f) for _, f in await redis_client.xrange(KEYS.result("r0"))]
+    final = results[-1]
+    assert isinstance(final, Done) and final.finish_reason == "stop"
+    assert final.text == "To reset your password, open the "
+    assert "".join(r.delta for r in results[:-1] if isinstance(r, Chunk)) == final.text
+    assert [r.index for r in results[:-1] if isinstance(r, Chunk)] == list(range(len(results) - 1))
+    assert engine._inbox.get_nowait() == [["abort", "r0"]]  # stopped in the engine too
+    assert engine._inbox.empty()
+    assert not admission.admitted and admission.committed_tokens == 0
+    # A late output for the finished request changes nothing.
+    agg._handle(Output("r0", [5], True, "abort", 3, 0), 0.0)
+    await writer.flush()
+    assert await redis_client.xlen(KEYS.result("r0")) == len(results)
