@@ -13,7 +13,7 @@ captured). Mixed and prefill steps run eagerly.
 ``stage_and_run`` fills the static inputs straight from the scheduled sequences: two pinned
 host buffers (int64: token ids, positions, slots; int32: context lengths, block tables) whose
 layout mirrors the device buffers, so a decode step costs two host-to-device copies and one
-replay. Block tables come from a host mirror updated incrementally (``_TableMirror``): a
+replay. Block tables come from a host mirror updated incrementally (``BlockTableMirror``): a
 step writes only blocks appended since the sequence's previous step, then one numpy gather
 fills the staged rows; slots and lengths are computed in numpy from the positions.
 """
@@ -27,56 +27,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from gpu_engine.block_tables import BlockTableMirror
 from gpu_engine.context import forward_context
 from gpu_engine.layers.base import AttentionMetadata
 from gpu_engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
-
-
-class _TableMirror:
-    """Block tables of recently staged sequences as one int32 array [rows, max_blocks].
-
-    A row per request id, kept across steps: a decode step writes only the blocks its
-    sequence gained since its last step (one sequence in ``block_size`` gains one), instead
-    of converting every sequence's list (~100 ids each at 256 sequences: ~0.4 ms per step).
-    Relies on the block manager's contract: while a sequence holds blocks its
-    ``block_table`` list only grows by appends; allocation (also after a preemption) and
-    ``free`` install a new list, which the identity check notices. Rows are never freed one
-    by one: when a step would overflow, every row is dropped and rewritten once.
-    """
-
-    def __init__(self, num_rows: int, max_blocks: int) -> None:
-        self.tables = np.zeros((num_rows, max_blocks), dtype=np.int32)
-        self.max_blocks = max_blocks
-        self._row_of: dict[str, int] = {}
-        self._source: list[list[int] | None] = [None] * num_rows  # the list mirrored per row
-        self._written: list[int] = [0] * num_rows  # ids of that list already in the row
-
-    def reserve(self, num_seqs: int) -> None:
-        """Make room for ``num_seqs`` sequences not seen before (call before ``row``)."""
-        if len(self._row_of) + num_seqs > len(self._source):
-            self._row_of.clear()
-            self._source = [None] * len(self._source)
-
-    def row(self, request_id: str, table: list[int]) -> int:
-        """The row holding ``table`` (updated if it grew or changed); -1 if too wide."""
-        r = self._row_of.get(request_id)
-        if r is None:
-            r = self._row_of[request_id] = len(self._row_of)
-        n = len(table)
-        if self._source[r] is table:
-            k = self._written[r]
-            if k == n:
-                return r
-        else:
-            self._source[r], k = table, 0
-        if n > self.max_blocks:
-            self._source[r] = None
-            return -1
-        self.tables[r, k:n] = table[k:]
-        self._written[r] = n
-        return r
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -122,7 +78,7 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pool: tuple[int, int] | None = None
         # Room for this batch and the next few generations of requests before a rewrite.
-        self._mirror = _TableMirror(4 * max_bs, max_blocks)
+        self._mirror = BlockTableMirror(4 * max_bs, max_blocks)
 
     def _meta(self, bs: int) -> AttentionMetadata:
         # Host fields describe the worst case the graph must serve (the Triton backend sizes
