@@ -78,6 +78,8 @@ class Sequence:
     arrival_time: float = 0.0
     token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
+    # Grows only by append while held; the block manager installs a new list on allocate and
+    # free (gpu_engine.block_tables.BlockTableMirror notices a new table by identity).
     block_table: list[int] = field(default_factory=list)
     # Chained content hashes of this sequence's full blocks (filled lazily by the block
     # manager; valid because tokens are only ever appended).
