@@ -143,16 +143,6 @@ def engine_alone(model_dir: Path, reqs: list[ChatRequest], args: argparse.Namesp
     )
 
 
-def _free_gpu() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def start_worker(redis_url: str, model_dir: Path, args: argparse.Namespace, log: Path) -> Any:
     cmd = [
         sys.executable,
@@ -205,6 +195,7 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
     p.add_argument("--drain-timeout-s", type=float, default=900.0)
     p.add_argument("--answer-tokens", type=int, nargs=2, default=(50, 400))
+    p.add_argument("--alone-json", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -225,8 +216,14 @@ def main() -> None:
         system_tokens=args.system_tokens,
         answer_tokens=tuple(args.answer_tokens),
     )
-    alone = engine_alone(model_dir, probe, args)
-    _free_gpu()  # the engine went out of scope with engine_alone; give its memory back
+    if args.alone_json is not None:  # child mode: engine alone, result to a file, exit
+        args.alone_json.write_text(json.dumps(engine_alone(model_dir, probe, args)))
+        return
+    # The engine-alone pass runs in its own process so its GPU memory is surely returned
+    # before the worker sizes its KV cache from free memory.
+    alone_path = args.out / "alone.json"
+    subprocess.run([sys.executable, *sys.argv, "--alone-json", str(alone_path)], check=True)
+    alone = json.loads(alone_path.read_text())
     capacity_rps = alone["req_s"]
     print(
         f"engine alone: {alone['tok_s']:.0f} tok/s, capacity {capacity_rps:.1f} req/s", flush=True

@@ -1,0 +1,144 @@
+"""Throughput through the queue on 1 GPU vs N GPUs of one host, same requests, same run.
+
+Starts a private Redis, then for each GPU set (``--gpu-sets 0 0,1``) one
+``chatq worker --gpus SET`` (one engine process per GPU, all in one consumer group), submits
+the same seeded customer-service requests at once, and measures output tokens/s from the
+first submit to the last final result. Prints one table; writes multi_gpu_queue.json.
+
+    python bench/multi_gpu_queue.py --out out/mgq --tokenizer .cache/tok-smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.spike import PRESETS, build_model
+from bench.spike_drive import drive
+from bench.workload import make_requests
+
+
+def run_set(url: str, model_dir: Path, gpus: str, reqs: list[Any], args: Any) -> dict[str, Any]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "workers.cli",
+        "worker",
+        "--model",
+        str(model_dir),
+        "--redis",
+        url,
+        "--name",
+        f"mg-{gpus.replace(',', '_')}",
+        "--served-model-name",
+        "mg",
+        "--gpus",
+        gpus,
+        "--max-num-seqs",
+        str(args.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(args.max_num_batched_tokens),
+    ]
+    log = (args.out / f"worker-{gpus.replace(',', '_')}.log").open("w")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    worker = subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parents[1]
+    )
+    try:
+        opts = SimpleNamespace(calm_s=1e9, burst_s=0.0, drain_timeout_s=args.timeout_s)
+        n_gpus = len(gpus.split(","))
+        # Wait until every GPU's engine has its heartbeat before the clock starts.
+        asyncio.run(_wait_workers(url, n_gpus, worker))
+        start = time.monotonic()
+        run = asyncio.run(drive(url, "mg", reqs, [0.0] * len(reqs), opts, worker))
+        wall = time.monotonic() - start
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+        log.close()
+    recs = [r for r in run["records"] if "error" not in r]
+    first = min(r["sent_s"] for r in recs)
+    last = max(r["done_s"] for r in recs)
+    tokens = sum(r["tokens"] for r in recs)
+    return dict(
+        gpus=gpus,
+        requests=len(recs),
+        errors=run["counts"]["errors"],
+        duplicates=run["counts"]["duplicates"],
+        tokens=tokens,
+        seconds=last - first,
+        tok_s=tokens / (last - first),
+        wall_s=wall,
+    )
+
+
+async def _wait_workers(url: str, n: int, worker: Any, timeout_s: float = 600) -> None:
+    import redis.asyncio as aioredis
+
+    from producer.keys import Keys
+
+    r = aioredis.Redis.from_url(url)
+    try:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if worker.poll() is not None:
+                raise RuntimeError(f"worker exited with {worker.returncode}")
+            if len(await r.keys(Keys().heartbeat_pattern())) >= n:
+                return
+            await asyncio.sleep(0.2)
+        raise RuntimeError("workers did not become ready")
+    finally:
+        await r.aclose()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="qwen2.5-1.5b")
+    p.add_argument("--tokenizer", type=Path, required=True)
+    p.add_argument("--gpu-sets", nargs="+", default=["0", "0,1"])
+    p.add_argument("--requests", type=int, default=3000)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument("--timeout-s", type=float, default=400.0)
+    p.add_argument("--device", default="cuda")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    from transformers import AutoTokenizer
+
+    from workers.redis_server import RedisServer
+
+    model_dir = build_model(args.out, args.preset, args.tokenizer, args.device)
+    reqs = make_requests(AutoTokenizer.from_pretrained(model_dir), args.requests, seed=3)
+    rows = []
+    with RedisServer() as server:
+        for gpus in args.gpu_sets:
+            rows.append(run_set(server.url, model_dir, gpus, reqs, args))
+            print(rows[-1], flush=True)
+    base = rows[0]["tok_s"]
+    (args.out / "multi_gpu_queue.json").write_text(json.dumps(rows, indent=1))
+    print("| GPUs | requests | output tokens | seconds | tok/s | vs first | errors | dup |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['gpus']} | {r['requests']} | {r['tokens']:,} | {r['seconds']:.1f} | "
+            f"{r['tok_s']:,.0f} | {r['tok_s'] / base:.2f}x | {r['errors']} | {r['duplicates']} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
