@@ -49,6 +49,13 @@ class EngineConfig:
     admission_watermark: float = 0.01
     # Run every step eagerly (the GPU fast path may capture decode steps as CUDA graphs).
     enforce_eager: bool = False
+    # Decode-only steps replay CUDA graphs; a step that also starts a prompt runs eagerly and
+    # costs several decode steps. So while every running sequence is decoding, new prompts
+    # are let in in groups of at least ``admit_min_seqs`` (or all that wait), unless the
+    # oldest has waited ``admit_max_delay_s``. None = max_num_seqs // 16 when decode steps
+    # are graph-captured, else 1 (admit at once).
+    admit_min_seqs: int | None = None
+    admit_max_delay_s: float = 0.05
     # "auto": safetensors from the model directory; "random": random weights built on the
     # device from config.json alone (benchmarks of model shapes without a checkpoint).
     load_format: str = "auto"
@@ -94,6 +101,12 @@ class EngineConfig:
             raise ConfigError("priority_aging_s must be > 0")
         if not 0.0 <= self.admission_watermark < 1.0:
             raise ConfigError("admission_watermark must be in [0, 1)")
+        if self.admit_min_seqs is not None and (
+            not isinstance(self.admit_min_seqs, int) or self.admit_min_seqs < 1
+        ):
+            raise ConfigError("admit_min_seqs must be a positive int or None")
+        if self.admit_max_delay_s < 0:
+            raise ConfigError("admit_max_delay_s must be >= 0")
 
     @classmethod
     def from_options(cls, model: str, **options: Any) -> EngineConfig:

@@ -73,6 +73,9 @@ class Scheduler:
         self.num_computed_prompt_tokens = 0
         self._num_with_deadline = 0  # live sequences with a deadline (0: skip _expire)
         self._watermark_blocks = int(config.admission_watermark * block_manager.num_blocks)
+        # Admission grouping (see EngineConfig.admit_min_seqs); the engine sets the resolved
+        # value once it knows whether decode steps are graph-captured.
+        self.admit_min_seqs = config.admit_min_seqs or 1
 
     # -- requests ------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -168,7 +171,7 @@ class Scheduler:
                     scheduled.add(id(seq))
                     budget -= chunk
 
-        if not preempted:
+        if not preempted and not self._hold_admission(now, prefills, decodes):
             budget = self._admit(now, budget, prefills)
 
         batch_prefills = [(s, n) for s, n in prefills if n > 1]
@@ -184,6 +187,23 @@ class Scheduler:
             finished=finished,
             preempted=preempted,
         )
+
+    def _hold_admission(
+        self, now: float, prefills: list[tuple[Sequence, int]], decodes: list[Sequence]
+    ) -> bool:
+        """Keep waiting prompts out of a decode-only step until a group can start together.
+
+        Only while every running sequence is decoding (a step with a prefill chunk runs
+        eagerly anyway, so admitting then costs nothing extra) and nothing waiting is older
+        than ``admit_max_delay_s``.
+        """
+        if self.admit_min_seqs <= 1 or not self.waiting or not decodes or prefills:
+            return False
+        free_slots = self.config.max_num_seqs - len(self.running)
+        if free_slots >= min(self.admit_min_seqs, len(self.waiting)):
+            return False
+        oldest = min(s.arrival_time for s in self.waiting)
+        return now - oldest < self.config.admit_max_delay_s
 
     def _admit(self, now: float, budget: int, prefills: list[tuple[Sequence, int]]) -> int:
         aging_s = self.config.priority_aging_s

@@ -334,3 +334,42 @@ def test_random_workloads_exercise_preemption_and_prefix_hits() -> None:
     sims = [run_workload(seed, 8, 2, 16, 6, 12, True) for seed in range(10)]
     assert sum(s.scheduler.num_preemptions for s in sims) > 0
     assert sum(s.bm.prefix_hit_tokens for s in sims) > 0
+
+
+def test_admission_grouped_while_all_running_decode() -> None:
+    """With graph-captured decodes, new prompts wait for a group of free slots (or the
+    delay); a step with a prefill chunk already running admits at once."""
+    sim = make_sim(max_num_seqs=4, admit_min_seqs=2, admit_max_delay_s=0.05)
+    long_runners = [sim.add(f"r{i}", [5, 6, 7], max_tokens=500) for i in range(3)]
+    sim.add("short", [5, 6, 8], max_tokens=2)
+    sim.step()  # all four admitted together (prefill)
+    assert len(sim.scheduler.running) == 4
+    while "short" not in sim.done:
+        sim.step(dt=0.001)
+    # One slot free, two prompts waiting, nothing old: decode-only steps, no admission.
+    waiting = [sim.add(f"w{i}", [9, 10, 11], max_tokens=3) for i in range(2)]
+    for _ in range(5):
+        batch = sim.step(dt=0.001)
+        assert batch.num_prefill_seqs == 0 and all(w not in batch.seqs for w in waiting)
+    # Past the delay, the oldest is admitted even though the group is not complete.
+    for _ in range(60):
+        batch = sim.step(dt=0.001)
+        if waiting[0] in batch.seqs:
+            break
+    assert waiting[0] in batch.seqs
+    assert sim.now - 0.001 - waiting[0].arrival_time >= 0.05 - 1e-9
+    assert all(s.status is SequenceStatus.RUNNING for s in long_runners)
+
+
+def test_admission_group_admits_once_enough_slots_free() -> None:
+    sim = make_sim(max_num_seqs=4, admit_min_seqs=2, admit_max_delay_s=10.0)
+    for i in range(2):
+        sim.add(f"r{i}", [5, 6, 7], max_tokens=40)
+    sim.add("a", [5, 6, 8], max_tokens=2)
+    sim.add("b", [5, 6, 9], max_tokens=2)
+    sim.step()
+    while "a" not in sim.done or "b" not in sim.done:
+        sim.step()
+    w = [sim.add(f"w{i}", [9, 10, 11], max_tokens=3) for i in range(3)]
+    batch = sim.step()  # two slots free >= min(2, 3 waiting): admitted without waiting
+    assert w[0] in batch.seqs and w[1] in batch.seqs and w[2] not in batch.seqs
