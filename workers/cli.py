@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
 
     demo = sub.add_parser("demo", help="private Redis + SmolLM2-135M worker + a burst of chats")
-    demo.add_argument("--requests", type=int, default=32)
+    demo.add_argument("--requests", type=int, default=24)
     demo.add_argument("--redis", help="use this Redis instead of starting a private one")
     demo.add_argument("--max-tokens", type=int, default=48)
     demo.add_argument("--model", help="HF model dir (default: SmolLM2-135M-Instruct from GGUF)")
@@ -103,6 +103,10 @@ def _worker(args: argparse.Namespace) -> int:
     from workers.worker import Worker
 
     settings = WorkerSettings.from_args(args)
+    if args.gpus is not None:
+        from workers.gpus import run_per_gpu
+
+        return run_per_gpu(settings, args.gpus)
     if not settings.model_path:
         raise WorkerError("--model PATH (or CHATQ_MODEL_PATH) is required")
     return asyncio.run(Worker(settings).run())

@@ -47,6 +47,7 @@ class WorkerSettings:
     attention_backend: str = "auto"
     seed: int = 0
     torch_threads: int | None = None  # CPU engines: torch.set_num_threads in the engine process
+    tensor_parallel_size: int = 1  # shard the model over this many GPUs (cuda:N .. N+k-1)
     engine_factory: str = DEFAULT_ENGINE_FACTORY  # "module:attr" called like from_options
     # --- intake (how much work this worker takes from Redis) ---
     max_inflight_factor: float = 1.5  # admitted requests ≤ max_num_seqs × this
@@ -76,6 +77,7 @@ class WorkerSettings:
             "max_num_batched_tokens",
             "max_deliveries",
             "read_block_ms",
+            "tensor_parallel_size",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -114,6 +116,7 @@ class WorkerSettings:
             "enable_prefix_caching": self.enable_prefix_caching,
             "attention_backend": self.attention_backend,
             "seed": self.seed,
+            "tensor_parallel_size": self.tensor_parallel_size,
         }
 
     # --- constructors ---------------------------------------------------------------------
@@ -154,6 +157,7 @@ _TYPES: dict[str, type] = {
     "enable_prefix_caching": bool,
     "seed": int,
     "torch_threads": int,
+    "tensor_parallel_size": int,
     "max_inflight_factor": float,
     "headroom_tokens": int,
     "aging_s": float,
@@ -205,4 +209,9 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
     )
     parser.add_argument("--attention-backend", help="auto | torch | triton | flash_attn")
+    parser.add_argument(
+        "--gpus",
+        help="all | 0,1,...: one engine process per GPU (per group of --tensor-parallel-size "
+        "GPUs), each a worker of its own in the same consumer group",
+    )
     parser.add_argument("--engine-factory", help=argparse.SUPPRESS)
