@@ -42,8 +42,8 @@ def run_set(url: str, model_dir: Path, gpus: str, reqs: list[Any], args: Any) ->
         f"mg-{gpus.replace(',', '_')}",
         "--served-model-name",
         "mg",
-        "--gpus",
-        gpus,
+        # --device cpu: a smoke run of this script on a machine without GPUs.
+        *(["--gpus", gpus] if args.device != "cpu" else ["--device", "cpu"]),
         "--max-num-seqs",
         str(args.max_num_seqs),
         "--max-num-batched-tokens",
@@ -56,9 +56,9 @@ def run_set(url: str, model_dir: Path, gpus: str, reqs: list[Any], args: Any) ->
     )
     try:
         opts = SimpleNamespace(calm_s=1e9, burst_s=0.0, drain_timeout_s=args.timeout_s)
-        n_gpus = len(gpus.split(","))
+        n_gpus = len(gpus.split(",")) if args.device != "cpu" else 1
         # Wait until every GPU's engine has its heartbeat before the clock starts.
-        asyncio.run(_wait_workers(url, n_gpus, worker))
+        asyncio.run(_wait_workers(url, n_gpus, worker, f"mg-{gpus.replace(',', '_')}"))
         start = time.monotonic()
         run = asyncio.run(drive(url, "mg", reqs, [0.0] * len(reqs), opts, worker))
         wall = time.monotonic() - start
@@ -85,7 +85,7 @@ def run_set(url: str, model_dir: Path, gpus: str, reqs: list[Any], args: Any) ->
     )
 
 
-async def _wait_workers(url: str, n: int, worker: Any, timeout_s: float = 600) -> None:
+async def _wait_workers(url: str, n: int, worker: Any, name: str, timeout_s: float = 600) -> None:
     import redis.asyncio as aioredis
 
     from producer.keys import Keys
@@ -96,7 +96,7 @@ async def _wait_workers(url: str, n: int, worker: Any, timeout_s: float = 600) -
         while time.monotonic() < deadline:
             if worker.poll() is not None:
                 raise RuntimeError(f"worker exited with {worker.returncode}")
-            if len(await r.keys(Keys().heartbeat_pattern())) >= n:
+            if len(await r.keys(Keys().heartbeat(name) + "*")) >= n:
                 return
             await asyncio.sleep(0.2)
         raise RuntimeError("workers did not become ready")
