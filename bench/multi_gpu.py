@@ -198,6 +198,11 @@ def run_engine(path: Path, tp: int, dtype: str, prompts: list[list[int]], args: 
     finally:
         llm.close()
         del llm
+        # The runner, its CUDA graphs and KV cache sit in reference cycles: collect them and
+        # hand the cached blocks back, or the next engine on this GPU finds no memory.
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -157,9 +157,13 @@ class ModelRunner:
                 cfg.cpu_kv_cache_max_tokens,
             )
         # Every rank allocates the same number of blocks: what the tightest rank can hold.
-        num_blocks = current_tp_group().min_int(tokens, self.device) // self.block_size
+        min_tokens = current_tp_group().min_int(tokens, self.device)
+        num_blocks = min_tokens // self.block_size
         if num_blocks < 1:
-            raise EngineError(f"no memory left for the KV cache ({tokens} tokens)")
+            raise EngineError(
+                f"no memory left for the KV cache (this rank: {tokens} tokens, the tightest "
+                f"rank: {min_tokens}); lower other GPU users or raise gpu_memory_utilization"
+            )
         return num_blocks
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
