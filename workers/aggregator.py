@@ -44,6 +44,7 @@ class Aggregator:
         self.worker = worker
         self._batches: list[list[Output]] = []
         self._arrived = asyncio.Event()
+        self._closing = False
 
     # --- called by the engine process's reader on the loop ---
 
@@ -55,8 +56,13 @@ class Aggregator:
 
     # --- the loop ---
 
+    def stop(self) -> None:
+        """End ``run`` after its current round (the worker has drained by then)."""
+        self._closing = True
+        self._arrived.set()
+
     async def run(self) -> None:
-        while True:
+        while not self._closing:
             await self._arrived.wait()
             self._arrived.clear()
             batches, self._batches = self._batches, []

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -85,7 +84,7 @@ async def run_demo(args: argparse.Namespace) -> int:
         settings = WorkerSettings(
             model_path=model_path, redis_url=redis_url, served_model_name="smollm2",
             device=args.device, max_num_seqs=max(8, min(64, args.requests)),
-            kv_cache_tokens=32768, torch_threads=os.cpu_count() or 1, name="demo-worker",
+            kv_cache_tokens=32768, torch_threads=1, name="demo-worker",
         )  # fmt: skip
         worker = Worker(settings)
         worker_task = asyncio.create_task(worker.run(install_signals=False))
@@ -106,41 +105,48 @@ async def run_demo(args: argparse.Namespace) -> int:
 async def _burst(
     console: Any, redis_url: str, args: argparse.Namespace
 ) -> tuple[list[Outcome], float]:
+    """Submit every chat at once (streamed), show chats answered and text streaming in."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     questions = _chats(args.requests)
     outcomes = [Outcome(q) for q in questions]
-    tokens = 0
+    chunks = 0
     async with ChatClient(redis_url) as client:
         start = time.perf_counter()
         ids = [
             await client.submit(
                 [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": q}],
                 model="smollm2", max_tokens=args.max_tokens, temperature=0.7, top_p=0.9,
-                seed=i,
+                seed=i, stream=True,
             )
             for i, q in enumerate(questions)
         ]  # fmt: skip
         with Progress(
-            TextColumn("[bold]answering"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[tps]:.0f} tok/s"), TimeElapsedColumn(), console=console,
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), console=console,
         ) as progress:  # fmt: skip
-            task = progress.add_task("chats", total=len(ids), tps=0.0)
+            answered = progress.add_task("chats answered", total=len(ids), rate="")
+            streamed = progress.add_task(
+                "text chunks streamed", total=len(ids) * args.max_tokens, rate=""
+            )
 
             async def one(i: int, rid: str) -> None:
-                nonlocal tokens
+                nonlocal chunks
                 try:
-                    res = await client.result(rid, timeout_s=600)
+                    async for _ in client.stream(rid, timeout_s=600):
+                        chunks += 1
+                        elapsed = time.perf_counter() - start
+                        progress.update(streamed, advance=1, rate=f"{chunks / elapsed:.0f}/s")
+                    res = await client.result(rid, timeout_s=60)
                     outcomes[i].text = res.text
                     outcomes[i].total_ms = res.total_ms
                     outcomes[i].completion_tokens = res.usage.completion_tokens
-                    tokens += res.usage.completion_tokens
                 except RequestFailed as err:
                     outcomes[i].error = f"{err.code}: {err.message}"
-                elapsed = time.perf_counter() - start
-                progress.update(task, advance=1, tps=tokens / max(elapsed, 1e-6))
+                progress.update(answered, advance=1)
 
             await asyncio.gather(*(one(i, rid) for i, rid in enumerate(ids)))
+            progress.update(streamed, completed=len(ids) * args.max_tokens)
         return outcomes, time.perf_counter() - start
 
 

@@ -66,6 +66,16 @@ MARKER_ATTEMPTS = 20
 _NOOP_ERROR = Error(code=ErrorCode.INTERNAL.value, message="already answered")
 
 
+def being_cancelled() -> bool:
+    """True when the running task has a pending cancel (Python ≥ 3.11 tells; else False).
+
+    A cancel that lands inside a redis-py call can surface as its ConnectionError /
+    TimeoutError; loops that retry on those must not swallow a shutdown's cancel."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return bool(cancelling is not None and cancelling())
+
+
 def salvage_request_id(payload: bytes | None, limits: Limits) -> str | None:
     """The ``id`` of an envelope that failed validation, so its requester gets the error.
 
@@ -131,6 +141,8 @@ class Intake:
             try:
                 await self._round()
             except (RedisConnectionError, RedisTimeoutError) as err:
+                if being_cancelled():
+                    raise asyncio.CancelledError from err
                 # A lost XREADGROUP reply may have delivered entries we never saw: they are
                 # pending on us and no one else would take them while we live. Re-read them.
                 log.warning("intake: Redis unavailable (%s); retrying", err)

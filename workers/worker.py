@@ -39,8 +39,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from producer.keys import Keys
 from workers.admission import Admission
 from workers.aggregator import Aggregator
-from workers.engine_process import EngineProcess
-from workers.intake import Intake
+from workers.engine_process import Capacity, EngineProcess, Output
+from workers.intake import Intake, being_cancelled
 from workers.lanes import Entry, Lanes
 from workers.metrics import Metrics
 from workers.prompts import PromptBuilder
@@ -50,7 +50,8 @@ from workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
-CANCEL_BLOCK_MS = 1000
+CANCEL_BLOCK_MS = 500
+TASK_EXIT_TIMEOUT_S = 5.0
 
 
 class Worker:
@@ -62,10 +63,12 @@ class Worker:
         self.metrics = Metrics(self.name, self.model)
         self.ready = asyncio.Event()  # set once the engine runs and intake has started
         self._stop = asyncio.Event()
+        self._closing = False  # side loops (heartbeat, cancels) end at their next turn
         self._fatal: str | None = None
         self.started_s = time.time()
         self.intake: Intake | None = None
         self.engine: EngineProcess | None = None
+        self.aggregator: Aggregator | None = None
 
     def stop(self) -> None:
         """Begin a graceful shutdown (idempotent; safe from a signal handler)."""
@@ -92,7 +95,7 @@ class Worker:
                 s.model_path,
                 s.engine_options(),
                 torch_threads=s.torch_threads,
-                on_outputs=lambda o, c: aggregator.on_outputs(o, c),
+                on_outputs=self._on_outputs,
                 on_fatal=self._on_fatal,
             )
             self.engine = engine
@@ -104,6 +107,7 @@ class Worker:
                 headroom_tokens=s.admission_headroom_tokens,
             )
             aggregator = Aggregator(writer, admission, engine, self.metrics, self.name)
+            self.aggregator = aggregator
             intake = Intake(
                 redis,
                 self.keys,
@@ -144,13 +148,14 @@ class Worker:
             await self._drain(intake, admission, aggregator, writer, lanes, tasks)
             return 0
         finally:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            if self.aggregator is not None:
+                self.aggregator.stop()
+            await self._end_tasks(tasks)
             with contextlib.suppress(Exception):
-                await redis.delete(self.keys.heartbeat(self.name))  # Reclaimer.retire()
+                await asyncio.wait_for(redis.delete(self.keys.heartbeat(self.name)), 5.0)
             if engine is not None:
                 await engine.stop()
+            log.info("%s: stopped", self.name)
             if self.intake is not None:
                 self.intake.close()
             await redis.aclose()
@@ -159,6 +164,25 @@ class Worker:
                     loop.remove_signal_handler(sig)
 
     # --- lifecycle ---
+
+    def _on_outputs(self, outputs: list[Output], capacity: Capacity) -> None:
+        if self.aggregator is not None:  # engine outputs only follow requests it was sent
+            self.aggregator.on_outputs(outputs, capacity)
+
+    async def _end_tasks(self, tasks: list[asyncio.Task[Any]]) -> None:
+        """Let the side loops leave on their own (their blocking reads are short), then
+        cancel what is left. Not cancel-first: a cancel landing inside a redis-py call can be
+        swallowed, and then a loop that retries would never end."""
+        self._closing = True
+        if not tasks:
+            return
+        _, left = await asyncio.wait(tasks, timeout=CANCEL_BLOCK_MS / 1000 + 1.0)
+        for t in left:
+            t.cancel()
+        if left:
+            _, stuck = await asyncio.wait(left, timeout=TASK_EXIT_TIMEOUT_S)
+            for t in stuck:
+                log.error("%s: task %s did not stop", self.name, t.get_name())
 
     def _on_fatal(self, message: str) -> None:
         self._fatal = message
@@ -184,6 +208,7 @@ class Worker:
         tasks: list[asyncio.Task[Any]],
     ) -> None:
         s = self.settings
+        log.info("%s: draining (%d requests held)", self.name, len(admission.admitted))
         intake.stopping.set()
         await asyncio.wait([tasks[0]], timeout=s.read_block_ms / 1000 + 5)  # last pull lands
         deadline = time.monotonic() + s.grace_period_s
@@ -204,6 +229,7 @@ class Worker:
                 entries.extend([r.entry, *r.duplicates])
             self.metrics.requeued += await lanes.requeue(entries)
         await writer.flush()
+        log.info("%s: drained", self.name)
 
     # --- side loops ---
 
@@ -235,7 +261,7 @@ class Worker:
     ) -> None:
         """Beat every interval (also while draining); claim dead workers' entries while serving."""
         interval_s = self.settings.heartbeat_interval_s
-        while True:
+        while not self._closing:
             started = time.monotonic()
             try:
                 await reclaimer.beat(info())
@@ -247,13 +273,15 @@ class Worker:
                         log.info("%s: claimed %d entries of dead workers", self.name, len(entries))
                         await intake.process(entries)
             except (RedisConnectionError, RedisTimeoutError) as err:
+                if being_cancelled():
+                    raise asyncio.CancelledError from err
                 log.warning("%s: heartbeat/reclaim failed (%s); retrying", self.name, err)
             await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - started)))
 
     async def _cancels(self, redis: Redis, aggregator: Aggregator, intake: Intake) -> None:
         """Cancels of running requests: abort in the engine. Queued ones are skipped at intake."""
         last_id: Any = None
-        while True:
+        while not self._closing:
             try:
                 if last_id is None:  # only cancels from now on matter
                     last = await redis.xrevrange(self.keys.cancel, count=1)
@@ -262,6 +290,8 @@ class Worker:
                     {self.keys.cancel: last_id}, count=512, block=CANCEL_BLOCK_MS
                 )
             except (RedisConnectionError, RedisTimeoutError) as err:
+                if being_cancelled():
+                    raise asyncio.CancelledError from err
                 log.warning("%s: cancel stream read failed (%s); retrying", self.name, err)
                 await asyncio.sleep(0.5)
                 continue
