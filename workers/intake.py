@@ -57,6 +57,10 @@ log = logging.getLogger(__name__)
 
 _ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
 RECENT_CANCELS = 10_000
+# A few short prompts are tokenized on the loop (a thread hop costs more than the work);
+# bigger batches go to the tokenizer thread so results keep flowing meanwhile.
+INLINE_TOKENIZE_MAX = 4
+INLINE_TOKENIZE_MAX_CHARS = 4096
 # Smaller rounds let intake, engine and aggregator overlap instead of taking turns.
 MAX_PULL_PER_ROUND = 128
 RETRY_DELAY_S = 0.5
@@ -64,6 +68,10 @@ SALVAGE_MAX_BYTES = 64 << 20
 MARKER_ATTEMPTS = 20
 # FINALIZE never writes this (a final exists already); it only acks and deletes the entry.
 _NOOP_ERROR = Error(code=ErrorCode.INTERNAL.value, message="already answered")
+
+
+def _chars(envs: Sequence[Envelope]) -> int:
+    return sum(len(m.content) for env in envs for m in env.messages)
 
 
 def being_cancelled() -> bool:
@@ -202,10 +210,12 @@ class Intake:
             else:
                 ready.append((entry, env))
         if ready:
-            loop = asyncio.get_running_loop()
-            token_ids = await loop.run_in_executor(
-                self._pool, self.prompts.batch, [env for _, env in ready]
-            )
+            envs = [env for _, env in ready]
+            if len(envs) <= INLINE_TOKENIZE_MAX and _chars(envs) <= INLINE_TOKENIZE_MAX_CHARS:
+                token_ids = self.prompts.batch(envs)  # ~0.1 ms: cheaper than a thread hop
+            else:
+                loop = asyncio.get_running_loop()
+                token_ids = await loop.run_in_executor(self._pool, self.prompts.batch, envs)
             self._admit(ready, token_ids)
         await self.writer.flush()
 
