@@ -21,6 +21,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from redis.exceptions import RedisError
+
+from gpu_engine.errors import EngineError
 from producer.errors import ChatqError
 from producer.settings import DEFAULT_REDIS_URL
 from workers.errors import WorkerError
@@ -91,8 +94,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             from workers.demo import run_demo
 
             return asyncio.run(run_demo(args))
-    except (ChatqError, WorkerError) as err:
+    except (ChatqError, WorkerError, EngineError) as err:
         print(f"chatq {args.command}: {err}", file=sys.stderr)
+        return 2
+    except RedisError as err:
+        print(f"chatq {args.command}: Redis: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

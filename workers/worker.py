@@ -30,6 +30,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from redis.asyncio import Redis
@@ -40,6 +41,7 @@ from producer.keys import Keys
 from workers.admission import Admission
 from workers.aggregator import Aggregator
 from workers.engine_process import Capacity, EngineProcess, Output
+from workers.errors import ConfigError
 from workers.intake import Intake, being_cancelled
 from workers.lanes import Entry, Lanes
 from workers.metrics import Metrics
@@ -77,6 +79,8 @@ class Worker:
     async def run(self, *, install_signals: bool = True) -> int:
         """Serve until stopped; returns the process exit code (0 = clean drain)."""
         s = self.settings
+        if not Path(s.model_path).is_dir():
+            raise ConfigError(f"model directory not found: {s.model_path!r}")
         loop = asyncio.get_running_loop()
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -312,7 +316,10 @@ class Worker:
 def _load_tokenizer(model_path: str) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_path)
+    try:
+        return AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"cannot load a tokenizer from {model_path!r}: {err}") from err
 
 
 def _entry_from_claim(claim: ClaimedEntry, lanes: Lanes) -> Entry:
