@@ -1,7 +1,7 @@
 """The engine's own process and the batched IPC between it and the worker's host process.
 
-The engine child runs one synchronous loop and never waits on Redis, tokenization or
-detokenization, which all live in the host process::
+The engine child (its loop is :func:`workers.engine_loop.engine_main`) never waits on Redis,
+tokenization or detokenization, which all live in the host process::
 
     while running:
         commands = drain the command pipe (block only when the engine has nothing to do)
@@ -21,13 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import multiprocessing as mp
-import os
 import queue
-import signal
 import threading
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -96,159 +92,6 @@ class AddCommand:
         ]
 
 
-# --- the child ------------------------------------------------------------------------------
-
-
-def resolve_factory(spec: str) -> tuple[Callable[..., Any], Any]:
-    """``"pkg.mod:Class.method"`` → (callable, SamplingParams class next to it or gpu_engine's)."""
-    module_name, _, attr_path = spec.partition(":")
-    module = importlib.import_module(module_name)
-    obj: Any = module
-    for part in attr_path.split("."):
-        obj = getattr(obj, part)
-    params_cls = getattr(module, "SamplingParams", None)
-    if params_cls is None:
-        params_cls = importlib.import_module("gpu_engine").SamplingParams
-    return obj, params_cls
-
-
-def _capacity_wire(engine: Any) -> list[int]:
-    c = engine.capacity()
-    return [
-        int(c.free_kv_tokens),
-        int(c.total_kv_tokens),
-        int(c.waiting_tokens),
-        int(c.running_seqs),
-        int(c.waiting_seqs),
-        int(c.max_num_seqs),
-    ]
-
-
-def _sender(conn: Connection, outbox: queue.SimpleQueue[bytes | None]) -> None:
-    while True:
-        data = outbox.get()
-        if data is None:
-            return
-        try:
-            conn.send_bytes(data)
-        except (BrokenPipeError, OSError):
-            return
-
-
-def _apply(engine: Any, params_cls: Any, cmd: list[Any], rejected: list[list[Any]]) -> bool:
-    """Apply one command; False on ``stop``. A refused ``add`` goes to ``rejected``."""
-    op = cmd[0]
-    if op == "add":
-        (
-            _,
-            rid,
-            prompt,
-            max_tokens,
-            temperature,
-            top_p,
-            top_k,
-            seed,
-            ignore_eos,
-            prio,
-            deadline,
-        ) = cmd
-        try:
-            params = params_cls(
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
-                seed=seed,
-                ignore_eos=ignore_eos,
-            )
-            engine.add_request(rid, prompt, params, priority=prio, deadline=deadline)
-        except Exception as err:  # one bad request (too long, bad params) never stops the loop
-            rejected.append([rid, f"{type(err).__name__}: {err}"])
-    elif op == "abort":
-        engine.abort(cmd[1])
-    elif op == "stop":
-        return False
-    return True
-
-
-def engine_main(
-    cmd_conn: Connection,
-    out_conn: Connection,
-    factory_spec: str,
-    model_path: str,
-    options: dict[str, Any],
-    torch_threads: int | None,
-) -> None:
-    """Entry point of the engine process (spawn context)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the host decides when the engine stops
-    outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-    sender = threading.Thread(target=_sender, args=(out_conn, outbox), daemon=True)
-    sender.start()
-
-    def send(doc: list[Any]) -> None:
-        outbox.put(msgpack.packb(doc, use_bin_type=True))
-
-    try:
-        if torch_threads:
-            import torch
-
-            torch.set_num_threads(torch_threads)
-        factory, params_cls = resolve_factory(factory_spec)
-        engine = factory(model_path, **options)
-        send(
-            [
-                "ready",
-                {
-                    "eos_token_ids": sorted(int(t) for t in engine.eos_token_ids),
-                    "capacity": _capacity_wire(engine),
-                    "pid": os.getpid(),
-                },
-            ]
-        )
-        running = True
-        while running:
-            busy = engine.has_unfinished()
-            # Idle: block (briefly, so a vanished host is noticed); busy: take what is there.
-            got = cmd_conn.poll(0 if busy else 0.5)
-            applied = False
-            rejected: list[list[Any]] = []
-            while got:
-                for cmd in msgpack.unpackb(cmd_conn.recv_bytes(), raw=False):
-                    applied = True
-                    if not _apply(engine, params_cls, cmd, rejected):
-                        running = False
-                got = running and cmd_conn.poll(0)
-            if rejected:
-                send(["rej", rejected])
-            if not running:
-                break
-            if engine.has_unfinished():
-                outs = engine.step()
-                wire = [
-                    [
-                        o.request_id,
-                        list(o.new_token_ids),
-                        bool(o.finished),
-                        o.finish_reason,
-                        int(o.num_prompt_tokens),
-                        int(o.num_cached_tokens),
-                    ]
-                    for o in outs
-                ]
-                send(["out", wire, _capacity_wire(engine)])
-            elif applied:
-                send(["cap", _capacity_wire(engine)])
-    except (EOFError, BrokenPipeError):
-        pass  # the host is gone: nothing to report to
-    except BaseException as err:  # report every failure to the host, then exit non-zero
-        send(["fatal", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"])
-        outbox.put(None)
-        sender.join(5)
-        os._exit(1)
-    outbox.put(None)
-    sender.join(5)
-
-
 # --- the host side --------------------------------------------------------------------------
 
 
@@ -288,6 +131,8 @@ class EngineProcess:
         ctx = mp.get_context("spawn")
         cmd_recv, self._cmd_send = ctx.Pipe(duplex=False)
         self._out_recv, out_send = ctx.Pipe(duplex=False)
+        from workers.engine_loop import engine_main
+
         self._proc = ctx.Process(
             target=engine_main,
             args=(cmd_recv, out_send, *self._spec),
