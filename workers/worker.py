@@ -15,6 +15,12 @@ nothing is answered twice (finals are write-if-absent; requeued requests get no 
 answer). Last, delete the heartbeat, so any entry that is still pending on this consumer
 is claimed at once.
 
+A request that starts over on another worker (claimed after a crash, or handed back past
+the grace period) is generated again from its prompt. Its final result is written once;
+but if it streamed, its result stream may already hold chunks of the first attempt, which
+the second attempt's chunks (numbered from 0 again) follow: the ``done`` text is the
+authoritative answer (resuming partial generations is a later issue).
+
 If the engine process dies, the worker exits at once without requeueing: the heartbeat is
 deleted and other workers claim the pending entries with their delivery count raised, so
 a request that crashes engines ends in the dead-letter stream after ``max_deliveries``.
