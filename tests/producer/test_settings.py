@@ -12,12 +12,12 @@ from producer.settings import DEFAULT_REDIS_URL, ClientSettings
 def test_from_env_reads_variables() -> None:
     s = ClientSettings.from_env(
         {
-            "CHATQ_REDIS_URL": "redis://10.0.0.5:6380/2",
+            "CHATQ_REDIS_URL": "redis://127.0.0.1:6380/2",
             "CHATQ_PREFIX": "cq",
             "CHATQ_MAX_BACKLOG_TOKENS": "5000",
         }
     )
-    assert (s.redis_url, s.prefix, s.max_backlog_tokens) == ("redis://10.0.0.5:6380/2", "cq", 5000)
+    assert (s.redis_url, s.prefix, s.max_backlog_tokens) == ("redis://127.0.0.1:6380/2", "cq", 5000)
     assert ClientSettings.from_env({}).redis_url == DEFAULT_REDIS_URL
 
 

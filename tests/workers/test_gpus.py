@@ -28,9 +28,14 @@ def test_all_with_no_gpu_is_a_config_error() -> None:
 
 def test_child_settings_round_trip_through_the_environment() -> None:
     base = WorkerSettings(
-        model_path="/models/qwen", redis_url="redis://10.1.2.3:6379/0", name="host7",
-        max_num_seqs=128, enable_prefix_caching=False, metrics_port=9100,
-        tensor_parallel_size=2, kv_cache_tokens=None,
+        model_path="/models/qwen",
+        redis_url="redis://127.0.0.1:6390/2",
+        name="host7",
+        max_num_seqs=128,
+        enable_prefix_caching=False,
+        metrics_port=9100,
+        tensor_parallel_size=2,
+        kv_cache_tokens=None,
     )
     env = child_env(base, [2, 3], index=1)
     assert env["CUDA_VISIBLE_DEVICES"] == "2,3"
