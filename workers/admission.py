@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import math
 
-from workers.engine_process import Capacity
+from gpu_engine.outputs import EngineCapacity as Capacity
 from workers.request import InflightRequest
 
 WARMUP_COMPLETIONS = 8

@@ -18,9 +18,10 @@ import asyncio
 import logging
 import time
 
+from gpu_engine.outputs import EngineCapacity as Capacity
 from producer.protocol import Done, ErrorCode, Timings, Usage
 from workers.admission import Admission
-from workers.engine_process import Capacity, EngineProcess, Output
+from workers.engine_process import EngineProcess, Output
 from workers.metrics import Metrics
 from workers.request import InflightRequest
 from workers.results import ResultWriter

@@ -31,23 +31,12 @@ from typing import Any
 
 import msgpack
 
+from gpu_engine.outputs import EngineCapacity as Capacity  # plain data, no torch
 from workers.errors import WorkerError
 
 
 class EngineProcessError(WorkerError):
     """The engine process failed to start or died."""
-
-
-@dataclass(frozen=True)
-class Capacity:
-    """The engine's capacity snapshot (``EngineCapacity``), sent with every output batch."""
-
-    free_kv_tokens: int = 0
-    total_kv_tokens: int = 0
-    waiting_tokens: int = 0
-    running_seqs: int = 0
-    waiting_seqs: int = 0
-    max_num_seqs: int = 1
 
 
 @dataclass(frozen=True)
@@ -123,7 +112,7 @@ class EngineProcess:
         self._ready: asyncio.Future[dict[str, Any]] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dead = False
-        self.capacity = Capacity()
+        self.capacity = Capacity(0, 0, 0, 0, 0, 1)  # until the engine reports
         self.eos_token_ids: list[int] = []
 
     async def start(self, timeout_s: float = 600.0) -> None:

@@ -43,10 +43,11 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gpu_engine.outputs import EngineCapacity as Capacity
 from producer.keys import Keys
 from workers.admission import Admission
 from workers.aggregator import Aggregator
-from workers.engine_process import Capacity, EngineProcess, Output
+from workers.engine_process import EngineProcess, Output
 from workers.errors import ConfigError
 from workers.intake import Intake, being_cancelled
 from workers.lanes import Entry, Lanes
