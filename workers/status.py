@@ -114,7 +114,9 @@ def _serves(worker: WorkerStatus, model: str, consumers: set[str]) -> bool:
 
 async def status_report(redis: Redis, keys: Keys) -> list[ModelStatus]:
     """One :class:`ModelStatus` per model that ever had a request queued, sorted by name."""
-    models = sorted(_s(m) for m in await redis.smembers(keys.models))
+    # redis-py types SMEMBERS as sync-or-async (one stub for both clients); this is async.
+    members: Any = await redis.smembers(keys.models)  # type: ignore[misc]
+    models = sorted(_s(m) for m in members)
     workers = await live_workers(redis, keys)
     pipe = redis.pipeline(transaction=False)
     for model in models:
