@@ -112,10 +112,31 @@ class Envelope:
         return self
 
     def to_wire(self) -> dict[str, Any]:
-        wire = asdict(self)
-        wire["messages"] = [asdict(m) for m in self.messages]
-        wire["params"]["stop"] = list(self.params.stop)
-        return wire
+        # Built field by field: dataclasses.asdict deep-copies recursively and was most of
+        # the cost of a submit.
+        p = self.params
+        return {
+            "v": self.v,
+            "id": self.id,
+            "model": self.model,
+            "messages": [{"role": m.role, "content": m.content} for m in self.messages],
+            "params": {
+                "max_tokens": p.max_tokens,
+                "temperature": p.temperature,
+                "top_p": p.top_p,
+                "top_k": p.top_k,
+                "stop": list(p.stop),
+                "seed": p.seed,
+                "ignore_eos": p.ignore_eos,
+            },
+            "priority": self.priority,
+            "tenant": self.tenant,
+            "deadline_ms": self.deadline_ms,
+            "created_ms": self.created_ms,
+            "stream": self.stream,
+            "idempotency_key": self.idempotency_key,
+            "callback_url": self.callback_url,
+        }
 
 
 def estimate_cost_tokens(env: Envelope) -> int:

@@ -280,3 +280,14 @@ def test_arbitrary_msgpack_values_never_escape(value: Any) -> None:
 )
 def test_mutated_envelopes_never_escape(changes: dict[str, Any]) -> None:
     _check(msgpack.packb({**wire(), **changes}, use_bin_type=True))
+
+
+def test_wire_map_has_every_field_once() -> None:
+    """to_wire is written out by hand (speed): it must carry every dataclass field."""
+    from dataclasses import fields
+
+    env = make_envelope(CHAT, model="m", params=Params(stop=("x",), seed=3))
+    wire_map = env.to_wire()
+    assert set(wire_map) == {f.name for f in fields(Envelope)}
+    assert set(wire_map["params"]) == {f.name for f in fields(Params)}
+    assert decode_envelope(encode_envelope(env)) == env
