@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import time
@@ -23,42 +22,24 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.spike import PRESETS, build_model
+from bench.spike import PRESETS, build_model, start_worker
 from bench.spike_drive import drive
 from bench.workload import make_requests
 
 
 def run_set(url: str, model_dir: Path, gpus: str, reqs: list[Any], args: Any) -> dict[str, Any]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "workers.cli",
-        "worker",
-        "--model",
-        str(model_dir),
-        "--redis",
-        url,
-        "--name",
-        f"mg-{gpus.replace(',', '_')}",
-        "--served-model-name",
-        "mg",
-        # --device cpu: a smoke run of this script on a machine without GPUs.
-        *(["--gpus", gpus] if args.device != "cpu" else ["--device", "cpu"]),
-        "--max-num-seqs",
-        str(args.max_num_seqs),
-        "--max-num-batched-tokens",
-        str(args.max_num_batched_tokens),
-    ]
-    log = (args.out / f"worker-{gpus.replace(',', '_')}.log").open("w")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    worker = subprocess.Popen(
-        cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parents[1]
-    )
+    tag = gpus.replace(",", "_")
+    # --device cpu: a smoke run of this script on a machine without GPUs.
+    placement = ["--gpus", gpus] if args.device != "cpu" else ["--device", "cpu"]
+    worker = start_worker(
+        url, model_dir, args, args.out / f"worker-{tag}.log",
+        name=f"mg-{tag}", served_name="mg", placement=placement,
+    )  # fmt: skip
     try:
         opts = SimpleNamespace(calm_s=1e9, burst_s=0.0, drain_timeout_s=args.timeout_s)
         n_gpus = len(gpus.split(",")) if args.device != "cpu" else 1
         # Wait until every GPU's engine has its heartbeat before the clock starts.
-        asyncio.run(_wait_workers(url, n_gpus, worker, f"mg-{gpus.replace(',', '_')}"))
+        asyncio.run(_wait_workers(url, n_gpus, worker, f"mg-{tag}"))
         start = time.monotonic()
         run = asyncio.run(drive(url, "mg", reqs, [0.0] * len(reqs), opts, worker))
         wall = time.monotonic() - start
@@ -68,7 +49,6 @@ def run_set(url: str, model_dir: Path, gpus: str, reqs: list[Any], args: Any) ->
             worker.wait(60)
         except subprocess.TimeoutExpired:
             worker.kill()
-        log.close()
     recs = [r for r in run["records"] if "error" not in r]
     first = min(r["sent_s"] for r in recs)
     last = max(r["done_s"] for r in recs)

@@ -143,27 +143,25 @@ def engine_alone(model_dir: Path, reqs: list[ChatRequest], args: argparse.Namesp
     )
 
 
-def start_worker(redis_url: str, model_dir: Path, args: argparse.Namespace, log: Path) -> Any:
+def start_worker(
+    redis_url: str,
+    model_dir: Path,
+    args: argparse.Namespace,
+    log: Path,
+    *,
+    name: str = "spike-gpu0",
+    served_name: str = "spike",
+    placement: list[str] | None = None,
+) -> Any:
+    """A ``chatq worker`` subprocess; ``placement`` defaults to ``--device <args.device>``
+    (``["--gpus", "0,1"]`` for one worker per GPU)."""
     cmd = [
-        sys.executable,
-        "-m",
-        "workers.cli",
-        "worker",
-        "--model",
-        str(model_dir),
-        "--redis",
-        redis_url,
-        "--name",
-        "spike-gpu0",
-        "--served-model-name",
-        "spike",
-        "--device",
-        args.device,
-        "--max-num-seqs",
-        str(args.max_num_seqs),
-        "--max-num-batched-tokens",
-        str(args.max_num_batched_tokens),
-    ]
+        sys.executable, "-m", "workers.cli", "worker", "--model", str(model_dir),
+        "--redis", redis_url, "--name", name, "--served-model-name", served_name,
+        *(placement or ["--device", args.device]),
+        "--max-num-seqs", str(args.max_num_seqs),
+        "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+    ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
         cmd,

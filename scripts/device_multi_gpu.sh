@@ -5,13 +5,7 @@
 # with TP=1 (bench/multi_gpu.py, and the gpu-marked TP tests if time is left).
 set -uo pipefail
 OUT=${OUT:-/tmp/chatq-mg-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
-export CHATQ_REDIS_SERVER=$PWD/.bin/valkey-server
+source "$(dirname "$0")/device_env.sh"
 t0=$(date +%s)
 nvidia-smi --query-gpu=index,name,memory.total --format=csv | tee "$OUT/gpu.txt"
 echo "== queue: 1 vs 2 GPUs $(($(date +%s) - t0))s"

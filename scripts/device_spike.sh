@@ -7,13 +7,7 @@
 #   scripts/device_spike.sh [engine] [spike] -- [bench/spike.py args]
 set -uo pipefail
 OUT=${OUT:-/tmp/chatq-spike-out}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
-export CHATQ_REDIS_SERVER=$PWD/.bin/valkey-server
+source "$(dirname "$0")/device_env.sh"
 parts=()
 while [[ $# -gt 0 && "$1" != "--" ]]; do parts+=("$1"); shift; done
 [[ "${1:-}" == "--" ]] && shift
