@@ -130,7 +130,7 @@ def engine_alone(model_dir: Path, reqs: list[ChatRequest], args: argparse.Namesp
         r2 = ChatRequest(r.index, unique + r.messages[1:], r.max_tokens)
         ttft_miss.append(run([r2], f"miss{i}-")[2].popitem()[1])
     elapsed, tokens, _ = run(reqs, "alone")
-    stats = engine.stats() if hasattr(engine, "stats") else {}
+    stats = engine.stats()
     return dict(
         requests=len(reqs),
         seconds=elapsed,

@@ -63,6 +63,7 @@ class ChatResult:
     queued_ms: float
     first_token_ms: float
     total_ms: float
+    engine_ms: float = 0.0  # inside the engine; total_ms - engine_ms = what the queue added
 
     @classmethod
     def from_done(cls, request_id: str, done: Done) -> ChatResult:
@@ -76,6 +77,7 @@ class ChatResult:
             queued_ms=t.queued_ms,
             first_token_ms=t.first_token_ms,
             total_ms=t.total_ms,
+            engine_ms=t.engine_ms,
         )
 
 

@@ -81,7 +81,7 @@ DONE = Done(
     text="It ships tomorrow.",
     finish_reason="stop",
     usage=Usage(prompt_tokens=20, completion_tokens=5),
-    timings=Timings(queued_ms=1.5, first_token_ms=12.0, total_ms=30.0),
+    timings=Timings(queued_ms=1.5, first_token_ms=12.0, total_ms=30.0, engine_ms=27.5),
     worker="w1",
 )
 
@@ -109,6 +109,7 @@ async def test_submit_then_result_round_trip(redis_url: str, redis_client: Any) 
     assert result.finish_reason == "stop" and result.worker == "w1"
     assert result.usage == DONE.usage
     assert (result.queued_ms, result.first_token_ms, result.total_ms) == (1.5, 12.0, 30.0)
+    assert result.engine_ms == 27.5
     # FINALIZE gave the backlog back and removed the entry.
     backlog = await redis_client.hgetall(KEYS.backlog(MODEL))
     assert int(backlog[b"tokens"]) == 0 and int(backlog[b"requests"]) == 0
