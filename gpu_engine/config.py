@@ -47,13 +47,16 @@ class EngineConfig:
     # Admission keeps this fraction of KV blocks free for running sequences to grow into,
     # which avoids admit-then-preempt thrashing.
     admission_watermark: float = 0.01
-    # Run every step eagerly (the GPU fast path may capture decode steps as CUDA graphs).
+    # Run every step eagerly (the GPU fast path may capture steps as CUDA graphs).
     enforce_eager: bool = False
-    # Decode-only steps replay CUDA graphs; a step that also starts a prompt runs eagerly and
-    # costs several decode steps. So while every running sequence is decoding, new prompts
-    # are let in in groups of at least ``admit_min_seqs`` (or all that wait), unless the
-    # oldest has waited ``admit_max_delay_s``. None = max_num_seqs // 16 when decode steps
-    # are graph-captured, else 1 (admit at once).
+    # Steps with prefill chunks also replay CUDA graphs, captured per padded token count
+    # (Triton attention backend, one device); False runs them eagerly (~10 launches a layer).
+    mixed_step_graphs: bool = True
+    # When only decode-only steps replay CUDA graphs, a step that also starts a prompt runs
+    # eagerly and costs several decode steps. So while every running sequence is decoding,
+    # new prompts are let in in groups of at least ``admit_min_seqs`` (or all that wait),
+    # unless the oldest has waited ``admit_max_delay_s``. None = max_num_seqs // 16 when only
+    # decode steps are graph-captured, else 1 (admit at once).
     admit_min_seqs: int | None = None
     admit_max_delay_s: float = 0.05
     # "auto": safetensors from the model directory; "random": random weights built on the

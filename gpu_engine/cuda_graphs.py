@@ -29,6 +29,7 @@ from torch import nn
 
 from gpu_engine.block_tables import BlockTableMirror
 from gpu_engine.context import forward_context
+from gpu_engine.kernels.prefill_tiles import max_prefill_tiles, prefill_block_m, prefill_tiles
 from gpu_engine.layers.base import AttentionMetadata
 from gpu_engine.sequence import Sequence
 
@@ -78,7 +79,7 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pool: tuple[int, int] | None = None
         # Room for this batch and the next few generations of requests before a rewrite.
-        self._mirror = BlockTableMirror(4 * max_bs, max_blocks)
+        self.mirror = BlockTableMirror(4 * max_bs, max_blocks)
 
     def _meta(self, bs: int) -> AttentionMetadata:
         # Host fields describe the worst case the graph must serve (the Triton backend sizes
@@ -130,7 +131,7 @@ class DecodeGraphs:
         n = len(seqs)
         if n > self._max_bs:
             return None
-        mirror = self._mirror
+        mirror = self.mirror
         mirror.reserve(n)
         row_of, source, written = mirror._row_of, mirror._source, mirror._written
         token_ids: list[int] = []
@@ -193,3 +194,211 @@ class DecodeGraphs:
         self.graphs[bs].replay()
         self.num_replays += 1
         return self.hidden[:n]
+
+
+def mixed_token_buckets(max_num_batched_tokens: int) -> list[int]:
+    """Padded prefill-token counts captured for mixed steps: powers of two from 16, and the
+    step's token budget itself."""
+    sizes = [1 << k for k in range(4, 31) if (1 << k) < max_num_batched_tokens]
+    return [*sizes, max_num_batched_tokens]
+
+
+class MixedGraphs:
+    """Steps with prefill chunks (alone or with decodes), captured per padded token count.
+
+    Layout of a step captured for ``TP`` prefill tokens: token rows [0, TP) hold the prefill
+    chunks back to back (rows past their total are padding: slot -1, no attention tile),
+    rows [TP, TP + S) the decode sequences (S = max_num_seqs; padding rows have context
+    length 0). Sequence rows of the metadata: [0, S) prefill, [S, 2S) decode. The prefill
+    attention walks a tile table sized for the worst case of ``TP`` tokens, so no host value
+    of the step reaches a kernel and one replay serves any mix that fits. Linear layers
+    compute the padding rows too: the buckets double, so at most half of the prefill part
+    (plus the unused decode rows) is padding, against ~10 launches per layer saved.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        block_size: int,
+        hidden_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        mirror: BlockTableMirror,
+    ) -> None:
+        self.model = model
+        self.max_model_len = max_model_len
+        self.block_size = block_size
+        self.buckets = mixed_token_buckets(max_num_batched_tokens)
+        self._block_m = {tp: prefill_block_m(dtype, tp) for tp in self.buckets}
+        self._num_tiles = {
+            tp: max_prefill_tiles(tp, max_num_seqs, self._block_m[tp]) for tp in self.buckets
+        }
+        s = self._s = max_num_seqs
+        w = self._w = mirror.max_blocks
+        r = self._r = self.buckets[-1] + s  # token rows of the largest bucket
+        nt = max(self._num_tiles.values())
+        # int64: [ids | positions | slots] (r rows each) | sample rows (2s)
+        # int32: [seq lens (2s) | cu_seqlens (s + 1, padded to s + 4) | tiles (2 nt) | tables]
+        self._cu_off = 2 * s
+        self._tiles_off = self._cu_off + s + 4
+        self._tables_off = self._tiles_off + 2 * nt
+        self._dev64 = torch.zeros(3 * r + 2 * s, dtype=torch.int64, device=device)
+        self._dev32 = torch.zeros(self._tables_off + 2 * s * w, dtype=torch.int32, device=device)
+        pin = device.type == "cuda"
+        self._host64 = torch.zeros(self._dev64.shape[0], dtype=torch.int64, pin_memory=pin)
+        self._host32 = torch.zeros(self._dev32.shape[0], dtype=torch.int32, pin_memory=pin)
+        self._dev64[2 * r : 3 * r].fill_(-1)  # slots: store nothing until staged
+        self._dev32[self._tiles_off : self._tables_off].fill_(-1)  # tiles: none
+        self.hidden = torch.zeros(r, hidden_size, dtype=dtype, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._pool: tuple[int, int] | None = None
+        self._mirror = mirror
+        self.num_replays = 0
+
+    def _meta(self, tp: int) -> AttentionMetadata:
+        s, r, w = self._s, self._r, self._w
+        d32 = self._dev32
+        nt = self._num_tiles[tp]
+        return AttentionMetadata(
+            slot_mapping=self._dev64[2 * r : 2 * r + tp + s],
+            cu_seqlens_q=d32[self._cu_off : self._cu_off + s + 1],
+            seq_lens=d32[: 2 * s],
+            block_tables=d32[self._tables_off :].view(2 * s, w),
+            max_query_len=tp,
+            max_seq_len=self.max_model_len,
+            num_prefill_seqs=s,
+            num_decode_seqs=s,
+            query_lens_host=[],
+            seq_lens_host=[],
+            num_prefill_tokens=tp,
+            prefill_tiles=d32[self._tiles_off : self._tiles_off + 2 * nt].view(nt, 2),
+            prefill_block_m=self._block_m[tp],
+        )
+
+    def _forward(self, tp: int) -> None:
+        n, r = tp + self._s, self._r
+        ids, positions = self._dev64[:n], self._dev64[r : r + n]
+        self.hidden[:n] = self.model(ids, positions)
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for tp in reversed(self.buckets):
+                with forward_context(self._meta(tp)):
+                    self._forward(tp)  # warm-up: Triton compiles, cuBLAS picks its kernels
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=self._pool, stream=stream):
+                        self._forward(tp)
+                if self._pool is None:
+                    self._pool = graph.pool()
+                self.graphs[tp] = graph
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        log.info("captured mixed-step CUDA graphs for prefill token counts %s", self.buckets)
+
+    def stage_and_run(
+        self, seqs: SequenceABC[Sequence], query_lens: SequenceABC[int], num_prefill: int
+    ) -> tuple[torch.Tensor, list[int]] | None:
+        """One step of ``seqs`` (the first ``num_prefill`` bring ``query_lens`` new tokens,
+        the rest one token each, their last): stages the padded layout, replays, and returns
+        the hidden states of the rows that sample (a new tensor) with their indices into
+        ``seqs``; None, having run nothing, when the step does not fit the captured shapes.
+        Host buffers are rewritten only after the caller synchronised on the previous step's
+        sampled tokens (the copies precede the replay in stream order)."""
+        s, r, w, bs = self._s, self._r, self._w, self.block_size
+        num_decode = len(seqs) - num_prefill
+        if num_prefill > s or num_decode > s or num_prefill == 0:
+            return None
+        q = np.asarray(query_lens[:num_prefill], dtype=np.int64)
+        num_tokens = int(q.sum())
+        if num_tokens > self.buckets[-1]:
+            return None
+        tp = next(b for b in self.buckets if b >= num_tokens)
+        mirror = self._mirror
+        mirror.reserve(len(seqs))
+        rows = [mirror.row(seq.request_id, seq.block_table) for seq in seqs]
+        if min(rows) < 0:
+            return None
+        prefill, decode = seqs[:num_prefill], seqs[num_prefill:]
+        starts = np.fromiter((x.num_computed_tokens for x in prefill), np.int64, num_prefill)
+        ends = starts + q
+        tokens: list[int] = []
+        for x, a, b in zip(prefill, starts.tolist(), ends.tolist(), strict=True):
+            tokens += x.token_ids[a:b]
+        dpos = np.fromiter((x.num_computed_tokens for x in decode), np.int64, num_decode)
+        dtok = [x.token_ids[-1] for x in decode]
+        if any(x.num_computed_tokens + 1 != x.num_tokens for x in decode):
+            return None
+
+        h64, h32 = self._host64.numpy(), self._host32.numpy()
+        ids, pos, slots = h64[:r], h64[r : 2 * r], h64[2 * r : 3 * r]
+        cu = np.zeros(num_prefill + 1, dtype=np.int64)
+        np.cumsum(q, out=cu[1:])
+        ppos = np.arange(num_tokens, dtype=np.int64) + np.repeat(starts - cu[:-1], q)
+        prow = np.asarray(rows[:num_prefill], dtype=np.intp)
+        drow = np.asarray(rows[num_prefill:], dtype=np.intp)
+        tables = mirror.tables
+        ids[:num_tokens] = tokens
+        pos[:num_tokens] = ppos
+        slots[:num_tokens] = (
+            tables[np.repeat(prow, q), ppos // bs].astype(np.int64) * bs + ppos % bs
+        )
+        ids[num_tokens:tp] = 0
+        pos[num_tokens:tp] = 0
+        slots[num_tokens:tp] = -1
+        ids[tp : tp + num_decode] = dtok
+        pos[tp : tp + num_decode] = dpos
+        slots[tp : tp + num_decode] = tables[drow, dpos // bs].astype(np.int64) * bs + dpos % bs
+        ids[tp + num_decode : tp + s] = 0
+        pos[tp + num_decode : tp + s] = 0
+        slots[tp + num_decode : tp + s] = -1
+        # Rows that sample: a prefill chunk that reaches its sequence's last token, and
+        # every decode row; indices into seqs in the same order.
+        last = np.fromiter((x.num_tokens for x in prefill), np.int64, num_prefill) == ends
+        sample_seqs = np.flatnonzero(last).tolist() + list(range(num_prefill, len(seqs)))
+        sample_rows = h64[3 * r : 3 * r + len(sample_seqs)]
+        sample_rows[: int(last.sum())] = cu[1:][last] - 1
+        sample_rows[int(last.sum()) :] = np.arange(tp, tp + num_decode)
+
+        seq_lens = h32[: 2 * s]
+        seq_lens[:num_prefill] = ends
+        seq_lens[num_prefill:s] = 0
+        seq_lens[s : s + num_decode] = dpos + 1
+        seq_lens[s + num_decode :] = 0
+        h32[self._cu_off : self._cu_off + num_prefill + 1] = cu
+        h32[self._cu_off + num_prefill + 1 : self._cu_off + s + 1] = num_tokens
+        nt = self._num_tiles[tp]
+        h32[self._tiles_off : self._tiles_off + 2 * nt] = prefill_tiles(
+            q, self._block_m[tp], nt
+        ).reshape(-1)
+        table_rows = h32[self._tables_off :].reshape(2 * s, w)
+        used_p = int(ends.max() - 1) // bs + 1
+        table_rows[:num_prefill, :used_p] = tables[prow, :used_p]
+        if num_decode:
+            used_d = int(dpos.max()) // bs + 1
+            table_rows[s : s + num_decode, :used_d] = tables[drow, :used_d]
+
+        self._dev64.copy_(self._host64, non_blocking=True)
+        head = self._tiles_off + 2 * nt
+        self._dev32[:head].copy_(self._host32[:head], non_blocking=True)
+        t0, t1 = self._tables_off, self._tables_off + num_prefill * w
+        self._dev32[t0:t1].copy_(self._host32[t0:t1], non_blocking=True)
+        if num_decode:
+            t0 = self._tables_off + s * w
+            t1 = t0 + num_decode * w
+            self._dev32[t0:t1].copy_(self._host32[t0:t1], non_blocking=True)
+        graph = self.graphs.get(tp)
+        if graph is not None:
+            graph.replay()
+        else:  # not captured (the CPU tests of this layout): the same forward, eagerly
+            with forward_context(self._meta(tp)):
+                self._forward(tp)
+        self.num_replays += 1
+        picked = self._dev64[3 * r : 3 * r + len(sample_seqs)]
+        return self.hidden[picked], sample_seqs

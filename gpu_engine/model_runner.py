@@ -18,8 +18,9 @@ import torch
 from gpu_engine.block_tables import BlockTableMirror
 from gpu_engine.config import EngineConfig
 from gpu_engine.context import forward_context
-from gpu_engine.cuda_graphs import DecodeGraphs
+from gpu_engine.cuda_graphs import DecodeGraphs, MixedGraphs
 from gpu_engine.errors import EngineError
+from gpu_engine.kernels.prefill_tiles import prefill_block_m, prefill_tiles
 from gpu_engine.layers import make_attention_backend
 from gpu_engine.layers.base import AttentionMetadata
 from gpu_engine.loader import build_model, load_hf_config, resolve_model_dir
@@ -84,6 +85,7 @@ class ModelRunner:
         self.block_size = self._block_size()
         self.sampler = Sampler(self.device, config.seed)
         self.graphs: DecodeGraphs | None = None  # captured after the KV cache exists
+        self.mixed_graphs: MixedGraphs | None = None
         self.num_kv_blocks = self._num_kv_blocks()
         self._allocate_kv_cache(self.num_kv_blocks)
         limit = min(
@@ -96,6 +98,7 @@ class ModelRunner:
             4 * config.max_num_seqs, -(-self.max_model_len // self.block_size)
         )
         self.graphs = self._capture_decode_graphs()
+        self.mixed_graphs = self._capture_mixed_graphs()
         log.info(
             "model %s on %s (%s), backend %s, %d KV blocks of %d tokens",
             self.model_dir,
@@ -119,6 +122,31 @@ class ModelRunner:
             hidden_size=self.arch.hidden_size,
             dtype=self.dtype,
             device=self.device,
+        )
+        graphs.capture()
+        return graphs
+
+    def _capture_mixed_graphs(self) -> MixedGraphs | None:
+        """CUDA graphs of steps with prefill chunks (Triton backend, one device, with decode
+        graphs; not with ``mixed_step_graphs=False``). They share the decode graphs' block
+        table mirror, so a sequence keeps its row across both kinds of step."""
+        if (
+            self.graphs is None
+            or not self.config.mixed_step_graphs
+            or self.backend.name != "triton"
+            or current_tp_group().size > 1
+        ):
+            return None
+        graphs = MixedGraphs(
+            self.model,
+            max_num_seqs=self.config.max_num_seqs,
+            max_num_batched_tokens=self.config.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            block_size=self.block_size,
+            hidden_size=self.arch.hidden_size,
+            dtype=self.dtype,
+            device=self.device,
+            mirror=self.graphs.mirror,
         )
         graphs.capture()
         return graphs
@@ -294,6 +322,10 @@ class ModelRunner:
                 t = t.pin_memory()
             return t.to(self.device, non_blocking=True)
 
+        tiles, block_m = None, None
+        if num_prefill_seqs and self.backend.name == "triton":
+            block_m = prefill_block_m(self.dtype, int(q[:num_prefill_seqs].max()))
+            tiles = dev(prefill_tiles(q[:num_prefill_seqs], block_m), torch.int32)
         meta = AttentionMetadata(
             slot_mapping=dev(slots, torch.int64),
             cu_seqlens_q=dev(cu, torch.int32),
@@ -305,6 +337,9 @@ class ModelRunner:
             num_decode_seqs=len(query_lens) - num_prefill_seqs,
             query_lens_host=query_lens,
             seq_lens_host=seq_lens,
+            num_prefill_tokens=int(cu[num_prefill_seqs]),
+            prefill_tiles=tiles,
+            prefill_block_m=block_m,
         )
         return StepInputs(
             dev(input_ids, torch.int64),
@@ -343,6 +378,9 @@ class ModelRunner:
         hidden = self._graph_decode_hidden(batch)
         if hidden is not None:  # every sequence samples its one new token
             return self.model.compute_logits(hidden), list(range(len(batch.seqs)))
+        mixed = self._graph_mixed_hidden(batch)
+        if mixed is not None:
+            return self.model.compute_logits(mixed[0]), mixed[1]
         inputs = self.prepare(batch)
         hidden = self._execute(inputs)
         return self.model.compute_logits(hidden[inputs.sample_rows]), inputs.sample_seqs
@@ -356,6 +394,14 @@ class ModelRunner:
         if graphs is None or batch.num_prefill_seqs or not batch.seqs:
             return None
         return graphs.stage_and_run(batch.seqs)
+
+    def _graph_mixed_hidden(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]] | None:
+        """Hidden states of the sampling rows of a step with prefill chunks through the
+        mixed-step graphs, and their indices in ``batch.seqs``; None if it does not fit."""
+        graphs = self.mixed_graphs
+        if graphs is None or not batch.num_prefill_seqs:
+            return None
+        return graphs.stage_and_run(batch.seqs, batch.query_lens, batch.num_prefill_seqs)
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[int | None]:

@@ -3,7 +3,11 @@
 Each sequence brings ``query_len`` new tokens at the end of a context of ``seq_len`` tokens
 whose K/V (the cached prefix, earlier chunks and this step's tokens, already stored) live in
 the paged cache. Query token j sits at position ``seq_len - query_len + j`` and attends keys
-at positions ≤ its own. Grid: (query tiles, sequences, query heads). A program keeps a
+at positions ≤ its own. Grid: (query tiles, query heads), where a tile table lists the
+(sequence, query tile) pairs of the step; entries with sequence -1 are padding and return at
+once. The table is built on the host (``prefill_tiles``), so the launch needs no host value
+from the device, and a launch with a fixed, large enough grid (a CUDA graph of a padded mixed
+step) serves any mix of query lengths. A program keeps a
 [BLOCK_M, head_dim] query tile in registers and streams K/V tiles of BLOCK_N tokens gathered
 through the block table, with an online softmax: the [query_len, seq_len] score matrix is
 never materialised. Keys strictly before the tile's first query position need no causal
@@ -12,11 +16,13 @@ mask (first loop); only the diagonal band is masked (second loop).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
 from gpu_engine.kernels import INTERPRET, dot_precision
+from gpu_engine.kernels.prefill_tiles import prefill_block_m, prefill_tiles
 
 _LOG2E = 1.4426950408889634
 
@@ -76,6 +82,7 @@ def _prefill_kernel(
     block_table_ptr,
     cu_seqlens_q_ptr,
     seq_lens_ptr,
+    tiles_ptr,
     out_ptr,
     qk_scale,
     stride_q_tok,
@@ -94,16 +101,15 @@ def _prefill_kernel(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    m_tile = tl.program_id(0)
-    seq = tl.program_id(1)
-    head = tl.program_id(2)
-
-    q_start = tl.load(cu_seqlens_q_ptr + seq)
-    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
-    seq_len = tl.load(seq_lens_ptr + seq)
-    # Tiles past this sequence's query length have nothing to do (the grid is sized by the
-    # longest query in the step).
-    if m_tile * BLOCK_M < q_len:
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.load(tiles_ptr + 2 * tile)
+    m_tile = tl.load(tiles_ptr + 2 * tile + 1)
+    # Padding entries (seq -1) have nothing to do.
+    if seq >= 0:
+        q_start = tl.load(cu_seqlens_q_ptr + seq)
+        q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+        seq_len = tl.load(seq_lens_ptr + seq)
         ctx_len = seq_len - q_len  # tokens before this step's queries
         m = m_tile * BLOCK_M + tl.arange(0, BLOCK_M)
         m_mask = m < q_len
@@ -156,11 +162,17 @@ def paged_prefill_attention(
     max_query_len: int,
     scale: float,
     out: torch.Tensor | None = None,
+    tiles: torch.Tensor | None = None,
+    block_m: int | None = None,
 ) -> torch.Tensor:
     """q: [num_tokens, num_heads, head_dim] (sequences back to back, ``cu_seqlens_q``
     [num_seqs + 1] int32 prefix sums); caches [num_blocks, page, num_kv_heads, head_dim]
     holding every key of each sequence (this step's included); block_tables [num_seqs,
-    max_blocks] int32; seq_lens [num_seqs] int32. Returns [num_tokens, num_heads, head_dim]."""
+    max_blocks] int32; seq_lens [num_seqs] int32. Returns [num_tokens, num_heads, head_dim].
+
+    ``tiles``: the step's tile table (``prefill_tiles`` with ``block_m`` rows per tile) on
+    q's device; the grid is its length. Without it, the table is built here from
+    ``cu_seqlens_q`` (a device-to-host read)."""
     num_tokens, num_heads, head_dim = q.shape
     _, page, num_kv_heads, cache_dim = k_cache.shape
     if cache_dim != head_dim or num_heads % num_kv_heads:
@@ -172,15 +184,13 @@ def paged_prefill_attention(
     num_seqs = seq_lens.shape[0]
     if num_tokens == 0 or num_seqs == 0:
         return out
-    # Short chunks (chunked prefill mixed with decodes) waste less with a 16-row tile; 64
-    # rows use wgmma on Hopper. fp32 (exact dots on CUDA cores) needs small tiles to stay
-    # in registers.
-    if q.element_size() <= 2:
-        block_m = 64 if max_query_len > 32 else 16
-        block_n = 64 if head_dim <= 128 else 32
-    else:
-        block_m, block_n = 16, 32
-    grid = (triton.cdiv(max_query_len, block_m), num_seqs, num_heads)
+    if block_m is None:
+        block_m = prefill_block_m(q.dtype, max_query_len)
+    if tiles is None:
+        cu = cu_seqlens_q.cpu().numpy().astype(np.int64)
+        tiles = torch.from_numpy(prefill_tiles(np.diff(cu), block_m)).to(q.device)
+    block_n = (64 if head_dim <= 128 else 32) if q.element_size() <= 2 else 32
+    grid = (tiles.shape[0], num_heads)
     _prefill_kernel[grid](
         q,
         k_cache,
@@ -188,6 +198,7 @@ def paged_prefill_attention(
         block_tables,
         cu_seqlens_q,
         seq_lens,
+        tiles,
         out,
         scale * _LOG2E,
         q.stride(0),

@@ -42,6 +42,18 @@ class AttentionMetadata:
     # Host copies (lists) the reference backend and the runner use without a device sync.
     query_lens_host: list[int]
     seq_lens_host: list[int]
+    # Set by the runner for the Triton backend (else derived from the host lists): tokens of
+    # the prefill part (a padded, fixed count in a CUDA graph of a mixed step), its query
+    # tile table on the device and the rows per tile (see kernels.prefill_attention).
+    num_prefill_tokens: int | None = None
+    prefill_tiles: torch.Tensor | None = None
+    prefill_block_m: int | None = None
+
+    @property
+    def prefill_token_count(self) -> int:
+        if self.num_prefill_tokens is not None:
+            return self.num_prefill_tokens
+        return sum(self.query_lens_host[: self.num_prefill_seqs])
 
     @property
     def num_seqs(self) -> int:

@@ -2,10 +2,11 @@
 
 Per step: store this step's K/V by slot mapping; the leading prefill / chunked-prefill
 sequences go through the paged FlashAttention-2 kernel (prefix hits read from the cache);
-the trailing decode sequences through the split-K paged decode kernel. The decode part
-needs no host values beyond launch constants, so the model runner can capture it in a CUDA
-graph; the split count then comes from ``meta.max_seq_len`` at capture time (the runner
-passes its max model length there), see ``decode_num_splits``.
+the trailing decode sequences through the split-K paged decode kernel. Given the prefill
+tile table and token count in the metadata, neither part needs host values beyond launch
+constants, so the model runner captures decode-only and mixed steps in CUDA graphs; the split
+count then comes from ``meta.max_seq_len`` at capture time (the runner passes its max model
+length there), see ``decode_num_splits``.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class TritonBackend:
         num_prefill = meta.num_prefill_seqs
         prefill_tokens = 0
         if num_prefill:
-            prefill_tokens = sum(meta.query_lens_host[:num_prefill])
+            prefill_tokens = meta.prefill_token_count
             paged_prefill_attention(
                 q[:prefill_tokens],
                 k_cache,
@@ -60,6 +61,8 @@ class TritonBackend:
                 meta.max_query_len,
                 scale,
                 out=out[:prefill_tokens],
+                tiles=meta.prefill_tiles,
+                block_m=meta.prefill_block_m,
             )
         num_decode = meta.num_decode_seqs
         if num_decode:

@@ -364,3 +364,75 @@ def test_staged_decode_graph_path_matches_eager(tiny_checkpoint) -> None:
     staged = [o.token_ids for o in llm.generate(prompts, params)]
     assert runner.graphs is not None and runner.graphs.num_replays >= 4
     assert staged == eager
+
+
+def test_mixed_step_graph_layout_matches_eager(tiny_checkpoint) -> None:
+    """Steps with prefill chunks through ``MixedGraphs`` (padded prefill tokens, a tile table
+    with padding entries, decode rows at a fixed offset, Triton attention reading device
+    metadata only) generate the eager tokens: chunked prefill next to decodes, a prefix-cache
+    hit, prompts finishing their prefill mid-step. Without CUDA the layout runs eagerly on the
+    static buffers with interpreted kernels; on CUDA the captured graphs replay."""
+    from gpu_engine import LLM, SamplingParams
+    from gpu_engine.block_tables import BlockTableMirror
+    from gpu_engine.cuda_graphs import MixedGraphs
+
+    path = tiny_checkpoint("qwen3")
+    shared = list(range(5, 29))  # 24 tokens: 3 full blocks of 8 shared by two prompts
+    prompts = [[*shared, 30, 31], [12, 13, 14], [40] * 90, [41, 42], [*shared, 50, 51, 52]]
+    params = [
+        SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (6, 9, 4, 7, 5)
+    ]
+    kw = dict(
+        device=DEV, dtype="float32", kv_cache_tokens=1024, max_num_seqs=4, block_size=8,
+        max_num_batched_tokens=40, attention_backend="triton" if CUDA else "torch",
+    )  # fmt: skip
+    eager = [
+        o.token_ids for o in LLM(str(path), enforce_eager=True, **kw).generate(prompts, params)
+    ]
+
+    llm = LLM(str(path), **kw)
+    runner = llm.engine.model_runner
+    if not CUDA:
+        backend = TritonBackend()
+        for attn in runner.model.attention_layers():
+            attn.backend = backend
+        runner.backend = backend
+        runner.mixed_graphs = MixedGraphs(
+            runner.model,
+            max_num_seqs=4,
+            max_num_batched_tokens=40,
+            max_model_len=runner.max_model_len,
+            block_size=runner.block_size,
+            hidden_size=runner.arch.hidden_size,
+            dtype=runner.dtype,
+            device=runner.device,
+            mirror=BlockTableMirror(16, -(-runner.max_model_len // runner.block_size)),
+        )
+    graphs = runner.mixed_graphs
+    assert graphs is not None and graphs.buckets == [16, 32, 40]
+    mixed = [o.token_ids for o in llm.generate(prompts, params)]
+    assert graphs.num_replays >= 3
+    assert llm.engine.stats()["prefix_cache_hit_tokens"] >= 24
+    assert mixed == eager
+
+
+def test_prefill_attention_skips_padding_tiles() -> None:
+    """A tile table with padding rows (-1): the real tiles give the reference output and no
+    padding entry writes anything."""
+    from gpu_engine.kernels.prefill_tiles import max_prefill_tiles, prefill_tiles
+
+    case = make_case([(3, 9), (0, 21)], 4, 2, 32, 4, torch.float32, DEV, seed=_fresh_seed())
+    meta = case.meta
+    q_lens = [9, 21]
+    cap = max_prefill_tiles(64, 8, 16)
+    tiles = prefill_tiles(q_lens, 16, cap)
+    assert (tiles[:3].tolist(), (tiles[3:, 0] == -1).all()) == ([[0, 0], [1, 0], [1, 1]], True)
+    with pytest.raises(ValueError, match="do not fit"):
+        prefill_tiles(q_lens, 16, 2)
+    out = torch.full_like(case.q, float("nan"))
+    paged_prefill_attention(
+        case.q, case.k_cache, case.v_cache, meta.block_tables, meta.cu_seqlens_q,
+        meta.seq_lens, meta.max_query_len, 32**-0.5, out=out,
+        tiles=torch.from_numpy(tiles).to(DEV), block_m=16,
+    )  # fmt: skip
+    assert rel_err(out, reference(case, 32**-0.5)) < TOL[torch.float32]
