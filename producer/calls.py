@@ -1,7 +1,7 @@
 """The pure halves of client calls, shared by :class:`producer.client.ChatClient` and
 :class:`producer.sync_client.SyncChatClient` so both speak the wire protocol through one
-code path: validate and encode before touching Redis, interpret the atomic ENQUEUE reply,
-walk a result stream, and convert redis-py errors at the boundary.
+code path: validate and encode before touching Redis, walk a result stream, and convert
+redis-py errors at the boundary (the enqueue call itself is in :mod:`producer.batch`).
 """
 
 from __future__ import annotations
@@ -18,11 +18,10 @@ import redis
 from producer.errors import (
     ChatqError,
     ProtocolError,
-    QueueFull,
     RedisUnavailable,
     RequestFailed,
 )
-from producer.keys import CANCEL_MAXLEN, CANCELLED_TTL_S, IDEMPOTENCY_TTL_S, STREAM_FIELD, Keys
+from producer.keys import CANCEL_MAXLEN, CANCELLED_TTL_S, Keys
 from producer.protocol import (
     Chunk,
     Done,
@@ -34,7 +33,6 @@ from producer.protocol import (
     Usage,
     decode_result,
     encode_envelope,
-    estimate_cost_tokens,
     make_envelope,
 )
 from producer.settings import ClientSettings
@@ -157,40 +155,6 @@ def build_envelope(
     return env, payload
 
 
-def enqueue_call(
-    keys: Keys, settings: ClientSettings, env: Envelope, payload: bytes
-) -> tuple[list[str], list[bytes | str | int]]:
-    """KEYS and ARGV of one :data:`producer.scripts.ENQUEUE` call."""
-    script_keys = [keys.requests(env.model, env.priority), keys.backlog(env.model), keys.models]
-    if env.idempotency_key is not None:
-        script_keys.append(keys.idempotency(env.idempotency_key))
-    args: list[bytes | str | int] = [
-        payload,
-        env.id,
-        estimate_cost_tokens(env),
-        settings.max_backlog_tokens,
-        IDEMPOTENCY_TTL_S,
-        env.model,
-        STREAM_FIELD,
-    ]
-    return script_keys, args
-
-
-def enqueue_outcome(reply: Any, env: Envelope, settings: ClientSettings) -> str:
-    """The request id an ENQUEUE reply stands for, or raise :class:`QueueFull`."""
-    status = int(reply[0])
-    if status == 1:
-        return env.id
-    if status == 2:
-        return _text(reply[1])
-    queued = int(_text(reply[1]))
-    rate_text = _text(reply[2])
-    rate = float(rate_text) if rate_text else 0.0
-    cost = estimate_cost_tokens(env)
-    wait_s = retry_after_s(queued, cost, settings.max_backlog_tokens, rate)
-    raise QueueFull(wait_s, backlog_tokens=queued, limit_tokens=settings.max_backlog_tokens)
-
-
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
 
 
@@ -254,17 +218,25 @@ def block_ms(deadline: float, socket_timeout_s: float | None) -> int:
     return max(int(left_s * 1000), 1)
 
 
-def stream_entries(reply: Any) -> list[tuple[Any, Mapping[Any, Any]]]:
-    """Entries of a single-stream XREAD reply, in either RESP2 (list) or RESP3 (dict) shape."""
+def streams_entries(reply: Any) -> list[tuple[str, list[tuple[Any, Mapping[Any, Any]]]]]:
+    """(stream key, entries) of an XREAD reply, in either RESP2 (list) or RESP3 (dict) shape."""
     if not reply:
         return []
     if isinstance(reply, Mapping):
-        (value,) = reply.values()
-        return list(value[0] if value and isinstance(value[0], list) else value)
-    return list(reply[0][1])
+        return [
+            (text(key), list(value[0] if value and isinstance(value[0], list) else value))
+            for key, value in reply.items()
+        ]
+    return [(text(key), list(entries)) for key, entries in reply]
 
 
-def _text(value: Any) -> str:
+def stream_entries(reply: Any) -> list[tuple[Any, Mapping[Any, Any]]]:
+    """Entries of a single-stream XREAD reply."""
+    streams = streams_entries(reply)
+    return streams[0][1] if streams else []
+
+
+def text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 

@@ -2,8 +2,10 @@
 
 A thin layer over ``redis.asyncio``: the request is validated and encoded before Redis is
 touched, enqueued with one atomic Lua call (:data:`producer.scripts.ENQUEUE`: idempotency,
-backlog bound, XADD), and results are read by blocking XREAD on the request's result stream
-(never a polling loop). :class:`producer.sync_client.SyncChatClient` has the same methods.
+backlog bound, XADD; ``submit_many`` queues many requests in one such call), and results are
+read by blocking XREAD on the request's result stream (``results_many``: one XREAD over many
+streams), never a polling loop. :class:`producer.sync_client.SyncChatClient` has the same
+methods.
 """
 
 from __future__ import annotations
@@ -11,10 +13,19 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal, overload
 
 import redis.asyncio as aioredis
 
+from producer.batch import (
+    BatchRequest,
+    EnqueueCall,
+    ResultsWindow,
+    build_batch,
+    enqueue_call,
+    enqueue_outcome,
+    raise_first,
+)
 from producer.calls import (
     DEFAULT_RESULT_TIMEOUT_S,
     DEFAULT_STREAM_IDLE_TIMEOUT_S,
@@ -24,14 +35,12 @@ from producer.calls import (
     block_ms,
     build_envelope,
     check_request_id,
-    enqueue_call,
-    enqueue_outcome,
     queue_cancel,
     redis_errors,
     resolve_settings,
     stream_entries,
 )
-from producer.errors import ResultTimeout
+from producer.errors import ChatqError, ResultTimeout
 from producer.keys import Keys
 from producer.protocol import Message
 from producer.scripts import ENQUEUE
@@ -110,10 +119,21 @@ class ChatClient:
             tenant=tenant,
             callback_url=callback_url,
         )
-        script_keys, args = enqueue_call(self.keys, self.settings, env, payload)
-        with redis_errors():
-            reply = await self._enqueue(keys=script_keys, args=args)
-        return enqueue_outcome(reply, env, self.settings)
+        return (await self._send(enqueue_call(self.keys, self.settings, [(env, payload)])))[0]
+
+    async def submit_many(self, requests: Sequence[BatchRequest], **defaults: Any) -> list[str]:
+        """Queue many chats in one atomic Lua call; their request ids, in order.
+
+        Each request is its messages or a mapping with ``messages`` and any :meth:`submit`
+        option; ``defaults`` (``model=...``, ``max_tokens=...``) apply to all. All or
+        nothing: any invalid request raises :class:`ProtocolError` naming
+        ``requests[i].<field>`` before Redis is touched, and if a model's backlog bound would
+        be passed nothing is queued and :class:`QueueFull` says when the whole batch fits.
+        Known idempotency keys give their existing ids (a key repeated within the batch
+        maps to one request). At most :data:`producer.batch.MAX_BATCH_REQUESTS` requests."""
+        return await self._send(
+            enqueue_call(self.keys, self.settings, build_batch(self.settings, requests, defaults))
+        )
 
     async def result(
         self, request_id: str, timeout_s: float = DEFAULT_RESULT_TIMEOUT_S
@@ -165,6 +185,83 @@ class ChatClient:
         """``submit`` then ``result``."""
         request_id = await self.submit(messages, **kw)
         return await self.result(request_id, timeout_s=timeout_s)
+
+    @overload
+    async def results_many(
+        self,
+        request_ids: Sequence[str],
+        timeout_s: float = ...,
+        *,
+        return_exceptions: Literal[False] = ...,
+    ) -> list[ChatResult]: ...
+
+    @overload
+    async def results_many(
+        self, request_ids: Sequence[str], timeout_s: float = ..., *, return_exceptions: bool
+    ) -> list[ChatResult | ChatqError]: ...
+
+    async def results_many(
+        self,
+        request_ids: Sequence[str],
+        timeout_s: float = DEFAULT_RESULT_TIMEOUT_S,
+        *,
+        return_exceptions: bool = False,
+    ) -> list[ChatResult] | list[ChatResult | ChatqError]:
+        """Wait for many final results with one blocking XREAD over many result streams.
+
+        Results come in the order of ``request_ids``. By default the first request (in that
+        order) that failed or had no result within ``timeout_s`` raises its
+        :class:`RequestFailed` / :class:`ResultTimeout`; with ``return_exceptions=True`` those
+        errors take the request's place in the list instead (as ``asyncio.gather`` does)."""
+        window = ResultsWindow(self.keys, request_ids)
+        deadline = time.monotonic() + timeout_s
+        while not window.done:
+            wait_ms = block_ms(deadline, self.settings.socket_timeout_s)
+            with redis_errors():
+                reply = await self.redis.xread(window.streams(), count=READ_COUNT, block=wait_ms)
+            if reply:
+                window.feed(reply)
+            elif time.monotonic() >= deadline:
+                break
+        outcomes = window.outcomes(timeout_s)
+        return outcomes if return_exceptions else raise_first(outcomes)
+
+    @overload
+    async def chat_many(
+        self,
+        requests: Sequence[BatchRequest],
+        *,
+        timeout_s: float = ...,
+        return_exceptions: Literal[False] = ...,
+        **defaults: Any,
+    ) -> list[ChatResult]: ...
+
+    @overload
+    async def chat_many(
+        self,
+        requests: Sequence[BatchRequest],
+        *,
+        timeout_s: float = ...,
+        return_exceptions: bool,
+        **defaults: Any,
+    ) -> list[ChatResult | ChatqError]: ...
+
+    async def chat_many(
+        self,
+        requests: Sequence[BatchRequest],
+        *,
+        timeout_s: float = DEFAULT_RESULT_TIMEOUT_S,
+        return_exceptions: bool = False,
+        **defaults: Any,
+    ) -> list[ChatResult] | list[ChatResult | ChatqError]:
+        """``submit_many`` then ``results_many``."""
+        request_ids = await self.submit_many(requests, **defaults)
+        return await self.results_many(request_ids, timeout_s, return_exceptions=return_exceptions)
+
+    async def _send(self, call: EnqueueCall) -> list[str]:
+        with redis_errors():
+            reply = await self._enqueue(keys=call.keys, args=call.args)
+        return enqueue_outcome(reply, call, self.settings)
 
     async def _read(self, cursor: ResultCursor, deadline: float) -> list[str] | None:
         """One blocking XREAD; the deltas it brought, or None if the deadline passed."""

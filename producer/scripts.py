@@ -3,8 +3,8 @@
 FINALIZE is the one way any worker (aggregator, reclaim's dead-lettering) writes a final
 result: it writes only if no final result exists yet, and always acknowledges the entry.
 DEAD_LETTER is FINALIZE's body behind a prefix that records the dead letter in the same step.
-ENQUEUE is the producer's one atomic enqueue (idempotency, backlog bound, XADD); RECLAIM moves
-a dead worker's pending entries to a live one.
+ENQUEUE is the producer's one atomic enqueue of one or many requests (idempotency, backlog
+bound, XADD); RECLAIM moves a dead worker's pending entries to a live one.
 """
 
 from __future__ import annotations
@@ -56,33 +56,74 @@ end
 return 1
 """
 
-# KEYS: 1 request stream, 2 backlog hash, 3 models set, [4 idempotency key]
-# ARGV: 1 msgpack envelope, 2 request id, 3 cost tokens, 4 max backlog tokens,
-#       5 idempotency TTL s, 6 model name, 7 stream field name
-# Returns {1, entry id} when queued, {2, existing request id} for a known idempotency key,
-# or {0, queued tokens, drain rate (tokens/s as a string, '' if never measured)} when the
-# backlog bound is reached. An empty backlog always admits, so one request larger than the
-# whole bound is still served instead of being refused forever. The consumer group is not
-# touched: workers create it at id 0, so entries queued before any worker started are
-# delivered too.
+# Enqueue a batch of N >= 1 requests (``submit`` is a batch of one), all or nothing.
+# KEYS: 1 models set, then M backlog hashes (one per model in the batch), then S request
+#       streams, then I idempotency keys.
+# ARGV: 1 M, 2 S, 3 max backlog tokens, 4 idempotency TTL s, 5 stream field name,
+#       6..5+M model names, then 6 per request: msgpack envelope, request id, cost tokens,
+#       model index (1..M), stream index (1..S), idempotency key index (1..I, 0 = none).
+# Returns {1, {{1, entry id} | {2, existing request id}, ...}} (one pair per request, in
+# order: queued, or the id a known idempotency key maps to), or, when a model's backlog
+# bound would be passed, {0, model index, queued tokens, drain rate (tokens/s as a string,
+# '' if never measured), cost tokens of that model's part of the batch} and nothing is
+# written. An empty backlog always admits, so one request (or batch) larger than the whole
+# bound is still served instead of being refused forever. The client sends a given
+# idempotency key at most once per batch. The consumer group is not touched: workers
+# create it at id 0, so entries queued before any worker started are delivered too.
 ENQUEUE = """
-if #KEYS == 4 then
-  local existing = redis.call('GET', KEYS[4])
-  if existing then return {2, existing} end
+local m, s = tonumber(ARGV[1]), tonumber(ARGV[2])
+local limit, ttl, field = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
+local base = 5 + m
+local n = (#ARGV - base) / 6
+local existing = {}
+local cost = {}
+local count = {}
+for j = 1, m do cost[j] = 0; count[j] = 0 end
+for i = 0, n - 1 do
+  local a = base + 6 * i
+  local idem = tonumber(ARGV[a + 6])
+  local known = false
+  if idem > 0 then known = redis.call('GET', KEYS[1 + m + s + idem]) end
+  if known then
+    existing[i + 1] = known
+  else
+    local j = tonumber(ARGV[a + 4])
+    cost[j] = cost[j] + tonumber(ARGV[a + 3])
+    count[j] = count[j] + 1
+  end
 end
-local cost = tonumber(ARGV[3])
-local queued = tonumber(redis.call('HGET', KEYS[2], 'tokens') or '0')
-if queued > 0 and queued + cost > tonumber(ARGV[4]) then
-  return {0, tostring(queued), redis.call('HGET', KEYS[2], 'rate') or ''}
+for j = 1, m do
+  if count[j] > 0 then
+    local queued = tonumber(redis.call('HGET', KEYS[1 + j], 'tokens') or '0')
+    if queued > 0 and queued + cost[j] > limit then
+      return {0, j, tostring(queued), redis.call('HGET', KEYS[1 + j], 'rate') or '',
+              tostring(cost[j])}
+    end
+  end
 end
-local entry = redis.call('XADD', KEYS[1], '*', ARGV[7], ARGV[1])
-redis.call('HINCRBY', KEYS[2], 'tokens', cost)
-redis.call('HINCRBY', KEYS[2], 'requests', 1)
-redis.call('SADD', KEYS[3], ARGV[6])
-if #KEYS == 4 then
-  redis.call('SET', KEYS[4], ARGV[2], 'EX', tonumber(ARGV[5]))
+local out = {}
+for i = 0, n - 1 do
+  if existing[i + 1] then
+    out[i + 1] = {2, existing[i + 1]}
+  else
+    local a = base + 6 * i
+    local stream = KEYS[1 + m + tonumber(ARGV[a + 5])]
+    local entry = redis.call('XADD', stream, '*', field, ARGV[a + 1])
+    local idem = tonumber(ARGV[a + 6])
+    if idem > 0 then
+      redis.call('SET', KEYS[1 + m + s + idem], ARGV[a + 2], 'EX', ttl)
+    end
+    out[i + 1] = {1, entry}
+  end
 end
-return {1, entry}
+for j = 1, m do
+  if count[j] > 0 then
+    redis.call('HINCRBY', KEYS[1 + j], 'tokens', cost[j])
+    redis.call('HINCRBY', KEYS[1 + j], 'requests', count[j])
+    redis.call('SADD', KEYS[1], ARGV[5 + j])
+  end
+end
+return {1, out}
 """
 
 # KEYS: 1 request stream, 2 heartbeat key of the consumer being reclaimed

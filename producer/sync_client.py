@@ -2,8 +2,9 @@
 
 A thin layer over redis-py's sync client: the request is validated and encoded before Redis is
 touched, enqueued with one atomic Lua call (:data:`producer.scripts.ENQUEUE`: idempotency,
-backlog bound, XADD), and results are read by blocking XREAD on the request's result stream
-(never a polling loop). Same methods as :class:`producer.client.ChatClient`; both share
+backlog bound, XADD; ``submit_many``: many requests in one such call), and results are read
+by blocking XREAD on the request's result stream (``results_many``: one XREAD over many
+streams), never a polling loop. Same methods as :class:`producer.client.ChatClient`; both share
 :mod:`producer.calls`.
 """
 
@@ -12,10 +13,19 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal, overload
 
 import redis
 
+from producer.batch import (
+    BatchRequest,
+    EnqueueCall,
+    ResultsWindow,
+    build_batch,
+    enqueue_call,
+    enqueue_outcome,
+    raise_first,
+)
 from producer.calls import (
     DEFAULT_RESULT_TIMEOUT_S,
     DEFAULT_STREAM_IDLE_TIMEOUT_S,
@@ -25,14 +35,12 @@ from producer.calls import (
     block_ms,
     build_envelope,
     check_request_id,
-    enqueue_call,
-    enqueue_outcome,
     queue_cancel,
     redis_errors,
     resolve_settings,
     stream_entries,
 )
-from producer.errors import ResultTimeout
+from producer.errors import ChatqError, ResultTimeout
 from producer.keys import Keys
 from producer.protocol import Message
 from producer.scripts import ENQUEUE
@@ -108,10 +116,13 @@ class SyncChatClient:
             tenant=tenant,
             callback_url=callback_url,
         )
-        script_keys, args = enqueue_call(self.keys, self.settings, env, payload)
-        with redis_errors():
-            reply = self._enqueue(keys=script_keys, args=args)
-        return enqueue_outcome(reply, env, self.settings)
+        return (self._send(enqueue_call(self.keys, self.settings, [(env, payload)])))[0]
+
+    def submit_many(self, requests: Sequence[BatchRequest], **defaults: Any) -> list[str]:
+        """See :meth:`ChatClient.submit_many`."""
+        return self._send(
+            enqueue_call(self.keys, self.settings, build_batch(self.settings, requests, defaults))
+        )
 
     def result(self, request_id: str, timeout_s: float = DEFAULT_RESULT_TIMEOUT_S) -> ChatResult:
         """See :meth:`ChatClient.result`."""
@@ -156,6 +167,78 @@ class SyncChatClient:
     ) -> ChatResult:
         """See :meth:`ChatClient.chat`."""
         return self.result(self.submit(messages, **kw), timeout_s=timeout_s)
+
+    @overload
+    def results_many(
+        self,
+        request_ids: Sequence[str],
+        timeout_s: float = ...,
+        *,
+        return_exceptions: Literal[False] = ...,
+    ) -> list[ChatResult]: ...
+
+    @overload
+    def results_many(
+        self, request_ids: Sequence[str], timeout_s: float = ..., *, return_exceptions: bool
+    ) -> list[ChatResult | ChatqError]: ...
+
+    def results_many(
+        self,
+        request_ids: Sequence[str],
+        timeout_s: float = DEFAULT_RESULT_TIMEOUT_S,
+        *,
+        return_exceptions: bool = False,
+    ) -> list[ChatResult] | list[ChatResult | ChatqError]:
+        """See :meth:`ChatClient.results_many`."""
+        window = ResultsWindow(self.keys, request_ids)
+        deadline = time.monotonic() + timeout_s
+        while not window.done:
+            wait_ms = block_ms(deadline, self.settings.socket_timeout_s)
+            with redis_errors():
+                reply = self.redis.xread(window.streams(), count=READ_COUNT, block=wait_ms)
+            if reply:
+                window.feed(reply)
+            elif time.monotonic() >= deadline:
+                break
+        outcomes = window.outcomes(timeout_s)
+        return outcomes if return_exceptions else raise_first(outcomes)
+
+    @overload
+    def chat_many(
+        self,
+        requests: Sequence[BatchRequest],
+        *,
+        timeout_s: float = ...,
+        return_exceptions: Literal[False] = ...,
+        **defaults: Any,
+    ) -> list[ChatResult]: ...
+
+    @overload
+    def chat_many(
+        self,
+        requests: Sequence[BatchRequest],
+        *,
+        timeout_s: float = ...,
+        return_exceptions: bool,
+        **defaults: Any,
+    ) -> list[ChatResult | ChatqError]: ...
+
+    def chat_many(
+        self,
+        requests: Sequence[BatchRequest],
+        *,
+        timeout_s: float = DEFAULT_RESULT_TIMEOUT_S,
+        return_exceptions: bool = False,
+        **defaults: Any,
+    ) -> list[ChatResult] | list[ChatResult | ChatqError]:
+        """See :meth:`ChatClient.chat_many`."""
+        request_ids = self.submit_many(requests, **defaults)
+        return self.results_many(request_ids, timeout_s, return_exceptions=return_exceptions)
+
+    def _send(self, call: EnqueueCall) -> list[str]:
+        with redis_errors():
+            reply = self._enqueue(keys=call.keys, args=call.args)
+        return enqueue_outcome(reply, call, self.settings)
 
     def _read(self, cursor: ResultCursor, deadline: float) -> list[str] | None:
         key = self.keys.result(cursor.request_id)
