@@ -1,15 +1,28 @@
 """Chat template + tokenizer: messages → prompt token ids, a batch at a time.
 
-Runs in intake's tokenizer thread, never in the engine's loop. The template is rendered with
-the tokenizer's own compiled Jinja template (what ``apply_chat_template`` does inside, minus
-its per-call overhead) when that gives byte-identical text on a probe conversation, else
-with ``apply_chat_template``; the texts are then encoded in one ``encode_batch`` call of the
-Rust tokenizer, which releases the GIL while it works.
+Runs on intake's side of the worker, never in the engine's loop. The template is rendered
+with the tokenizer's own compiled Jinja template (what ``apply_chat_template`` does inside,
+minus its per-call overhead) when that gives byte-identical text on a probe conversation,
+else with ``apply_chat_template``.
+
+Tokenizing goes through :class:`SegmentEncoder`. A HF fast tokenizer first splits the text
+at its added tokens that match on raw text (``<|im_start|>``, ``<|im_end|>``...) and then
+normalizes, pre-tokenizes and encodes each piece between them on its own. So the ids of a
+piece do not depend on the rest of the prompt, and a bounded LRU cache keyed by the piece's
+text gives exactly the ids of tokenizing the whole string: a system prompt shared by many
+chats (a customer-service bot) costs a dict lookup, and only new text reaches the Rust
+tokenizer (one ``encode_batch`` per batch, which releases the GIL). The cache is used only
+when that independence holds for the loaded tokenizer: no added token that strips or matches
+whole words, no ``encode_special_tokens``, and piecewise ids equal to whole-string ids on
+probe strings at start-up (e.g. a Metaspace pre-tokenizer that adds its prefix to the first
+piece only fails that check); otherwise every text is tokenized whole.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,6 +40,132 @@ _PROBE = [
     {"role": "assistant", "content": "It ships today."},
     {"role": "user", "content": "Thanks — and a refund? ✓"},
 ]
+# Texts around added tokens that would expose a tokenizer whose pieces are not independent
+# (prefix spaces, whitespace next to a token, a token first / last / twice in a row).
+_PIECE_PROBES = (
+    "hello world",
+    " leading space",
+    "{t}user\nWhere is my order #12345?{t}\n{t}assistant\n",
+    "a {t} b{t}  c\n\n{t}{t}d \t{t}",
+    "{t}x",
+    "x{t}",
+    "  {t}  ",
+    "Grüße, ¿qué tal? 東京 🙂{t}ünïcödé{t} 12 345",
+)
+PROBE_TOKENS = 32  # added tokens (lowest ids: bos/eos/chat markers) the probes are built with
+CACHE_MAX_PIECES = 16_384
+CACHE_MAX_CHARS = 8_000_000  # text of all cached pieces together (bounds the cache's memory)
+
+
+class SegmentEncoder:
+    """Token ids of texts, with the pieces between added tokens cached when that is exact."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        # Same ids without the offsets nobody here reads (tokenizers >= 0.21).
+        self._encode_batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        self.hits = 0
+        self.misses = 0
+        self._cache: OrderedDict[str, list[int]] = OrderedDict()
+        self._cached_chars = 0
+        self._split: re.Pattern[str] | None = None
+        self._token_ids: dict[str, int] = {}
+        reason = self._setup()
+        if reason is not None:
+            log.info("prompt piece cache off (%s): prompts are tokenized whole", reason)
+            self._split = None
+
+    @property
+    def exact(self) -> bool:
+        """True when pieces are cached (proven exact for this tokenizer at start-up)."""
+        return self._split is not None
+
+    def _setup(self) -> str | None:
+        """Build the splitter; the reason it cannot be used, or None."""
+        if getattr(self.backend, "encode_special_tokens", False):
+            return "encode_special_tokens is set"
+        try:
+            added = self.backend.get_added_tokens_decoder()
+        except AttributeError:
+            return "the tokenizer does not list its added tokens"
+        raw = {}
+        for token_id, token in added.items():
+            if token.normalized:
+                continue  # matched after normalization, inside a piece: the piece handles it
+            if token.lstrip or token.rstrip or token.single_word:
+                return f"added token {token.content!r} strips spaces or matches whole words"
+            raw[token.content] = int(token_id)
+        if not raw:
+            return "no added tokens match on raw text"
+        self._token_ids = raw
+        longest_first = sorted(raw, key=len, reverse=True)  # = the tokenizer's leftmost-longest
+        self._split = re.compile("(" + "|".join(re.escape(t) for t in longest_first) + ")")
+        by_id = sorted(raw, key=raw.__getitem__)[:PROBE_TOKENS]
+        return self.verify([p.format(t=t) for p in _PIECE_PROBES for t in by_id])
+
+    def verify(self, texts: list[str]) -> str | None:
+        """Compare piecewise with whole-string ids on ``texts``; on a difference, turn the
+        cache off and say why (None: all equal, or the cache is off already)."""
+        if self._split is None:
+            return None
+        for text in texts:
+            whole = list(self.backend.encode(text, add_special_tokens=False).ids)
+            if self._encode_pieces([text], cache=False)[0] != whole:
+                self._split = None
+                return f"piecewise ids differ from whole-string ids on {text!r}"
+        return None
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        if self._split is None:
+            return [list(e.ids) for e in self._encode_batch(texts, add_special_tokens=False)]
+        return self._encode_pieces(texts, cache=True)
+
+    def _encode_pieces(self, texts: list[str], *, cache: bool) -> list[list[int]]:
+        assert self._split is not None
+        split = self._split.split
+        token_ids = self._token_ids
+        found: dict[str, list[int]] = self._cache if cache else {}
+        pieces_of = [split(text) for text in texts]
+        # re.split with one group: text, token, text, token, ..., text (odd places: tokens)
+        missing = list(
+            {p: None for pieces in pieces_of for p in pieces[::2] if p and p not in found}
+        )
+        if missing:
+            encoded = self._encode_batch(missing, add_special_tokens=False)
+            new = {p: list(e.ids) for p, e in zip(missing, encoded, strict=True)}
+        else:
+            new = {}
+        out: list[list[int]] = []
+        hits = 0
+        for pieces in pieces_of:
+            ids: list[int] = []
+            for i, piece in enumerate(pieces):
+                if i & 1:
+                    ids.append(token_ids[piece])
+                elif piece:
+                    cached = new.get(piece)
+                    if cached is None:
+                        cached = found[piece]
+                        hits += 1
+                        if cache:
+                            self._cache.move_to_end(piece)
+                    ids.extend(cached)
+            out.append(ids)
+        if cache:
+            self.hits += hits
+            self.misses += len(missing)
+            self._remember(new)
+        return out
+
+    def _remember(self, new: dict[str, list[int]]) -> None:
+        for piece, ids in new.items():
+            self._cache[piece] = ids
+            self._cached_chars += len(piece)
+        while self._cache and (
+            len(self._cache) > CACHE_MAX_PIECES or self._cached_chars > CACHE_MAX_CHARS
+        ):
+            piece, _ = self._cache.popitem(last=False)
+            self._cached_chars -= len(piece)
 
 
 class PromptBuilder:
@@ -35,9 +174,23 @@ class PromptBuilder:
         if not getattr(tokenizer, "chat_template", None):
             log.warning("the tokenizer has no chat template; using ChatML")
             tokenizer.chat_template = CHATML_FALLBACK
+        # transformers builds this dict on every access; the template only reads it.
+        self._special_tokens = dict(tokenizer.special_tokens_map)
         backend = getattr(tokenizer, "backend_tokenizer", None)
-        self._backend = backend if hasattr(backend, "encode_batch") else None
+        self._segments = SegmentEncoder(backend) if hasattr(backend, "encode_batch") else None
         self._template = self._compiled_template()
+        if self._segments is not None:
+            try:
+                probe = [self.render_messages(_PROBE)]
+            except Exception:  # a template that refuses the probe: the piece probes stand
+                probe = []
+            reason = self._segments.verify(probe)
+            if reason is not None:
+                log.info("prompt piece cache off (%s): prompts are tokenized whole", reason)
+
+    @property
+    def segments(self) -> SegmentEncoder | None:
+        return self._segments
 
     def _compiled_template(self) -> Any:
         try:
@@ -45,7 +198,7 @@ class PromptBuilder:
 
             template = _compile_jinja_template(self.tokenizer.chat_template)
             fast = template.render(
-                messages=_PROBE, add_generation_prompt=True, **self.tokenizer.special_tokens_map
+                messages=_PROBE, add_generation_prompt=True, **self._special_tokens
             )
         except Exception:  # a private helper that moved, or a template needing more context
             return None
@@ -55,10 +208,12 @@ class PromptBuilder:
         return template if fast == slow else None
 
     def render(self, env: Envelope) -> str:
-        messages = [{"role": m.role, "content": m.content} for m in env.messages]
+        return self.render_messages([{"role": m.role, "content": m.content} for m in env.messages])
+
+    def render_messages(self, messages: list[dict[str, str]]) -> str:
         if self._template is not None:
             text: str = self._template.render(
-                messages=messages, add_generation_prompt=True, **self.tokenizer.special_tokens_map
+                messages=messages, add_generation_prompt=True, **self._special_tokens
             )
             return text
         rendered: str = self.tokenizer.apply_chat_template(
@@ -67,10 +222,8 @@ class PromptBuilder:
         return rendered
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        if self._backend is not None:
-            return [
-                list(e.ids) for e in self._backend.encode_batch(texts, add_special_tokens=False)
-            ]
+        if self._segments is not None:
+            return self._segments.encode(texts)
         return [list(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
 
     def batch(self, envs: Sequence[Envelope]) -> list[list[int] | Exception]:
