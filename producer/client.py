@@ -40,6 +40,7 @@ from producer.calls import (
     resolve_settings,
     stream_entries,
 )
+from producer.connection import connect
 from producer.errors import ChatqError, ResultTimeout
 from producer.keys import Keys
 from producer.protocol import Message
@@ -59,7 +60,7 @@ class ChatClient:
     ) -> None:
         self.settings = resolve_settings(redis_url, prefix, settings)
         self.keys = Keys(self.settings.prefix)
-        self.redis: aioredis.Redis = aioredis.Redis.from_url(
+        self.redis: aioredis.Redis = connect(
             self.settings.redis_url, socket_timeout=self.settings.socket_timeout_s
         )
         self._enqueue = self.redis.register_script(ENQUEUE)
