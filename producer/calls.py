@@ -32,7 +32,7 @@ from producer.protocol import (
     Params,
     Usage,
     decode_result,
-    encode_envelope,
+    encode_validated,
     make_envelope,
 )
 from producer.settings import ClientSettings
@@ -143,8 +143,9 @@ def build_envelope(
         idempotency_key=idempotency_key,
         callback_url=callback_url,
         limits=settings.limits,
+        validate=False,
     )
-    payload = encode_envelope(env)
+    payload = encode_validated(env, settings.limits)
     if len(payload) > settings.limits.max_payload_bytes:
         raise ProtocolError(
             ErrorCode.PAYLOAD_TOO_LARGE.value,

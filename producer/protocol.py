@@ -8,6 +8,7 @@ uses pickle, bounds every buffer, and turns every malformed input into :class:`P
 
 from __future__ import annotations
 
+import math
 import re
 import time
 import uuid
@@ -171,8 +172,10 @@ def make_envelope(
     callback_url: str | None = None,
     request_id: str | None = None,
     limits: Limits = DEFAULT_LIMITS,
+    validate: bool = True,
 ) -> Envelope:
-    """Build and validate an envelope; ``deadline_s`` is relative to now."""
+    """Build and validate an envelope; ``deadline_s`` is relative to now. ``validate=False``
+    leaves the bounds check to :func:`encode_validated` (one wire map for both)."""
     created = now_unix_ms()
     msgs: list[Message] = []
     for i, m in enumerate(messages):
@@ -207,11 +210,19 @@ def make_envelope(
         idempotency_key=idempotency_key,
         callback_url=callback_url,
     )
-    return env.validate(limits)
+    return env.validate(limits) if validate else env
 
 
 def encode_envelope(env: Envelope) -> bytes:
     packed: bytes = msgpack.packb(env.to_wire(), use_bin_type=True)
+    return packed
+
+
+def encode_validated(env: Envelope, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """Validate ``env`` (:class:`ProtocolError` naming the first bad field) and encode it."""
+    wire = env.to_wire()
+    _validate_map(wire, limits)
+    packed: bytes = msgpack.packb(wire, use_bin_type=True)
     return packed
 
 
@@ -273,6 +284,7 @@ _TOP_FIELDS = frozenset(
 _PARAM_FIELDS = frozenset(
     {"max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "ignore_eos"}
 )
+_DEFAULT_PARAMS = Params()
 
 
 def _bad(
@@ -286,9 +298,9 @@ def _is_int(x: object) -> bool:
 
 
 def _is_num(x: object) -> bool:
-    return (
-        (_is_int(x) or isinstance(x, float)) and x == x and x not in (float("inf"), float("-inf"))
-    )  # type: ignore[comparison-overlap]
+    if isinstance(x, float):
+        return math.isfinite(x)
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _str(
@@ -317,10 +329,10 @@ def _validate_params(raw: object, limits: Limits) -> Params:
         return Params()
     if not isinstance(raw, dict):
         raise _bad("params", "must be a map")
-    unknown = set(raw) - _PARAM_FIELDS
-    if unknown:
+    if not _PARAM_FIELDS.issuperset(raw):
+        unknown = set(raw) - _PARAM_FIELDS
         raise _bad(f"params.{sorted(map(str, unknown))[0]}", "unknown field")
-    d = Params()
+    d = _DEFAULT_PARAMS
     max_tokens = raw.get("max_tokens", d.max_tokens)
     if not _is_int(max_tokens) or not limits.min_max_tokens <= max_tokens <= limits.max_max_tokens:
         raise _bad(
@@ -371,17 +383,16 @@ def _validate_messages(raw: object, limits: Limits) -> tuple[Message, ...]:
     out: list[Message] = []
     total = 0
     for i, m in enumerate(raw):
-        name = f"messages[{i}]"
-        if not isinstance(m, dict) or set(m) != {"role", "content"}:
-            raise _bad(name, "must be a map with exactly 'role' and 'content'")
+        if not isinstance(m, dict) or len(m) != 2 or "role" not in m or "content" not in m:
+            raise _bad(f"messages[{i}]", "must be a map with exactly 'role' and 'content'")
         role, content = m["role"], m["content"]
-        if role not in ROLES:
-            raise _bad(f"{name}.role", f"must be one of {sorted(ROLES)}")
+        if not isinstance(role, str) or role not in ROLES:
+            raise _bad(f"messages[{i}].role", f"must be one of {sorted(ROLES)}")
         if not isinstance(content, str):
-            raise _bad(f"{name}.content", "must be a string")
+            raise _bad(f"messages[{i}].content", "must be a string")
         if len(content) > limits.max_content_chars:
             raise _bad(
-                f"{name}.content",
+                f"messages[{i}].content",
                 f"has {len(content)} characters; the limit is {limits.max_content_chars}",
                 ErrorCode.PAYLOAD_TOO_LARGE,
             )
@@ -408,8 +419,8 @@ def _validate_map(obj: object, limits: Limits) -> Envelope:
             f"version {v} is not supported (this side speaks {PROTOCOL_VERSION})",
             ErrorCode.UNSUPPORTED_VERSION,
         )
-    unknown = set(obj) - _TOP_FIELDS
-    if unknown:
+    if not _TOP_FIELDS.issuperset(obj):
+        unknown = set(obj) - _TOP_FIELDS
         raise _bad(sorted(map(str, unknown))[0], "unknown field")
     request_id = _str(obj, "id", "id", 64, pattern=_ID_RE)
     model = _str(obj, "model", "model", 128, pattern=_NAME_RE)
