@@ -9,52 +9,77 @@ bound, XADD); RECLAIM moves a dead worker's pending entries to a live one.
 
 from __future__ import annotations
 
+# FINALIZE's two halves as Lua functions, so a worker's FINALIZE of many requests in one call
+# (workers.results.FINALIZE_MANY) runs the very same code:
+# write(KEYS, ARGV) acks and deletes the request entry, and writes the final result unless
+#   one exists (returns 1 when it wrote, 0 when a final existed); the cost is checked last,
+#   after the writes (a bad cost fails the call, as the backlog update it feeds would).
+# release(backlog hash, cost tokens, requests) gives a model's backlog back and feeds its
+#   drain rate: an EWMA over ~1 s windows of finalized cost tokens.
+# The request entry is XACKed and XDELed either way, so the request stream only holds
+# queued + pending entries and is never trimmed by MAXLEN (which could drop pending ones).
+FINALIZE_FUNCTIONS = """
+local function write(KEYS, ARGV)
+  local acked = redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
+  if acked == 1 then
+    redis.call('XDEL', KEYS[3], ARGV[2])
+  end
+  if redis.call('EXISTS', KEYS[2]) == 1 then
+    return 0
+  end
+  local ttl = tonumber(ARGV[5])
+  redis.call('XADD', KEYS[1], '*', 't', ARGV[3], 'm', ARGV[4])
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('SET', KEYS[2], ARGV[3], 'EX', ttl)
+  local cost = tonumber(ARGV[6])
+  if cost == nil or cost ~= math.floor(cost) or cost < 0 or cost > 2^52 then
+    error('cost tokens must be a non-negative integer')
+  end
+  return 1
+end
+
+local function release(backlog, cost, requests)
+  -- 0 - cost, not -cost: Lua's -0 reaches Redis as "-0", which HINCRBY rejects.
+  local left = redis.call('HINCRBY', backlog, 'tokens', 0 - cost)
+  if left < 0 then redis.call('HSET', backlog, 'tokens', 0) end
+  if redis.call('HINCRBY', backlog, 'requests', 0 - requests) < 0 then
+    redis.call('HSET', backlog, 'requests', 0)
+  end
+  local t = redis.call('TIME')
+  local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local win_start = tonumber(redis.call('HGET', backlog, 'win_start_ms') or '0')
+  local win_tokens = tonumber(redis.call('HGET', backlog, 'win_tokens') or '0') + cost
+  if win_start == 0 then
+    redis.call('HSET', backlog, 'win_start_ms', now_ms, 'win_tokens', win_tokens)
+  elseif now_ms - win_start >= 5000 then
+    -- the window spans an idle gap: start a new one rather than averaging the gap in
+    redis.call('HSET', backlog, 'win_start_ms', now_ms, 'win_tokens', cost)
+  elseif now_ms - win_start >= 1000 then
+    local inst = win_tokens * 1000.0 / (now_ms - win_start)
+    local rate = tonumber(redis.call('HGET', backlog, 'rate') or '0')
+    if rate <= 0 then rate = inst else rate = 0.7 * rate + 0.3 * inst end
+    redis.call('HSET', backlog, 'rate', tostring(rate), 'win_start_ms', now_ms,
+               'win_tokens', 0)
+  else
+    redis.call('HSET', backlog, 'win_tokens', win_tokens)
+  end
+end
+"""
+
 # KEYS: 1 result stream, 2 final marker, 3 request stream, 4 backlog hash
 # ARGV: 1 group, 2 entry id, 3 result type ("done"/"error"), 4 msgpack body,
 #       5 result TTL s, 6 cost tokens (as added at enqueue)
 # Returns 1 when this call wrote the final result, 0 when one already existed.
-# The request entry is XACKed and XDELed either way, so the request stream only holds
-# queued + pending entries and is never trimmed by MAXLEN (which could drop pending ones).
-# The backlog's drain rate is an EWMA over ~1 s windows of finalized cost tokens.
-FINALIZE = """
-local acked = redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
-if acked == 1 then
-  redis.call('XDEL', KEYS[3], ARGV[2])
-end
-if redis.call('EXISTS', KEYS[2]) == 1 then
+FINALIZE = (
+    FINALIZE_FUNCTIONS
+    + """
+if write(KEYS, ARGV) == 0 then
   return 0
 end
-local ttl = tonumber(ARGV[5])
-redis.call('XADD', KEYS[1], '*', 't', ARGV[3], 'm', ARGV[4])
-redis.call('EXPIRE', KEYS[1], ttl)
-redis.call('SET', KEYS[2], ARGV[3], 'EX', ttl)
-local cost = tonumber(ARGV[6])
--- 0 - cost, not -cost: Lua's -0 reaches Redis as "-0", which HINCRBY rejects.
-local left = redis.call('HINCRBY', KEYS[4], 'tokens', 0 - cost)
-if left < 0 then redis.call('HSET', KEYS[4], 'tokens', 0) end
-redis.call('HINCRBY', KEYS[4], 'requests', -1)
-if tonumber(redis.call('HGET', KEYS[4], 'requests')) < 0 then
-  redis.call('HSET', KEYS[4], 'requests', 0)
-end
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local win_start = tonumber(redis.call('HGET', KEYS[4], 'win_start_ms') or '0')
-local win_tokens = tonumber(redis.call('HGET', KEYS[4], 'win_tokens') or '0') + cost
-if win_start == 0 then
-  redis.call('HSET', KEYS[4], 'win_start_ms', now_ms, 'win_tokens', win_tokens)
-elseif now_ms - win_start >= 5000 then
-  -- the window spans an idle gap: start a new one rather than averaging the gap in
-  redis.call('HSET', KEYS[4], 'win_start_ms', now_ms, 'win_tokens', cost)
-elseif now_ms - win_start >= 1000 then
-  local inst = win_tokens * 1000.0 / (now_ms - win_start)
-  local rate = tonumber(redis.call('HGET', KEYS[4], 'rate') or '0')
-  if rate <= 0 then rate = inst else rate = 0.7 * rate + 0.3 * inst end
-  redis.call('HSET', KEYS[4], 'rate', tostring(rate), 'win_start_ms', now_ms, 'win_tokens', 0)
-else
-  redis.call('HSET', KEYS[4], 'win_tokens', win_tokens)
-end
+release(KEYS[4], tonumber(ARGV[6]), 1)
 return 1
 """
+)
 
 # Enqueue a batch of N >= 1 requests (``submit`` is a batch of one), all or nothing.
 # KEYS: 1 models set, then M backlog hashes (one per model in the batch), then S request

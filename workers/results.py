@@ -14,7 +14,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import is_dataclass
 from typing import Any
 
 import msgpack
@@ -25,7 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.keys import DEAD_MAXLEN, GROUP, RESULT_TTL_S, STREAM_FIELD, Keys
 from producer.protocol import RESULT_BODY_FIELD, RESULT_TYPE_FIELD, Chunk, Done, Error
-from producer.scripts import DEAD_LETTER_RAW, FINALIZE
+from producer.scripts import DEAD_LETTER_RAW, FINALIZE_FUNCTIONS
 from workers.lanes import Entry
 
 log = logging.getLogger(__name__)
@@ -35,25 +34,43 @@ RETRY_DELAYS_S = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 5.0, 5.0, 5.0, 5.0)
 
 Op = Callable[[Any], None]
 
-# FINALIZE for many entries in one call: FINALIZE's own body, unchanged, as a Lua function
-# (its KEYS / ARGV are the function's parameters), applied to each request's 4 keys and 6
-# arguments in turn. One EVALSHA per flush instead of one per request: the client-side cost
-# of packing commands dominated the worker's CPU per request. Returns FINALIZE's 1/0 each,
-# or -1 where one failed (pcall: one bad request must not stop the others' finals).
-# (All keys of one call must live on one node: fine for one Redis; a cluster needs the
-# per-request form.)
+# FINALIZE for many entries in one call, with FINALIZE's own Lua functions: ``write`` for
+# each request's 4 keys and 6 arguments in turn, then one ``release`` per backlog hash for
+# the costs of all the finals written (one backlog update and rate sample per flush, not per
+# request: most of FINALIZE's Redis time). One EVALSHA per flush instead of one per request:
+# the client-side cost of packing commands dominated the worker's CPU per request. Returns
+# FINALIZE's 1/0 each, or -1 where one failed (pcall: one bad request must not stop the
+# others' finals). (All keys of one call must live on one node: fine for one Redis; a
+# cluster needs the per-request form.)
 FINALIZE_MANY = (
-    "local function finalize(KEYS, ARGV)\n"
-    + FINALIZE
-    + "\nend\n"
+    FINALIZE_FUNCTIONS
     + """
 local out = {}
+local freed = {}
+local backlogs = {}
 for i = 0, #KEYS / 4 - 1 do
-  local ok, res = pcall(finalize,
-    {KEYS[4 * i + 1], KEYS[4 * i + 2], KEYS[4 * i + 3], KEYS[4 * i + 4]},
-    {ARGV[6 * i + 1], ARGV[6 * i + 2], ARGV[6 * i + 3], ARGV[6 * i + 4], ARGV[6 * i + 5],
-     ARGV[6 * i + 6]})
-  if ok then out[i + 1] = res else out[i + 1] = -1 end
+  local keys = {KEYS[4 * i + 1], KEYS[4 * i + 2], KEYS[4 * i + 3], KEYS[4 * i + 4]}
+  local args = {ARGV[6 * i + 1], ARGV[6 * i + 2], ARGV[6 * i + 3], ARGV[6 * i + 4],
+                ARGV[6 * i + 5], ARGV[6 * i + 6]}
+  local ok, res = pcall(write, keys, args)
+  if ok then
+    out[i + 1] = res
+    if res == 1 then
+      local f = freed[keys[4]]
+      if f == nil then
+        f = {0, 0}
+        freed[keys[4]] = f
+        backlogs[#backlogs + 1] = keys[4]
+      end
+      f[1] = f[1] + tonumber(args[6])
+      f[2] = f[2] + 1
+    end
+  else
+    out[i + 1] = -1
+  end
+end
+for _, backlog in ipairs(backlogs) do
+  release(backlog, freed[backlog][1], freed[backlog][2])
 end
 return out
 """
@@ -61,13 +78,42 @@ return out
 MAX_FINALS_PER_CALL = 256  # bounds one script's run time (Redis is single-threaded)
 
 
+def result_body(entry: Chunk | Done | Error) -> bytes:
+    """``encode_result(entry)``'s msgpack body, built field by field (same bytes, without
+    ``dataclasses.asdict``'s deep copies)."""
+    body: dict[str, Any]
+    if isinstance(entry, Done):
+        u, t = entry.usage, entry.timings
+        body = {
+            "text": entry.text,
+            "finish_reason": entry.finish_reason,
+            "usage": {
+                "prompt_tokens": u.prompt_tokens,
+                "completion_tokens": u.completion_tokens,
+                "cached_tokens": u.cached_tokens,
+            },
+            "timings": {
+                "queued_ms": t.queued_ms,
+                "first_token_ms": t.first_token_ms,
+                "total_ms": t.total_ms,
+                "engine_ms": t.engine_ms,
+            },
+            "worker": entry.worker,
+        }
+    elif isinstance(entry, Chunk):
+        body = {"index": entry.index, "delta": entry.delta}
+    else:
+        body = {"code": entry.code, "message": entry.message, "worker": entry.worker}
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    return packed
+
+
 def result_fields(entry: Chunk | Done | Error) -> dict[str, bytes]:
-    """``encode_result(entry)`` without ``dataclasses.asdict``'s deep copies (same bytes)."""
-    body = {k: (dict(v.__dict__) if is_dataclass(v) else v) for k, v in entry.__dict__.items()}
+    """``encode_result(entry)``: the stream fields of one result entry."""
     kind = (
         b"chunk" if isinstance(entry, Chunk) else b"done" if isinstance(entry, Done) else b"error"
     )
-    return {RESULT_TYPE_FIELD: kind, RESULT_BODY_FIELD: msgpack.packb(body, use_bin_type=True)}
+    return {RESULT_TYPE_FIELD: kind, RESULT_BODY_FIELD: result_body(entry)}
 
 
 def pipe_script(pipe: Any, script: AsyncScript, keys: list[Any], args: list[Any]) -> None:
@@ -108,7 +154,7 @@ class ResultWriter:
     def final(self, entry: Entry, request_id: str, result: Done | Error, cost_tokens: int) -> None:
         """FINALIZE ``entry`` with ``result`` (a no-op write if a final already exists)."""
         kind = "done" if isinstance(result, Done) else "error"
-        body = result_fields(result)[RESULT_BODY_FIELD]
+        body = result_body(result)
         keys = [
             self.keys.result(request_id),
             self.keys.final(request_id),
