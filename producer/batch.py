@@ -114,9 +114,15 @@ class EnqueueCall:
 
 
 def enqueue_call(
-    keys: Keys, settings: ClientSettings, encoded: Sequence[tuple[Envelope, bytes]]
+    keys: Keys,
+    settings: ClientSettings,
+    encoded: Sequence[tuple[Envelope, bytes]],
+    *,
+    each: bool = False,
 ) -> EnqueueCall:
-    """Lay out one ENQUEUE call. A request repeating an idempotency key seen earlier in the
+    """Lay out one ENQUEUE call: all or nothing (``submit_many``), or with ``each`` every
+    request on its own, as if enqueued alone in order (concurrent ``submit`` calls sent
+    together). All or nothing, a request repeating an idempotency key seen earlier in the
     batch is not sent: it takes the earlier request's outcome (the key maps to one id)."""
     models: dict[str, int] = {}
     streams: dict[str, int] = {}
@@ -127,7 +133,7 @@ def enqueue_call(
     per_request: list[bytes | str | int] = []
     for env, payload in encoded:
         key = env.idempotency_key
-        if key is not None and key in first_with_key:
+        if key is not None and key in first_with_key and not each:
             slot_of.append(first_with_key[key])
             continue
         model_index = models.setdefault(env.model, len(models) + 1)
@@ -153,6 +159,7 @@ def enqueue_call(
         settings.max_backlog_tokens,
         IDEMPOTENCY_TTL_S,
         STREAM_FIELD,
+        "each" if each else "all",
         *models,
         *per_request,
     ]
@@ -160,19 +167,39 @@ def enqueue_call(
 
 
 def enqueue_outcome(reply: Any, call: EnqueueCall, settings: ClientSettings) -> list[str]:
-    """The request id of each request of the caller, or raise :class:`QueueFull`."""
+    """The request id of each request of an all-or-nothing call, or raise
+    :class:`QueueFull` (nothing was queued)."""
     if int(reply[0]) == 1:
         ids = [
             env.id if int(status) == 1 else text(value)
             for (status, value), env in zip(reply[1], call.sent, strict=True)
         ]
         return [ids[slot] for slot in call.slot_of]
-    queued = int(text(reply[2]))
-    rate_text = text(reply[3])
-    cost = int(text(reply[4]))
+    raise queue_full(reply[2:], settings)
+
+
+def each_outcome(reply: Any, call: EnqueueCall, settings: ClientSettings) -> list[str | QueueFull]:
+    """Per request of an ``each`` call: its request id, or the :class:`QueueFull` it got."""
+    out: list[str | QueueFull] = []
+    for outcome, env in zip(reply[1], call.sent, strict=True):
+        status = int(outcome[0])
+        if status == 1:
+            out.append(env.id)
+        elif status == 2:
+            out.append(text(outcome[1]))
+        else:
+            out.append(queue_full(outcome[1:], settings))
+    return out
+
+
+def queue_full(reply: Sequence[Any], settings: ClientSettings) -> QueueFull:
+    """The :class:`QueueFull` for ENQUEUE's (queued tokens, drain rate, cost tokens)."""
+    queued = int(text(reply[0]))
+    rate_text = text(reply[1])
+    cost = int(text(reply[2]))
     limit = settings.max_backlog_tokens
     wait_s = retry_after_s(queued, cost, limit, float(rate_text) if rate_text else 0.0)
-    raise QueueFull(wait_s, backlog_tokens=queued, limit_tokens=limit)
+    return QueueFull(wait_s, backlog_tokens=queued, limit_tokens=limit)
 
 
 class ResultsWindow:
@@ -223,6 +250,13 @@ class ResultsWindow:
             except RequestFailed as err:
                 out.append(err)
         return out
+
+
+def copy_error(err: ChatqError) -> ChatqError:
+    """A new error of the same kind and message (one per caller of a shared failed call)."""
+    fresh = ChatqError(str(err)) if isinstance(err, QueueFull) else type(err)(*err.args)
+    fresh.__cause__ = err.__cause__ or err
+    return fresh
 
 
 def raise_first(outcomes: list[ChatResult | ChatqError]) -> list[ChatResult]:

@@ -10,6 +10,8 @@ methods.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
@@ -18,10 +20,13 @@ from typing import Any, Literal, overload
 import redis.asyncio as aioredis
 
 from producer.batch import (
+    MAX_BATCH_REQUESTS,
     BatchRequest,
     EnqueueCall,
     ResultsWindow,
     build_batch,
+    copy_error,
+    each_outcome,
     enqueue_call,
     enqueue_outcome,
     raise_first,
@@ -41,9 +46,9 @@ from producer.calls import (
     stream_entries,
 )
 from producer.connection import connect
-from producer.errors import ChatqError, ResultTimeout
+from producer.errors import ChatqError, QueueFull, ResultTimeout
 from producer.keys import Keys
-from producer.protocol import Message
+from producer.protocol import Envelope, Message
 from producer.scripts import ENQUEUE
 from producer.settings import ClientSettings
 
@@ -64,6 +69,10 @@ class ChatClient:
             self.settings.redis_url, socket_timeout=self.settings.socket_timeout_s
         )
         self._enqueue = self.redis.register_script(ENQUEUE)
+        # submit() calls made while an ENQUEUE call is in flight wait here and go together
+        # in the next call, each admitted on its own (auto-pipelining, as ioredis does).
+        self._queued: list[tuple[Envelope, bytes, asyncio.Future[str]]] = []
+        self._sender: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> ChatClient:
         return self
@@ -77,6 +86,10 @@ class ChatClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
         await self.redis.aclose()
 
     async def submit(
@@ -120,7 +133,11 @@ class ChatClient:
             tenant=tenant,
             callback_url=callback_url,
         )
-        return (await self._send(enqueue_call(self.keys, self.settings, [(env, payload)])))[0]
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._queued.append((env, payload, future))
+        if self._sender is None:
+            self._sender = asyncio.create_task(self._send_queued())
+        return await future
 
     async def submit_many(self, requests: Sequence[BatchRequest], **defaults: Any) -> list[str]:
         """Queue many chats in one atomic Lua call; their request ids, in order.
@@ -258,6 +275,42 @@ class ChatClient:
         """``submit_many`` then ``results_many``."""
         request_ids = await self.submit_many(requests, **defaults)
         return await self.results_many(request_ids, timeout_s, return_exceptions=return_exceptions)
+
+    async def _send_queued(self) -> None:
+        """Send the waiting submits, up to MAX_BATCH_REQUESTS a call, until none is left."""
+        batch: list[tuple[Envelope, bytes, asyncio.Future[str]]] = []
+        try:
+            while self._queued:
+                batch = self._queued[:MAX_BATCH_REQUESTS]
+                del self._queued[: len(batch)]
+                call = enqueue_call(
+                    self.keys, self.settings, [(env, data) for env, data, _ in batch], each=True
+                )
+                try:
+                    with redis_errors():
+                        reply = await self._enqueue(keys=call.keys, args=call.args)
+                    outcomes = each_outcome(reply, call, self.settings)
+                except ChatqError as err:
+                    for _, _, future in batch:
+                        if not future.done():  # a fresh error per caller, same cause
+                            future.set_exception(copy_error(err))
+                    continue
+                for (_, _, future), outcome in zip(batch, outcomes, strict=True):
+                    if future.done():  # the caller was cancelled; its request may be queued
+                        continue
+                    if isinstance(outcome, QueueFull):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
+                batch = []
+        except BaseException as err:  # cancelled (aclose) or a bug: no caller waits forever
+            for _, _, future in batch + self._queued:
+                if not future.done():
+                    future.set_exception(ChatqError(f"submit failed: {err!r}"))
+            self._queued.clear()
+            raise
+        finally:
+            self._sender = None
 
     async def _send(self, call: EnqueueCall) -> list[str]:
         with redis_errors():

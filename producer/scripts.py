@@ -81,71 +81,111 @@ return 1
 """
 )
 
-# Enqueue a batch of N >= 1 requests (``submit`` is a batch of one), all or nothing.
-# KEYS: 1 models set, then M backlog hashes (one per model in the batch), then S request
+# Enqueue N >= 1 requests in one call, in one of two modes.
+# KEYS: 1 models set, then M backlog hashes (one per model in the call), then S request
 #       streams, then I idempotency keys.
 # ARGV: 1 M, 2 S, 3 max backlog tokens, 4 idempotency TTL s, 5 stream field name,
-#       6..5+M model names, then 6 per request: msgpack envelope, request id, cost tokens,
-#       model index (1..M), stream index (1..S), idempotency key index (1..I, 0 = none).
-# Returns {1, {{1, entry id} | {2, existing request id}, ...}} (one pair per request, in
-# order: queued, or the id a known idempotency key maps to), or, when a model's backlog
-# bound would be passed, {0, model index, queued tokens, drain rate (tokens/s as a string,
-# '' if never measured), cost tokens of that model's part of the batch} and nothing is
-# written. An empty backlog always admits, so one request (or batch) larger than the whole
-# bound is still served instead of being refused forever. The client sends a given
-# idempotency key at most once per batch. The consumer group is not touched: workers
+#       6 mode, 7..6+M model names, then 6 per request: msgpack envelope, request id,
+#       cost tokens, model index (1..M), stream index (1..S), idempotency key index
+#       (1..I, 0 = none).
+# Mode "each" (concurrent ``submit`` calls sent together): exactly as if each request had
+# been enqueued alone, in order: a known idempotency key (also one set earlier in this call)
+# gives its id, a request past its model's backlog bound is refused on its own. Returns
+# {1, {outcome, ...}}, one per request: {1, entry id} queued, {2, existing request id}, or
+# {0, queued tokens, drain rate (tokens/s as a string, '' if never measured), cost tokens}.
+# Mode "all" (``submit_many``): all or nothing. Known idempotency keys give their ids; the
+# rest is queued only if every model's part fits under its bound, else nothing is written
+# and the reply is {0, model index, queued tokens, drain rate, cost tokens of that model's
+# part}; on success {1, {{1, entry id} | {2, existing request id}, ...}}. The client sends
+# an idempotency key at most once per "all" call.
+# An empty backlog always admits, so one request (or batch) larger than the whole bound is
+# still served instead of being refused forever. The consumer group is not touched: workers
 # create it at id 0, so entries queued before any worker started are delivered too.
 ENQUEUE = """
 local m, s = tonumber(ARGV[1]), tonumber(ARGV[2])
 local limit, ttl, field = tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5]
-local base = 5 + m
+local each = ARGV[6] == 'each'
+local base = 6 + m
 local n = (#ARGV - base) / 6
-local existing = {}
+local function idem_key(a)
+  local idem = tonumber(ARGV[a + 6])
+  if idem > 0 then return KEYS[1 + m + s + idem] end
+  return nil
+end
+local function queued_tokens(j)
+  return tonumber(redis.call('HGET', KEYS[1 + j], 'tokens') or '0')
+end
+local function add(a)
+  local stream = KEYS[1 + m + tonumber(ARGV[a + 5])]
+  local entry = redis.call('XADD', stream, '*', field, ARGV[a + 1])
+  local key = idem_key(a)
+  if key then redis.call('SET', key, ARGV[a + 2], 'EX', ttl) end
+  return entry
+end
 local cost = {}
 local count = {}
 for j = 1, m do cost[j] = 0; count[j] = 0 end
-for i = 0, n - 1 do
-  local a = base + 6 * i
-  local idem = tonumber(ARGV[a + 6])
-  local known = false
-  if idem > 0 then known = redis.call('GET', KEYS[1 + m + s + idem]) end
-  if known then
-    existing[i + 1] = known
-  else
-    local j = tonumber(ARGV[a + 4])
-    cost[j] = cost[j] + tonumber(ARGV[a + 3])
-    count[j] = count[j] + 1
-  end
-end
-for j = 1, m do
-  if count[j] > 0 then
-    local queued = tonumber(redis.call('HGET', KEYS[1 + j], 'tokens') or '0')
-    if queued > 0 and queued + cost[j] > limit then
-      return {0, j, tostring(queued), redis.call('HGET', KEYS[1 + j], 'rate') or '',
-              tostring(cost[j])}
-    end
-  end
-end
 local out = {}
-for i = 0, n - 1 do
-  if existing[i + 1] then
-    out[i + 1] = {2, existing[i + 1]}
-  else
+if each then
+  local queued = {}
+  for i = 0, n - 1 do
     local a = base + 6 * i
-    local stream = KEYS[1 + m + tonumber(ARGV[a + 5])]
-    local entry = redis.call('XADD', stream, '*', field, ARGV[a + 1])
-    local idem = tonumber(ARGV[a + 6])
-    if idem > 0 then
-      redis.call('SET', KEYS[1 + m + s + idem], ARGV[a + 2], 'EX', ttl)
+    local key = idem_key(a)
+    local known = false
+    if key then known = redis.call('GET', key) end
+    if known then
+      out[i + 1] = {2, known}
+    else
+      local j, c = tonumber(ARGV[a + 4]), tonumber(ARGV[a + 3])
+      if queued[j] == nil then queued[j] = queued_tokens(j) end
+      if queued[j] > 0 and queued[j] + c > limit then
+        out[i + 1] = {0, tostring(queued[j]), redis.call('HGET', KEYS[1 + j], 'rate') or '',
+                      tostring(c)}
+      else
+        out[i + 1] = {1, add(a)}
+        queued[j] = queued[j] + c
+        cost[j] = cost[j] + c
+        count[j] = count[j] + 1
+      end
     end
-    out[i + 1] = {1, entry}
+  end
+else
+  local existing = {}
+  for i = 0, n - 1 do
+    local a = base + 6 * i
+    local key = idem_key(a)
+    local known = false
+    if key then known = redis.call('GET', key) end
+    if known then
+      existing[i + 1] = known
+    else
+      local j = tonumber(ARGV[a + 4])
+      cost[j] = cost[j] + tonumber(ARGV[a + 3])
+      count[j] = count[j] + 1
+    end
+  end
+  for j = 1, m do
+    if count[j] > 0 then
+      local queued = queued_tokens(j)
+      if queued > 0 and queued + cost[j] > limit then
+        return {0, j, tostring(queued), redis.call('HGET', KEYS[1 + j], 'rate') or '',
+                tostring(cost[j])}
+      end
+    end
+  end
+  for i = 0, n - 1 do
+    if existing[i + 1] then
+      out[i + 1] = {2, existing[i + 1]}
+    else
+      out[i + 1] = {1, add(base + 6 * i)}
+    end
   end
 end
 for j = 1, m do
   if count[j] > 0 then
     redis.call('HINCRBY', KEYS[1 + j], 'tokens', cost[j])
     redis.call('HINCRBY', KEYS[1 + j], 'requests', count[j])
-    redis.call('SADD', KEYS[1], ARGV[5 + j])
+    redis.call('SADD', KEYS[1], ARGV[6 + j])
   end
 end
 return {1, out}

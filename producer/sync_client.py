@@ -22,6 +22,7 @@ from producer.batch import (
     EnqueueCall,
     ResultsWindow,
     build_batch,
+    each_outcome,
     enqueue_call,
     enqueue_outcome,
     raise_first,
@@ -40,7 +41,7 @@ from producer.calls import (
     resolve_settings,
     stream_entries,
 )
-from producer.errors import ChatqError, ResultTimeout
+from producer.errors import ChatqError, QueueFull, ResultTimeout
 from producer.keys import Keys
 from producer.protocol import Message
 from producer.scripts import ENQUEUE
@@ -116,7 +117,13 @@ class SyncChatClient:
             tenant=tenant,
             callback_url=callback_url,
         )
-        return (self._send(enqueue_call(self.keys, self.settings, [(env, payload)])))[0]
+        call = enqueue_call(self.keys, self.settings, [(env, payload)], each=True)
+        with redis_errors():
+            reply = self._enqueue(keys=call.keys, args=call.args)
+        (outcome,) = each_outcome(reply, call, self.settings)
+        if isinstance(outcome, QueueFull):
+            raise outcome
+        return outcome
 
     def submit_many(self, requests: Sequence[BatchRequest], **defaults: Any) -> list[str]:
         """See :meth:`ChatClient.submit_many`."""

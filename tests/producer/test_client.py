@@ -16,6 +16,7 @@ from producer import (
     ClientSettings,
     ProtocolError,
     QueueFull,
+    RedisUnavailable,
     RequestFailed,
     ResultTimeout,
     SyncChatClient,
@@ -363,3 +364,60 @@ def test_sync_client_does_the_same(redis_url: str) -> None:
         with pytest.raises(RequestFailed) as info:
             client.result(failed_id)
         assert info.value.code == "cancelled"
+
+
+async def test_concurrent_submits_share_calls_but_keep_their_own_guarantees(
+    redis_url: str, redis_client: Any
+) -> None:
+    settings = ClientSettings(redis_url=redis_url, max_backlog_tokens=1000)
+    big = {"max_tokens": 180}  # cost ~200 with MESSAGES
+    async with ChatClient(settings=settings) as client:
+        outcomes = await asyncio.gather(
+            *(client.submit(MESSAGES, model=MODEL, **big) for _ in range(7)),
+            client.submit(MESSAGES, model=MODEL, max_tokens=1, idempotency_key="same"),
+            client.submit(MESSAGES, model=MODEL, max_tokens=1, idempotency_key="same"),
+            return_exceptions=True,
+        )
+    # As if enqueued one by one, in call order: big ones until the bound, then refused;
+    # the small ones after them still fit; a repeated idempotency key maps to one request.
+    refused = [o for o in outcomes[:7] if isinstance(o, QueueFull)]
+    queued = [o for o in outcomes[:7] if isinstance(o, str)]
+    assert queued and refused and outcomes[:7] == queued + refused  # type: ignore[operator]
+    assert all(r.retry_after_s == FALLBACK_RETRY_AFTER_S for r in refused)
+    assert isinstance(outcomes[7], str) and outcomes[7] == outcomes[8]
+    tokens = int(await redis_client.hget(KEYS.backlog(MODEL), "tokens"))
+    assert tokens <= 1000 < tokens + 200
+    assert await redis_client.xlen(KEYS.requests(MODEL, "normal")) == len(queued) + 1
+    assert int(await redis_client.hget(KEYS.backlog(MODEL), "requests")) == len(queued) + 1
+
+
+async def test_many_concurrent_submits_all_land(redis_url: str, redis_client: Any) -> None:
+    await redis_client.config_resetstat()
+    async with ChatClient(redis_url) as client:
+        ids = await asyncio.gather(
+            *(client.submit(MESSAGES, model=MODEL, priority="low") for _ in range(1500))
+        )
+    assert len(set(ids)) == 1500
+    assert await redis_client.xlen(KEYS.requests(MODEL, "low")) == 1500
+    queued = {
+        decode_envelope(f[b"m"]).id
+        for _, f in await redis_client.xrange(KEYS.requests(MODEL, "low"))
+    }
+    assert queued == set(ids)
+    stats = await redis_client.info("commandstats")
+    calls = sum(v["calls"] for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
+    assert calls <= 10  # sent together (at most MAX_BATCH_REQUESTS a call), not 1,500 calls
+
+
+async def test_concurrent_submits_each_see_redis_unavailable() -> None:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens here once closed
+    async with ChatClient(f"redis://127.0.0.1:{port}/0") as client:
+        outcomes = await asyncio.gather(
+            *(client.submit(MESSAGES, model=MODEL) for _ in range(5)), return_exceptions=True
+        )
+    assert all(isinstance(o, RedisUnavailable) for o in outcomes)
+    assert len({id(o) for o in outcomes}) == 5  # one error object per caller
