@@ -6,11 +6,17 @@ benchmark tool that answers every request at once, so what is measured is the qu
 arq runs a no-op job on the same Redis (its own worker subprocess, msgpack serializer hooks,
 no pickle).
 
-Two measurements per system:
+Every request is a shared system prompt plus a user turn of its own (``messages(i)``), the
+same chats for both systems. Measurements:
 
-- throughput: ``--requests`` chats submitted by ``--concurrency`` concurrent producers,
-  clock from the first submit to the last completion (completions are detected the same way
-  for both: a pipelined EXISTS on the result keys every 5 ms);
+- end to end: ``--requests`` chats submitted while the worker runs, clock from the first
+  submit to the last completion (detected the same way for every row: a pipelined EXISTS
+  on the result keys every 2 ms). chatq twice: ``ChatClient.submit`` with
+  ``--concurrency`` calls in flight, and ``ChatClient.submit_many`` with ``--batch``
+  requests per call and ``--batches-in-flight`` calls at once. arq: ``enqueue_job`` with
+  ``--concurrency`` calls in flight (arq has no bulk enqueue);
+- drain a full queue: the queue is filled first with no worker running (chatq:
+  ``submit_many``; arq: ``enqueue_job``), then the worker starts; first → last result;
 - added latency: ``--latency-requests`` chats one at a time, submit → result received, on an
   idle worker (the engine costs nothing, so all of it is queue).
 
@@ -31,16 +37,24 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 MODEL = "zero"
-MESSAGES = [
-    {"role": "system", "content": "You are a helpful assistant for an online shop."},
-    {"role": "user", "content": "Where is my order #12345? It has not arrived yet."},
-]
+SYSTEM = "You are a helpful assistant for an online shop."
+
+
+def messages(i: int) -> list[dict[str, str]]:
+    """Request ``i``'s chat: a shared system prompt and a user turn of its own (both systems
+    get the same ones)."""
+    return [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": f"Where is my order #{10_000 + i}? It has not arrived yet."},
+    ]
+
+
 ARQ_QUEUE = "bench:arq"
 
 
@@ -102,9 +116,12 @@ class Row:
         return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] if xs else float("nan")
 
 
-async def _bounded(n: int, concurrency: int, one: Callable[[int], Awaitable[str]]) -> list[str]:
+T = TypeVar("T")
+
+
+async def _bounded(n: int, concurrency: int, one: Callable[[int], Awaitable[T]]) -> list[T]:
     sem = asyncio.Semaphore(concurrency)
-    out: list[str] = [""] * n
+    out: list[Any] = [None] * n
 
     async def run(i: int) -> None:
         async with sem:
@@ -137,47 +154,70 @@ async def _all_exist(redis: Any, keys: list[str], poll_s: float = 0.002) -> floa
 
 
 async def chatq_end_to_end(url: str, n: int, concurrency: int, n_lat: int) -> Row:
-    """Producers (ChatClient.submit) and the worker run together; then one at a time."""
+    """Producers (``ChatClient.submit``, ``concurrency`` calls in flight) and the worker run
+    together; then ``n_lat`` chats one at a time (``ChatClient.chat``)."""
     from producer.client import ChatClient
     from producer.keys import Keys
 
     keys = Keys()
     async with ChatClient(url) as client:
-        await client.chat(MESSAGES, model=MODEL, max_tokens=1, timeout_s=60)  # warm-up
+        await client.chat(messages(-1), model=MODEL, max_tokens=1, timeout_s=60)  # warm-up
         t0 = time.perf_counter()
         ids = await _bounded(
-            n, concurrency, lambda i: client.submit(MESSAGES, model=MODEL, max_tokens=1)
+            n, concurrency, lambda i: client.submit(messages(i), model=MODEL, max_tokens=1)
         )
         await _all_exist(client.redis, [keys.final(rid) for rid in ids])
         seconds = time.perf_counter() - t0
-        for rid in ids[:: max(1, n // 50)]:  # spot-check answers
-            res = await client.result(rid, timeout_s=10)
-            assert res.usage.completion_tokens == 1 and res.finish_reason == "length"
+        await _spot_check(client, ids)
         latencies = []
-        for _ in range(n_lat):
+        for i in range(n_lat):
             t = time.perf_counter()
-            await client.chat(MESSAGES, model=MODEL, max_tokens=1, timeout_s=10)
+            await client.chat(messages(2 * n + i), model=MODEL, max_tokens=1, timeout_s=10)
             latencies.append((time.perf_counter() - t) * 1000)
-    return Row("chatq", "end to end", n, seconds, latencies)
+    return Row("chatq (submit)", "end to end", n, seconds, latencies)
+
+
+async def chatq_end_to_end_many(url: str, n: int, batch: int, in_flight: int) -> Row:
+    """Producers call ``ChatClient.submit_many`` with ``batch`` requests each, ``in_flight``
+    calls at a time, while the worker runs (requests numbered after the submit row's, so
+    no prompt text repeats)."""
+    from producer.client import ChatClient
+    from producer.keys import Keys
+
+    keys = Keys()
+    async with ChatClient(url) as client:
+        await client.chat(messages(-2), model=MODEL, max_tokens=1, timeout_s=60)  # warm-up
+        starts = list(range(0, n, batch))
+
+        async def one(b: int) -> list[str]:
+            first = n + starts[b]
+            chats = [messages(first + i) for i in range(min(batch, n - starts[b]))]
+            return await client.submit_many(chats, model=MODEL, max_tokens=1)
+
+        t0 = time.perf_counter()
+        ids = [rid for part in await _bounded(len(starts), in_flight, one) for rid in part]
+        await _all_exist(client.redis, [keys.final(rid) for rid in ids])
+        seconds = time.perf_counter() - t0
+        await _spot_check(client, ids)
+    return Row("chatq (submit_many)", "end to end", n, seconds, [])
+
+
+async def _spot_check(client: Any, ids: list[str]) -> None:
+    results = await client.results_many(ids[:: max(1, len(ids) // 50)], timeout_s=10)
+    assert all(r.usage.completion_tokens == 1 and r.finish_reason == "length" for r in results)
 
 
 async def chatq_fill(url: str, n: int) -> list[str]:
-    """Queue ``n`` requests (ENQUEUE pipelined, no worker running); their final keys."""
-    from producer.calls import build_envelope, enqueue_call
+    """Queue ``n`` requests (``submit_many``, 500 a call, no worker running); their final
+    keys."""
     from producer.client import ChatClient
 
     async with ChatClient(url) as client:
-        await client.redis.script_load(client._enqueue.script)
-        finals = []
+        ids: list[str] = []
         for start in range(0, n, 500):
-            pipe = client.redis.pipeline(transaction=False)
-            for _ in range(start, min(n, start + 500)):
-                env, payload = build_envelope(client.settings, MESSAGES, model=MODEL, max_tokens=1)
-                k, a = enqueue_call(client.keys, client.settings, env, payload)
-                pipe.evalsha(client._enqueue.sha, len(k), *k, *a)
-                finals.append(client.keys.final(env.id))
-            await pipe.execute()
-    return finals
+            chats = [messages(3 * n + i) for i in range(start, min(n, start + 500))]
+            ids += await client.submit_many(chats, model=MODEL, max_tokens=1)
+        return [client.keys.final(rid) for rid in ids]
 
 
 async def _arq_result(job: Any, poll_delay_s: float) -> Any:
@@ -208,12 +248,12 @@ async def arq_end_to_end(
 
     pool = await _arq_pool(url)
     try:
-        warm = await pool.enqueue_job("noop", MESSAGES)
+        warm = await pool.enqueue_job("noop", messages(-1))
         assert warm is not None
         await _arq_result(warm, poll_delay_s)
 
         async def submit(i: int) -> str:
-            job = await pool.enqueue_job("noop", MESSAGES)
+            job = await pool.enqueue_job("noop", messages(i))
             assert job is not None
             return str(job.job_id)
 
@@ -222,9 +262,9 @@ async def arq_end_to_end(
         await _all_exist(pool, [result_key_prefix + jid for jid in ids])
         seconds = time.perf_counter() - t0
         latencies = []
-        for _ in range(n_lat):
+        for i in range(n_lat):
             t = time.perf_counter()
-            job = await pool.enqueue_job("noop", MESSAGES)
+            job = await pool.enqueue_job("noop", messages(2 * n + i))
             assert job is not None
             assert (await _arq_result(job, poll_delay_s)).result == "ok"
             latencies.append((time.perf_counter() - t) * 1000)
@@ -240,7 +280,7 @@ async def arq_fill(url: str, n: int, concurrency: int) -> list[str]:
     try:
 
         async def submit(i: int) -> str:
-            job = await pool.enqueue_job("noop", MESSAGES)
+            job = await pool.enqueue_job("noop", messages(3 * n + i))
             assert job is not None
             return result_key_prefix + str(job.job_id)
 
@@ -319,6 +359,7 @@ def run(args: argparse.Namespace, url: str, workdir: Path) -> list[Row]:
     try:
         asyncio.run(_wait_heartbeat(url, "bench-worker", worker))
         rows.append(asyncio.run(chatq_end_to_end(url, n, conc, n_lat)))
+        rows.append(asyncio.run(chatq_end_to_end_many(url, n, args.batch, args.batches_in_flight)))
     finally:
         _stop(worker)
     finals = asyncio.run(chatq_fill(url, n))
@@ -358,13 +399,13 @@ def table(rows: list[Row]) -> str:
         lines.append(
             f"| {r.system} | {r.mode} | {r.requests} | {r.seconds:.2f} | {r.rps:,.0f} | {lat} |"
         )
-    by = {(r.system.split()[0], r.mode): r for r in rows}
+    arq = {r.mode: r for r in rows if r.system.startswith("arq")}
     lines.append("")
-    for mode in ("end to end", "drain a full queue"):
-        if ("chatq", mode) in by and ("arq", mode) in by:
-            ratio = by[("chatq", mode)].rps / by[("arq", mode)].rps
-            lines.append(f"- chatq / arq requests/s, {mode}: {ratio:.1f}x")
-    e2e = by.get(("chatq", "end to end"))
+    for r in rows:
+        if r.system.startswith("chatq") and r.mode in arq:
+            ratio = r.rps / arq[r.mode].rps
+            lines.append(f"- {r.system} / arq requests/s, {r.mode}: {ratio:.1f}x")
+    e2e = next((r for r in rows if r.system.startswith("chatq") and r.latencies_ms), None)
     if e2e is not None:
         lines.append(
             f"- chatq latency added by the queue, one request at a time: "
@@ -380,6 +421,8 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=5000)
     p.add_argument("--concurrency", type=int, default=64, help="producer calls in flight")
     p.add_argument("--latency-requests", type=int, default=300)
+    p.add_argument("--batch", type=int, default=100, help="requests per submit_many call")
+    p.add_argument("--batches-in-flight", type=int, default=4, help="submit_many calls at once")
     p.add_argument("--repeats", type=int, default=1, help="keep the best of N runs per row")
     p.add_argument("--max-num-seqs", type=int, default=512)
     p.add_argument("--arq-max-jobs", type=int, default=512)
