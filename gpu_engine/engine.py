@@ -5,17 +5,27 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence as SequenceABC
+from dataclasses import dataclass
 from typing import Any
 
 from gpu_engine.block_manager import BlockManager
 from gpu_engine.config import EngineConfig
 from gpu_engine.errors import EngineError
 from gpu_engine.loader import load_tokenizer, read_eos_token_ids
-from gpu_engine.model_runner import ModelRunner
+from gpu_engine.model_runner import LaunchedStep, ModelRunner
 from gpu_engine.outputs import EngineCapacity, RequestOutput, StepOutput
-from gpu_engine.scheduler import Scheduler
+from gpu_engine.scheduler import ScheduledBatch, Scheduler
 from gpu_engine.sequence import SamplingParams, Sequence, SequenceStatus, check_prompt
 from gpu_engine.tp_runner import close_model_runner, make_model_runner
+
+
+@dataclass
+class PendingStep:
+    """A step between ``LLMEngine.begin_step`` and ``end_step``."""
+
+    batch: ScheduledBatch
+    finished: list[StepOutput]  # finished at scheduling (aborts, deadlines)
+    launched: LaunchedStep | None
 
 
 class LLMEngine:
@@ -51,6 +61,7 @@ class LLMEngine:
         ):
             self.scheduler.admit_min_seqs = max(1, config.max_num_seqs // 16)
         self._num_steps = 0
+        self._in_flight = False
         self._num_generated_tokens = 0
         self._waste_sum = 0.0
 
@@ -96,6 +107,8 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> bool:
         """Finish a request now; False if it is unknown or already finished."""
+        if self._in_flight:
+            raise EngineError("abort while a step is in flight: call end_step first")
         found = self.scheduler.abort(request_id)
         if found:
             self.model_runner.sampler.release(request_id)
@@ -106,13 +119,34 @@ class LLMEngine:
 
     # -- the loop ------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
+        return self.end_step(self.begin_step())
+
+    def begin_step(self) -> PendingStep:
+        """Schedule and launch one step on the device; ``end_step`` waits for it and returns
+        its outputs. In between the caller may do host work (the engine process sends the
+        previous step's outputs) and may ``add_request``, but not ``abort`` (it would free
+        blocks the launched step still writes)."""
+        if self._in_flight:
+            raise EngineError("a step is already in flight: call end_step first")
         batch = self.scheduler.schedule(time.time())
-        outputs = [self._output(seq, []) for seq in batch.finished]
+        finished = [self._output(seq, []) for seq in batch.finished]
+        launched = None
         if batch.seqs:
             self._num_steps += 1
             waste, slots = self.block_manager.paging_waste(self.scheduler.running)
             self._waste_sum += waste / slots if slots else 0.0
-            sampled = self.model_runner.run(batch)
+            launched = self.model_runner.launch(batch)
+            self._in_flight = True
+        return PendingStep(batch, finished, launched)
+
+    def end_step(self, pending: PendingStep) -> list[StepOutput]:
+        outputs = pending.finished
+        if pending.launched is not None:
+            try:
+                sampled = self.model_runner.collect(pending.launched)
+            finally:
+                self._in_flight = False
+            batch = pending.batch
             new_tokens = self.scheduler.postprocess(batch, sampled)
             self._num_generated_tokens += len(new_tokens)
             # One StepOutput per running request per step: built inline (see _output).

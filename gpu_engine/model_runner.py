@@ -45,6 +45,13 @@ class StepInputs:
     sample_seqs: list[int]  # [S] index into batch.seqs of each sampled row
 
 
+@dataclass
+class LaunchedStep:
+    tokens: torch.Tensor | None  # [S] sampled ids on the device (None: nothing samples)
+    rows: list[int]  # [S] index into batch.seqs of each sampled row
+    num_seqs: int
+
+
 def _available_ram_bytes() -> int:
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
@@ -404,20 +411,34 @@ class ModelRunner:
         return graphs.stage_and_run(batch.seqs, batch.query_lens, batch.num_prefill_seqs)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[int | None]:
-        """One step: the sampled token per sequence (None for a non-final prefill chunk)."""
+    def launch(self, batch: ScheduledBatch) -> LaunchedStep:
+        """Queue one step's forward pass and sampling on the device without waiting for it;
+        ``collect`` returns its tokens. The host is free in between (the engine process
+        sends the previous step's outputs there); nothing may change ``batch`` meanwhile."""
         logits, rows = self.forward_logits(batch)
         if not rows:
-            return [None] * len(batch.seqs)
+            return LaunchedStep(None, rows, len(batch.seqs))
         # rows are increasing indices into batch.seqs: all of them on decode steps.
-        every_row = len(rows) == len(batch.seqs)
-        seqs = batch.seqs if every_row else [batch.seqs[i] for i in rows]
-        tokens = self.sampler.sample(
+        seqs = batch.seqs if len(rows) == len(batch.seqs) else [batch.seqs[i] for i in rows]
+        tokens = self.sampler.sample_async(
             logits, [s.sampling_params for s in seqs], [s.request_id for s in seqs]
         )
-        if every_row:
+        return LaunchedStep(tokens, rows, len(batch.seqs))
+
+    @staticmethod
+    def collect(step: LaunchedStep) -> list[int | None]:
+        """The sampled token per sequence of a launched step (None for a non-final prefill
+        chunk); waits for the device."""
+        if step.tokens is None:
+            return [None] * step.num_seqs
+        tokens: list[int] = step.tokens.tolist()
+        if len(step.rows) == step.num_seqs:
             return list(tokens)
-        out: list[int | None] = [None] * len(batch.seqs)
-        for i, token in zip(rows, tokens, strict=True):
+        out: list[int | None] = [None] * step.num_seqs
+        for i, token in zip(step.rows, tokens, strict=True):
             out[i] = token
         return out
+
+    def run(self, batch: ScheduledBatch) -> list[int | None]:
+        """One step: the sampled token per sequence (None for a non-final prefill chunk)."""
+        return self.collect(self.launch(batch))

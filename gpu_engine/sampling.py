@@ -53,10 +53,17 @@ class Sampler:
         self, logits: torch.Tensor, params: Sequence[SamplingParams], request_ids: Sequence[str]
     ) -> list[int]:
         """logits: [N, vocab] -> one token id per row."""
+        return self.sample_async(logits, params, request_ids).tolist()  # type: ignore[no-any-return]
+
+    def sample_async(
+        self, logits: torch.Tensor, params: Sequence[SamplingParams], request_ids: Sequence[str]
+    ) -> torch.Tensor:
+        """Like ``sample`` but returns the [N] token ids on the logits' device without waiting
+        for them (the caller's ``tolist()`` is the step's one synchronisation)."""
         logits = logits.float()
         plan = self._plan_for(params, request_ids, logits.device)
         if plan.all_greedy:
-            return logits.argmax(dim=-1).tolist()
+            return logits.argmax(dim=-1)
         assert plan.greedy is not None and plan.temperature is not None
         probs = _mask_top_k_top_p(
             logits / plan.temperature[:, None], plan.top_k, plan.top_p
@@ -66,7 +73,7 @@ class Sampler:
         for i, request_id, seed in plan.seeded:
             noise[i].exponential_(generator=self.generator_for(request_id, seed))
         sampled = (probs / noise).argmax(dim=-1)
-        return torch.where(plan.greedy, logits.argmax(dim=-1), sampled).tolist()
+        return torch.where(plan.greedy, logits.argmax(dim=-1), sampled)
 
     def _plan_for(
         self, params: Sequence[SamplingParams], request_ids: Sequence[str], device: torch.device

@@ -189,3 +189,40 @@ def test_from_options_rejects_unknown_and_bad_options(tiny_checkpoint: Any) -> N
         LLMEngine.from_options(str(tiny_checkpoint("llama")), attention_backend="magic")
     with pytest.raises(EngineError, match="not a model directory"):
         LLMEngine.from_options("/nonexistent/model")
+
+
+def test_begin_and_end_step_split_one_step(tiny_checkpoint: Any) -> None:
+    """``begin_step`` launches, ``end_step`` returns what ``step`` would: the same tokens as
+    the plain loop. While a step is in flight a request may be added (it joins a later step)
+    but not aborted, and no second step may begin."""
+    path = str(tiny_checkpoint("llama"))
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    prompts = {"a": [5, 6, 7, 8, 9], "b": [10, 11, 12]}
+
+    def tokens(split: bool) -> dict[str, list[int]]:
+        engine = LLMEngine.from_options(path, device="cpu", kv_cache_tokens=256)
+        engine.add_request("a", prompts["a"], params)
+        out: dict[str, list[int]] = {"a": [], "b": []}
+        first = True
+        while engine.has_unfinished():
+            if split:
+                step = engine.begin_step()
+                if first:
+                    with pytest.raises(EngineError, match="in flight"):
+                        engine.abort("a")
+                    with pytest.raises(EngineError, match="in flight"):
+                        engine.begin_step()
+                    engine.add_request("b", prompts["b"], params)  # joins the next step
+                outs = engine.end_step(step)
+            else:
+                outs = engine.step()
+                if first:
+                    engine.add_request("b", prompts["b"], params)
+            first = False
+            for o in outs:
+                out[o.request_id] += o.new_token_ids
+        return out
+
+    split = tokens(split=True)
+    assert split == tokens(split=False)
+    assert [len(v) for v in split.values()] == [4, 4]
