@@ -61,8 +61,9 @@ RECENT_CANCELS = 10_000
 # bigger batches go to the tokenizer thread so results keep flowing meanwhile.
 INLINE_TOKENIZE_MAX = 4
 INLINE_TOKENIZE_MAX_CHARS = 4096
-# Smaller rounds let intake, engine and aggregator overlap instead of taking turns.
-MAX_PULL_PER_ROUND = 128
+# Bounded rounds let intake, engine and aggregator overlap instead of taking turns; 256 (was
+# 128) halves the Redis round trips per request, measured faster on the zero-cost bench.
+MAX_PULL_PER_ROUND = 256
 RETRY_DELAY_S = 0.5
 SALVAGE_MAX_BYTES = 64 << 20
 MARKER_ATTEMPTS = 20
