@@ -56,7 +56,7 @@ if want engine; then
 fi
 if want spike; then
   echo "== spike $(($(date +%s) - t0))s"
-  timeout 470 python3 bench/spike.py --out "$OUT/spike" --tokenizer .cache/tok-smollm2 "$@" \
+  timeout "${SPIKE_TIMEOUT_S:-470}" python3 bench/spike.py --out "$OUT/spike" --tokenizer .cache/tok-smollm2 "$@" \
     2>&1 | tee "$OUT/spike.log" | tail -30
   cp "$OUT/spike/spike.json" "$OUT/spike/spike.png" "$OUT/spike/worker.log" "$OUT/" 2>/dev/null
   rm -rf "$OUT/spike"
