@@ -4,8 +4,9 @@ A thin layer over ``redis.asyncio``: the request is validated and encoded before
 touched, enqueued with one atomic Lua call (:data:`producer.scripts.ENQUEUE`: idempotency,
 backlog bound, XADD; ``submit_many`` queues many requests in one such call), and results are
 read by blocking XREAD on the request's result stream (``results_many``: one XREAD over many
-streams), never a polling loop. :class:`producer.sync_client.SyncChatClient` has the same
-methods.
+streams), never a polling loop. Concurrent ``submit`` calls share ENQUEUE calls: those made
+while one is in flight go together in the next, each admitted as if enqueued alone.
+:class:`producer.sync_client.SyncChatClient` has the same methods (its submits go one by one).
 """
 
 from __future__ import annotations
