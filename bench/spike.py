@@ -20,12 +20,14 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.spike_drive import GpuSampler
 from bench.spike_report import Figures, plot, summarize
 from bench.workload import ChatRequest, make_requests
 
@@ -111,10 +113,13 @@ def engine_alone(model_dir: Path, reqs: list[ChatRequest], args: argparse.Namesp
 
     def run(batch: list[ChatRequest], tag: str) -> tuple[float, int, dict[str, float]]:
         first: dict[str, float] = {}
+        # Tokenized before the clock starts: through the queue the worker's host process
+        # tokenizes, in parallel with the engine; here it would stall the engine.
+        prompts = [ids(r) for r in batch]
         start = time.perf_counter()
-        for r in batch:
+        for r, prompt in zip(batch, prompts, strict=True):
             sp = SamplingParams(max_tokens=r.max_tokens, temperature=0.0, ignore_eos=True)
-            engine.add_request(f"{tag}{r.index}", ids(r), sp)
+            engine.add_request(f"{tag}{r.index}", prompt, sp)
         tokens = 0
         saturated.clear()
         while engine.has_unfinished():
@@ -138,7 +143,19 @@ def engine_alone(model_dir: Path, reqs: list[ChatRequest], args: argparse.Namesp
         r2 = ChatRequest(r.index, unique + r.messages[1:], r.max_tokens)
         ttft_miss.append(run([r2], f"miss{i}-")[2].popitem()[1])
     steps0 = engine.stats()["steps"]
+    gpu = GpuSampler()
+    util: list[float] = []
+    sampling = threading.Event()
+
+    def sample_gpu() -> None:
+        while not sampling.wait(0.5):
+            util.append(gpu.read().get("gpu_util", float("nan")))
+
+    sampler = threading.Thread(target=sample_gpu, daemon=True)
+    sampler.start()
     elapsed, tokens, _ = run(reqs, "alone")
+    sampling.set()
+    sampler.join()
     stats = engine.stats()
     runner = engine.model_runner
     return dict(
@@ -149,6 +166,7 @@ def engine_alone(model_dir: Path, reqs: list[ChatRequest], args: argparse.Namesp
         # While requests still waited for a slot (the queue's saturated window is the same).
         tok_s_saturated=saturated.get("tokens", tokens) / saturated.get("seconds", elapsed),
         steps=stats["steps"] - steps0,
+        gpu_util_mean=sum(util) / len(util) if util else float("nan"),
         mixed_graphs=runner.mixed_graphs is not None,
         mixed_replays=runner.mixed_graphs.num_replays if runner.mixed_graphs else 0,
         decode_replays=runner.graphs.num_replays if runner.graphs else 0,

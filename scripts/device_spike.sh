@@ -7,6 +7,7 @@
 #   scripts/device_spike.sh [tests] [ab] [engine] [spike] -- [bench/spike.py args]
 #     tests   GPU pytest of the kernels and the engine (graphs, parity)
 #     ab      engine alone on the spike workload, mixed-step graphs on vs off, same requests
+#     profile engine alone on the spike workload (1,024 requests) under cProfile: top 30
 #     engine  bench/engine_throughput.py part (a), chatq only
 #     spike   bench/spike.py (calm, burst, recovery through Redis)
 set -uo pipefail
@@ -26,7 +27,7 @@ if want tests; then
     | tee "$OUT/pytest_gpu.log" | tail -8
 fi
 if want ab; then
-  for mode in graphs eager-mixed; do
+  for mode in ${AB_MODES:-graphs eager-mixed}; do
     echo "== engine alone, spike workload, $mode $(($(date +%s) - t0))s"
     flag=(); [[ $mode == eager-mixed ]] && flag=(--eager-mixed)
     timeout 200 python3 bench/spike.py --out /tmp/spike-ab --tokenizer .cache/tok-smollm2 \
@@ -35,8 +36,8 @@ if want ab; then
   done
   python3 - "$OUT" <<'PY'
 import json, sys, pathlib
-print("| mode | requests | tok/s | tok/s saturated | steps | mixed / decode replays | TTFT hit / miss ms |")
-print("|---|---|---|---|---|---|---|")
+print("| mode | requests | tok/s | tok/s saturated | steps | mixed / decode replays | TTFT hit / miss ms | GPU util |")
+print("|---|---|---|---|---|---|---|---|")
 for mode in ("graphs", "eager-mixed"):
     p = pathlib.Path(sys.argv[1]) / f"alone_{mode}.json"
     if not p.exists():
@@ -45,8 +46,17 @@ for mode in ("graphs", "eager-mixed"):
     hit = sorted(a["ttft_hit_ms"])[len(a["ttft_hit_ms"]) // 2]
     miss = sorted(a["ttft_miss_ms"])[len(a["ttft_miss_ms"]) // 2]
     print(f"| {mode} | {a['requests']} | {a['tok_s']:,.0f} | {a['tok_s_saturated']:,.0f} | "
-          f"{a['steps']} | {a['mixed_replays']} / {a['decode_replays']} | {hit:.1f} / {miss:.1f} |")
+          f"{a['steps']} | {a['mixed_replays']} / {a['decode_replays']} | {hit:.1f} / {miss:.1f} | "
+          f"{a.get('gpu_util_mean', float('nan')):.0f}% |")
 PY
+fi
+if want profile; then
+  echo "== engine alone under cProfile $(($(date +%s) - t0))s"
+  timeout 240 python3 -m cProfile -o "$OUT/alone.prof" bench/spike.py --out /tmp/spike-ab \
+    --tokenizer .cache/tok-smollm2 --alone-requests 1024 --alone-json "$OUT/alone_prof.json" \
+    > "$OUT/alone_prof.log" 2>&1 || tail -20 "$OUT/alone_prof.log"
+  python3 -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(30)" \
+    "$OUT/alone.prof" 2>&1 | grep -v "^$" | tail -34 | cut -c1-150
 fi
 if want engine; then
   echo "== engine_throughput (a), chatq only $(($(date +%s) - t0))s"
