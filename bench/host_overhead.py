@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpu_engine import EngineConfig, LLMEngine, SamplingParams
-from gpu_engine.cuda_graphs import DecodeGraphs
+from gpu_engine.cuda_graphs import DecodeGraphs, MixedGraphs
 
 TINY_QWEN3: dict[str, Any] = dict(
     architectures=["Qwen3ForCausalLM"], model_type="qwen3", hidden_size=64,
@@ -50,7 +50,10 @@ TINY_QWEN3: dict[str, Any] = dict(
     max_position_embeddings=8192, rms_norm_eps=1e-6, rope_theta=1000000.0,
     hidden_act="silu", attention_bias=False, eos_token_id=1, bos_token_id=0,
 )  # fmt: skip
-PHASES = ("schedule", "stage", "prepare", "logits", "sample", "postprocess", "other", "step")
+PHASES = (
+    "schedule", "stage", "mixed_stage", "prepare", "logits", "sample", "postprocess", "other",
+    "step",
+)  # fmt: skip
 
 
 class _NoReplay:
@@ -68,9 +71,10 @@ class PhaseTimer:
         for obj, attr, label in (
             (engine.scheduler, "schedule", "schedule"),
             (runner, "_graph_decode_hidden", "stage"),
+            (runner, "_graph_mixed_hidden", "mixed_stage"),
             (runner, "prepare", "prepare"),
             (runner.model, "compute_logits", "logits"),
-            (runner.sampler, "sample", "sample"),
+            (runner.sampler, "sample_async", "sample"),
             (engine.scheduler, "postprocess", "postprocess"),
         ):
             self._wrap(obj, attr, label)
@@ -96,6 +100,10 @@ class PhaseTimer:
         rec = {k: self.current.get(k, 0.0) for k in PHASES[:-2]}
         rec["other"] = total - sum(rec.values())
         rec["step"] = total
+        rec["mixed"] = float(
+            self.engine.model_runner.mixed_graphs is not None
+            and bool(self.current.get("mixed_stage"))
+        )
         self.steps.append(rec)
         return outs
 
@@ -107,7 +115,7 @@ def build_engine(root: Path, max_model_len: int, graphs_path: bool = True) -> LL
     engine = LLMEngine(
         EngineConfig(
             model=str(path), load_format="random", device="cpu", dtype="float32",
-            block_size=16, max_num_seqs=256, max_num_batched_tokens=16384,
+            block_size=16, max_num_seqs=256, max_num_batched_tokens=8192,
             kv_cache_tokens=256 * max_model_len, max_model_len=max_model_len,
             attention_backend="torch",
         )
@@ -128,6 +136,14 @@ def build_engine(root: Path, max_model_len: int, graphs_path: bool = True) -> LL
     )  # fmt: skip
     graphs.graphs = {bs: _NoReplay() for bs in graphs.batch_sizes}  # type: ignore[misc]
     runner.graphs = graphs
+    # ... and steps with prefill chunks: the padded layout staged, replay a no-op.
+    mixed = MixedGraphs(
+        runner.model, max_num_seqs=256, max_num_batched_tokens=runner.config.max_num_batched_tokens,
+        max_model_len=runner.max_model_len, block_size=runner.block_size, hidden_size=hidden,
+        dtype=runner.dtype, device=runner.device, mirror=graphs.mirror,
+    )  # fmt: skip
+    mixed.graphs = {tp: _NoReplay() for tp in mixed.buckets}  # type: ignore[misc]
+    runner.mixed_graphs = mixed
     return engine
 
 
@@ -175,10 +191,39 @@ def run_nano(root: Path) -> tuple[dict[str, float], int]:
     return {k: 1e3 * sum(s[k] for s in timer.steps) / n for k in PHASES}, n
 
 
+def run_spike(root: Path, profile: bool) -> list[tuple[str, dict[str, float]]]:
+    """bench/spike.py's workload shape: 1,024 requests at once, a shared 1,000-token prefix,
+    20-200 tokens of their own, answers of 50-400 (greedy, ``ignore_eos``); finished slots
+    are refilled at once, so many steps carry a prefill chunk."""
+    engine = build_engine(root, 4096)
+    seed(0)
+    shared = [randint(2, 63) for _ in range(1000)]
+    for i in range(1024):
+        prompt = shared + [randint(2, 63) for _ in range(randint(20, 200))]
+        params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=randint(50, 400))
+        engine.add_request(f"r{i}", prompt, params)
+    timer = PhaseTimer(engine)
+    prof = cProfile.Profile() if profile else None
+    if prof:
+        prof.enable()
+    while engine.has_unfinished():
+        timer.step()
+    if prof:
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    rows = []
+    for label, flag in (("decode-only", 0.0), ("with prefill chunks", 1.0)):
+        steps = [s for s in timer.steps if s["mixed"] == flag]
+        if steps:
+            mean = {k: 1e3 * statistics.mean(s[k] for s in steps) for k in PHASES}
+            rows.append((f"spike shape, {label}, {len(steps)} steps (mean)", mean))
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=300, help="timed decode steps")
-    ap.add_argument("--scenario", choices=("decode", "nano", "both"), default="both")
+    ap.add_argument("--scenario", choices=("decode", "nano", "spike", "both"), default="both")
     ap.add_argument("--profile", action="store_true", help="cProfile the decode steps")
     ap.add_argument(
         "--eager-decode", action="store_true", help="also time decode steps through prepare()"
@@ -193,6 +238,8 @@ def main() -> int:
             if args.eager_decode:
                 res = run_decode(Path(tmp), args.steps, args.profile, graphs=False)
                 rows.append(("decode via prepare(), 256 seqs (median)", res))
+        if args.scenario == "spike":
+            rows += run_spike(Path(tmp), args.profile)
         if args.scenario in ("nano", "both"):
             res, n = run_nano(Path(tmp))
             rows.append((f"nano-vllm shape, {n} steps (mean)", res))

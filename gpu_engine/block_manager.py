@@ -30,6 +30,7 @@ from gpu_engine.errors import EngineError
 from gpu_engine.sequence import Sequence
 
 _ROOT_HASH = 0
+_HASH_MEMO_ENTRIES = 65_536  # ~15 MB at 16-token blocks
 
 
 class BlockAllocationError(EngineError):
@@ -40,8 +41,8 @@ def chain_hash(parent_hash: int, token_ids: Iterable[int]) -> int:
     """128-bit content hash of one block given its parent's hash (deterministic across runs)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(parent_hash.to_bytes(16, "little"))
-    ids = [int(t) for t in token_ids]
-    h.update(struct.pack(f"<{len(ids)}i", *ids))  # int32 little-endian each
+    ids = token_ids if isinstance(token_ids, list | tuple) else list(token_ids)
+    h.update(struct.pack(f"<{len(ids)}i", *ids))  # int32 little-endian each (ints only)
     return int.from_bytes(h.digest(), "little")
 
 
@@ -73,6 +74,8 @@ class BlockManager:
         # decode step looks at its new full block only (not all ~100 blocks of a long
         # sequence: that scan was ~1.5 ms per step at 256 sequences).
         self._registered: dict[str, int] = {}
+        # (parent hash, block tokens...) -> chain hash, for blocks many sequences share.
+        self._hash_memo: dict[tuple[int, ...], int] = {}
         # Counters for stats().
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
@@ -92,13 +95,22 @@ class BlockManager:
         return -(-num_tokens // self.block_size)
 
     def _seq_block_hashes(self, seq: Sequence, num_full_blocks: int) -> list[int]:
-        """Chained hashes of the sequence's first ``num_full_blocks`` full blocks (memoised)."""
+        """Chained hashes of the sequence's first ``num_full_blocks`` full blocks (memoised
+        per sequence, and per block content across sequences: requests sharing a system
+        prompt hash its blocks once, not once each)."""
         bs = self.block_size
         hashes = seq.block_hashes
+        memo = self._hash_memo
         while len(hashes) < num_full_blocks:
             i = len(hashes)
             parent = hashes[-1] if hashes else _ROOT_HASH
-            hashes.append(chain_hash(parent, seq.token_ids[i * bs : (i + 1) * bs]))
+            key = (parent, *seq.token_ids[i * bs : (i + 1) * bs])
+            h = memo.get(key)
+            if h is None:
+                if len(memo) >= _HASH_MEMO_ENTRIES:
+                    memo.clear()  # bounded: the next requests rebuild what they share
+                h = memo[key] = chain_hash(parent, key[1:])
+            hashes.append(h)
         return hashes[:num_full_blocks]
 
     def _match_prefix(self, seq: Sequence) -> list[int]:
@@ -128,19 +140,33 @@ class BlockManager:
     def can_allocate(self, seq: Sequence, reserve_blocks: int = 0) -> bool:
         """Whether blocks for all of ``seq``'s current tokens fit, keeping ``reserve_blocks``
         free afterwards."""
-        hits = self._match_prefix(seq)
+        return self._fits(seq, self._match_prefix(seq), reserve_blocks)
+
+    def _fits(self, seq: Sequence, hits: list[int], reserve_blocks: int) -> bool:
         revived = sum(1 for b in hits if self.blocks[b].ref_count == 0)
         new = self.blocks_for(seq.num_tokens) - len(hits)
         return new + revived + reserve_blocks <= self.num_free_blocks
 
+    def try_allocate(self, seq: Sequence, reserve_blocks: int = 0) -> int | None:
+        """``allocate(seq)`` if ``can_allocate(seq, reserve_blocks)``, matching the prefix
+        once (the admission path: one match per admitted prompt instead of three); None if
+        it does not fit."""
+        if seq.block_table:
+            raise BlockAllocationError(f"sequence {seq.request_id} already holds blocks")
+        hits = self._match_prefix(seq)
+        if not self._fits(seq, hits, reserve_blocks):
+            return None
+        return self._allocate(seq, hits)
+
     def allocate(self, seq: Sequence) -> int:
         """Give ``seq`` blocks for all its tokens; returns the number of prefix-hit tokens
         (also set as ``seq.num_computed_tokens``)."""
-        if seq.block_table:
-            raise BlockAllocationError(f"sequence {seq.request_id} already holds blocks")
-        if not self.can_allocate(seq):
+        cached = self.try_allocate(seq)
+        if cached is None:
             raise BlockAllocationError(f"not enough free blocks for {seq.request_id}")
-        hits = self._match_prefix(seq)
+        return cached
+
+    def _allocate(self, seq: Sequence, hits: list[int]) -> int:
         for block_id in hits:  # pin hits first so new allocations cannot evict them
             block = self.blocks[block_id]
             if block.ref_count == 0:

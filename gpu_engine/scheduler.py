@@ -18,6 +18,7 @@ The batch lists prefill chunks first and decodes (query length 1) last, the orde
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
@@ -120,6 +121,7 @@ class Scheduler:
         scheduled: set[int] = set()
         preempted: list[Sequence] = []
         bm = self.block_manager
+        block_size = bm.block_size
         running_status = SequenceStatus.RUNNING
 
         # Running sequences, most urgent first; aging from the last time each was served
@@ -148,8 +150,13 @@ class Scheduler:
             if budget == 0:
                 break
             # try_append is append-if-can_append (then cache_blocks); only a decode that
-            # finds no free block takes the preemption path.
-            if not bm.try_append(seq, cache=True):
+            # finds no free block takes the preemption path. Most steps a sequence neither
+            # needs a block nor fills one (a block fills when the count reaches a multiple
+            # of block_size): skip the call then (it ran for every sequence every step).
+            n = len(seq.token_ids)
+            if n % block_size and n <= len(seq.block_table) * block_size:
+                pass
+            elif not bm.try_append(seq, cache=True):
                 if not self._make_room_to_append(seq, order, scheduled, preempted, finished):
                     continue
                 bm.append(seq)
@@ -206,17 +213,24 @@ class Scheduler:
         return now - oldest < self.config.admit_max_delay_s
 
     def _admit(self, now: float, budget: int, prefills: list[tuple[Sequence, int]]) -> int:
+        free_slots = self.config.max_num_seqs - len(self.running)
+        if budget == 0 or free_slots <= 0 or not self.waiting:
+            return budget
         aging_s = self.config.priority_aging_s
-        queue = sorted(
-            self.waiting, key=lambda s: (-s.effective_priority(now, aging_s), s.arrival_time)
+        # At most free_slots are admitted, most urgent first: the first free_slots of the
+        # sorted order (nsmallest is that, without sorting every waiting request each step).
+        queue = heapq.nsmallest(
+            free_slots,
+            self.waiting,
+            key=lambda s: (-s.effective_priority(now, aging_s), s.arrival_time),
         )
         for seq in queue:
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             reserve = self._watermark_blocks if self.running else 0
-            if not self.block_manager.can_allocate(seq, reserve):
+            cached = self.block_manager.try_allocate(seq, reserve)
+            if cached is None:
                 break  # strict priority: do not let a smaller, less urgent request jump ahead
-            cached = self.block_manager.allocate(seq)
             if not seq.admitted:
                 seq.admitted = True
                 seq.num_cached_tokens = cached
