@@ -13,8 +13,12 @@ Both directions carry one msgpack document per batch over a one-way ``multiproce
 pipe (no pickle of user data). Host → child: ``[[op, ...], ...]`` with ops ``add``,
 ``abort`` and ``stop``. Child → host: ``["ready", info]``, ``["out", outputs, capacity]``,
 ``["cap", capacity]``, ``["rej", [[request_id, message], ...]]`` (adds the engine refused)
-or ``["fatal", message]``. A sender thread on each side means neither
-loop blocks on a full pipe; if the host dies, the child sees EOF and exits.
+or ``["fatal", message]``. Neither loop blocks on a full pipe: the child has a sender
+thread; the host writes from its asyncio loop into its non-blocking end of the pipe (what
+does not fit waits in a buffer for ``add_writer``), commands of one loop turn in one
+message, no thread hop (a thread that needs the GIL while the loop aggregates can wait a
+whole switch interval, 5 ms, before it sends a new request to the engine). If the host
+dies, the child sees EOF and exits.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing as mp
-import queue
-import threading
+import os
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -107,8 +111,12 @@ class EngineProcess:
         self._proc: Any = None
         self._cmd_send: Connection | None = None
         self._out_recv: Connection | None = None
-        self._inbox: queue.SimpleQueue[list[Any] | None] = queue.SimpleQueue()
-        self._writer: threading.Thread | None = None
+        # Commands of this loop turn (all of them, until the pipe is there), and framed
+        # bytes the pipe did not take yet.
+        self._pending: list[list[Any]] = []
+        self._flush_scheduled = False
+        self._unsent = bytearray()
+        self._writing = False  # add_writer is registered for the command pipe
         self._ready: asyncio.Future[dict[str, Any]] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dead = False
@@ -131,8 +139,8 @@ class EngineProcess:
         self._proc.start()
         cmd_recv.close()
         out_send.close()
-        self._writer = threading.Thread(target=self._write_loop, name="engine-writer", daemon=True)
-        self._writer.start()
+        os.set_blocking(self._cmd_send.fileno(), False)
+        self._schedule_flush()  # commands queued before the start
         self._ready = self._loop.create_future()
         self._loop.add_reader(self._out_recv.fileno(), self._on_readable)
         try:
@@ -153,16 +161,18 @@ class EngineProcess:
 
     def add(self, commands: Sequence[AddCommand]) -> None:
         if commands:
-            self._inbox.put([c.to_wire() for c in commands])
+            self._pending.extend([c.to_wire() for c in commands])
+            self._schedule_flush()
 
     def abort(self, request_ids: Sequence[str]) -> None:
         if request_ids:
-            self._inbox.put([["abort", rid] for rid in request_ids])
+            self._pending.extend([["abort", rid] for rid in request_ids])
+            self._schedule_flush()
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Ask the child to stop, wait for it, kill it if it does not."""
-        self._inbox.put([["stop"]])
-        self._inbox.put(None)
+        self._pending.append(["stop"])
+        self._flush()
         if self._loop is not None and self._out_recv is not None:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(self._out_recv.fileno())
@@ -173,38 +183,55 @@ class EngineProcess:
                 proc.kill()
                 proc.join(2)
         self._dead = True
-        if self._writer is not None:
-            self._writer.join(2)
+        self._stop_writing()
         for conn in (self._cmd_send, self._out_recv):
             if conn is not None:
                 conn.close()
 
     # --- internals ---
 
-    def _write_loop(self) -> None:
-        """Coalesce queued command lists into one pipe message per wake-up (order kept)."""
-        assert self._cmd_send is not None
-        while True:
-            first = self._inbox.get()
-            if first is None:
-                return
-            batch = list(first)
-            done = False
-            while True:
-                try:
-                    more = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    done = True
-                    break
-                batch.extend(more)
-            try:
-                self._cmd_send.send_bytes(msgpack.packb(batch, use_bin_type=True))
-            except (BrokenPipeError, OSError):
-                return
-            if done:
-                return
+    def _schedule_flush(self) -> None:
+        """Send this loop turn's commands together once the running callback yields."""
+        if not self._flush_scheduled and self._loop is not None and self._cmd_send is not None:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._pending or self._cmd_send is None or self._dead:
+            return
+        data = msgpack.packb(self._pending, use_bin_type=True)
+        self._pending = []
+        # multiprocessing.Connection's framing: a big-endian int32 length (-1 + uint64 past
+        # 2 GiB), then the bytes; the child reads it with recv_bytes.
+        n = len(data)
+        header = struct.pack("!i", n) if n <= 0x7FFFFFFF else struct.pack("!iQ", -1, n)
+        self._unsent += header
+        self._unsent += data
+        if not self._writing:
+            self._write_some()
+
+    def _write_some(self) -> None:
+        """Write what the pipe takes now; wait for it to drain for the rest (order kept)."""
+        assert self._cmd_send is not None and self._loop is not None
+        try:
+            while self._unsent:
+                written = os.write(self._cmd_send.fileno(), self._unsent)
+                del self._unsent[:written]
+        except BlockingIOError:
+            if not self._writing:
+                self._writing = True
+                self._loop.add_writer(self._cmd_send.fileno(), self._write_some)
+            return
+        except OSError:  # the child is gone: the reader reports it (EOF)
+            self._unsent.clear()
+        self._stop_writing()
+
+    def _stop_writing(self) -> None:
+        if self._writing and self._loop is not None and self._cmd_send is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_writer(self._cmd_send.fileno())
+        self._writing = False
 
     def _on_readable(self) -> None:
         assert self._out_recv is not None

@@ -57,9 +57,10 @@ log = logging.getLogger(__name__)
 
 _ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
 RECENT_CANCELS = 10_000
-# A few short prompts are tokenized on the loop (a thread hop costs more than the work);
-# bigger batches go to the tokenizer thread so results keep flowing meanwhile.
-INLINE_TOKENIZE_MAX = 4
+# Text the piece cache does not know is tokenized on the loop up to this size (a thread hop,
+# ~0.1 ms and more while the loop is busy, costs more than the work); more goes to the
+# tokenizer thread so results keep flowing meanwhile. A shared system prompt is cached, so
+# only new turns count.
 INLINE_TOKENIZE_MAX_CHARS = 4096
 # Bounded rounds let intake, engine and aggregator overlap instead of taking turns; 256 (was
 # 128) halves the Redis round trips per request, measured faster on the zero-cost bench.
@@ -69,10 +70,6 @@ SALVAGE_MAX_BYTES = 64 << 20
 MARKER_ATTEMPTS = 20
 # FINALIZE never writes this (a final exists already); it only acks and deletes the entry.
 _NOOP_ERROR = Error(code=ErrorCode.INTERNAL.value, message="already answered")
-
-
-def _chars(envs: Sequence[Envelope]) -> int:
-    return sum(len(m.content) for env in envs for m in env.messages)
 
 
 def being_cancelled() -> bool:
@@ -132,6 +129,8 @@ class Intake:
         self.limits = limits
         self.stopping = asyncio.Event()
         self.recent_cancels: OrderedDict[str, None] = OrderedDict()
+        self._prefetch: asyncio.Future[list[Entry]] | None = None  # the next round's pull
+        self._prefetch_count = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self._decoder = fast_decoder(prompts.tokenizer)
 
@@ -153,31 +152,56 @@ class Intake:
                 if being_cancelled():
                     raise asyncio.CancelledError from err
                 # A lost XREADGROUP reply may have delivered entries we never saw: they are
-                # pending on us and no one else would take them while we live. Re-read them.
+                # pending on us and no one else would take them while we live. Re-read them
+                # (a prefetched pull's entries too, whether its reply came or not).
                 log.warning("intake: Redis unavailable (%s); retrying", err)
+                with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
+                    await self._settle_prefetch()
                 await asyncio.sleep(RETRY_DELAY_S)
                 with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
                     await self.recover_delivered()
+        entries = await self._settle_prefetch()
+        if entries:
+            await self.process(entries)
+
+    async def _settle_prefetch(self) -> list[Entry]:
+        task, self._prefetch = self._prefetch, None
+        return [] if task is None else await task
 
     async def _round(self) -> None:
-        n = self.admission.pull_count()
-        if n == 0:
-            self.admission.changed.clear()
-            if self.admission.pull_count() == 0:
-                stop_wait = asyncio.ensure_future(self.stopping.wait())
-                room_wait = asyncio.ensure_future(self.admission.changed.wait())
-                await asyncio.wait(
-                    {stop_wait, room_wait}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED
-                )
-                stop_wait.cancel()
-                room_wait.cancel()
-            return
-        entries = await self.lanes.pull(min(n, MAX_PULL_PER_ROUND))
+        if self._prefetch is not None:
+            entries = await self._settle_prefetch()
+            full = len(entries) >= self._prefetch_count
+        else:
+            n = self.admission.pull_count()
+            if n == 0:
+                self.admission.changed.clear()
+                if self.admission.pull_count() == 0:
+                    stop_wait = asyncio.ensure_future(self.stopping.wait())
+                    room_wait = asyncio.ensure_future(self.admission.changed.wait())
+                    await asyncio.wait(
+                        {stop_wait, room_wait}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    stop_wait.cancel()
+                    room_wait.cancel()
+                return
+            count = min(n, MAX_PULL_PER_ROUND)
+            entries = await self.lanes.pull(count)
+            full = len(entries) >= count
+            if not entries:
+                entries = await self.lanes.wait(self.read_block_ms)
         if not entries:
-            entries = await self.lanes.wait(self.read_block_ms)
-        if entries:
-            self.metrics.pulled += len(entries)
-            await self.process(entries)
+            return
+        self.metrics.pulled += len(entries)
+        if full and not self.stopping.is_set():
+            # More is queued: the next round's pull flies while this one is processed (its
+            # Redis round trip hidden behind the CPU work), sized as if this round were
+            # admitted already; at most two rounds are in the worker unprocessed.
+            n_next = min(self.admission.pull_count() - len(entries), MAX_PULL_PER_ROUND)
+            if n_next > 0:
+                self._prefetch_count = n_next
+                self._prefetch = asyncio.ensure_future(self.lanes.pull(n_next))
+        await self.process(entries)
 
     async def recover_delivered(self) -> None:
         """Process entries pending on this consumer that this worker does not hold."""
@@ -193,32 +217,48 @@ class Intake:
         now_ms = time.time_ns() // 1_000_000
         candidates = [c for c in (self._decode(e) for e in entries) if c is not None]
         if candidates:
-            flags = await self._markers([env for _, env in candidates])
-        ready: list[tuple[Entry, Envelope]] = []
-        for i, (entry, env) in enumerate(candidates):
-            cancelled, answered = flags[2 * i], flags[2 * i + 1]
-            if answered:  # answered already (e.g. by a worker that died before acking)
-                self.writer.final(entry, env.id, _NOOP_ERROR, 0)
-            elif cancelled or env.id in self.recent_cancels:
-                self._reject(entry, env, ErrorCode.CANCELLED, "cancelled by the requester")
-            elif env.expired(now_ms):
-                self._reject(
-                    entry,
-                    env,
-                    ErrorCode.DEADLINE_EXCEEDED,
-                    "the deadline passed while the request was queued",
-                )
-            else:
-                ready.append((entry, env))
-        if ready:
-            envs = [env for _, env in ready]
-            if len(envs) <= INLINE_TOKENIZE_MAX and _chars(envs) <= INLINE_TOKENIZE_MAX_CHARS:
-                token_ids = self.prompts.batch(envs)  # ~0.1 ms: cheaper than a thread hop
-            else:
-                loop = asyncio.get_running_loop()
-                token_ids = await loop.run_in_executor(self._pool, self.prompts.batch, envs)
-            self._admit(ready, token_ids)
+            envs = [env for _, env in candidates]
+            # The marker MGET flies while the prompts are rendered and tokenized: a
+            # cancelled or answered request is tokenized for nothing, never admitted.
+            markers = asyncio.ensure_future(self._markers(envs))
+            try:
+                await asyncio.sleep(0)  # let the MGET go out before the CPU work
+                token_ids = await self._tokenize(envs)
+                flags = await markers
+            finally:
+                markers.cancel()
+            ready: list[tuple[Entry, Envelope]] = []
+            ready_ids: list[list[int] | Exception] = []
+            for i, (entry, env) in enumerate(candidates):
+                cancelled, answered = flags[2 * i], flags[2 * i + 1]
+                if answered:  # answered already (e.g. by a worker that died before acking)
+                    self.writer.final(entry, env.id, _NOOP_ERROR, 0)
+                elif cancelled or env.id in self.recent_cancels:
+                    self._reject(entry, env, ErrorCode.CANCELLED, "cancelled by the requester")
+                elif env.expired(now_ms):
+                    self._reject(
+                        entry,
+                        env,
+                        ErrorCode.DEADLINE_EXCEEDED,
+                        "the deadline passed while the request was queued",
+                    )
+                else:
+                    ready.append((entry, env))
+                    ready_ids.append(token_ids[i])
+            if ready:
+                self._admit(ready, ready_ids)
         await self.writer.flush()
+
+    async def _tokenize(self, envs: list[Envelope]) -> list[list[int] | Exception]:
+        """Chat template + piece split on the loop (Python); the tokenizer's Rust work on
+        text it has not seen inline when small (a thread hop costs more), else in the
+        tokenizer thread, which holds no GIL meanwhile."""
+        prepared = self.prompts.prepare(envs)
+        if prepared.todo_chars <= INLINE_TOKENIZE_MAX_CHARS:
+            prepared.encode()
+        else:
+            await asyncio.get_running_loop().run_in_executor(self._pool, prepared.encode)
+        return prepared.token_ids()
 
     async def _markers(self, envs: list[Envelope]) -> list[Any]:
         """[cancelled, answered] per request (one MGET), retried: these entries are ours now."""

@@ -117,24 +117,62 @@ class SegmentEncoder:
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         if self._split is None:
-            return [list(e.ids) for e in self._encode_batch(texts, add_special_tokens=False)]
+            return self.encode_raw(texts)
         return self._encode_pieces(texts, cache=True)
 
-    def _encode_pieces(self, texts: list[str], *, cache: bool) -> list[list[int]]:
-        assert self._split is not None
+    def encode_raw(self, texts: list[str]) -> list[list[int]]:
+        """Ids of each text tokenized whole, no cache: Rust only, the GIL released (thread-safe)."""
+        if not texts:
+            return []
+        return [list(e.ids) for e in self._encode_batch(texts, add_special_tokens=False)]
+
+    def plan(self, texts: list[str]) -> tuple[list[list[str]], list[str]]:
+        """Split ``texts`` at added tokens: (pieces of each text, the pieces not cached).
+
+        On the loop; only the missing pieces need the tokenizer (``encode_raw``), then
+        ``join``. With the cache off each text is one whole piece and all are missing."""
+        if self._split is None:
+            return [[t] for t in texts], list(texts)
         split = self._split.split
-        token_ids = self._token_ids
-        found: dict[str, list[int]] = self._cache if cache else {}
         pieces_of = [split(text) for text in texts]
+        found = self._cache
         # re.split with one group: text, token, text, token, ..., text (odd places: tokens)
         missing = list(
             {p: None for pieces in pieces_of for p in pieces[::2] if p and p not in found}
         )
-        if missing:
-            encoded = self._encode_batch(missing, add_special_tokens=False)
-            new = {p: list(e.ids) for p, e in zip(missing, encoded, strict=True)}
-        else:
-            new = {}
+        return pieces_of, missing
+
+    def join(
+        self, pieces_of: list[list[str]], missing: list[str], encoded: list[list[int]]
+    ) -> list[list[int]]:
+        """Token ids of each text from ``plan``'s pieces and the missing pieces' ids (on the
+        loop: the cache changes only here)."""
+        new = dict(zip(missing, encoded, strict=True))
+        if self._split is None:
+            return [new[pieces[0]] for pieces in pieces_of]
+        return self._assemble(pieces_of, new, missing, cache=True)
+
+    def _encode_pieces(self, texts: list[str], *, cache: bool) -> list[list[int]]:
+        assert self._split is not None
+        split = self._split.split
+        found: dict[str, list[int]] = self._cache if cache else {}
+        pieces_of = [split(text) for text in texts]
+        missing = list(
+            {p: None for pieces in pieces_of for p in pieces[::2] if p and p not in found}
+        )
+        new = dict(zip(missing, self.encode_raw(missing), strict=True))
+        return self._assemble(pieces_of, new, missing, cache=cache)
+
+    def _assemble(
+        self,
+        pieces_of: list[list[str]],
+        new: dict[str, list[int]],
+        missing: list[str],
+        *,
+        cache: bool,
+    ) -> list[list[int]]:
+        token_ids = self._token_ids
+        found: dict[str, list[int]] = self._cache if cache else {}
         out: list[list[int]] = []
         hits = 0
         for pieces in pieces_of:
@@ -145,10 +183,13 @@ class SegmentEncoder:
                 elif piece:
                     cached = new.get(piece)
                     if cached is None:
-                        cached = found[piece]
-                        hits += 1
-                        if cache:
-                            self._cache.move_to_end(piece)
+                        cached = found.get(piece)
+                        if cached is None:  # evicted since ``plan`` (another batch ran)
+                            cached = new[piece] = self.encode_raw([piece])[0]
+                        else:
+                            hits += 1
+                            if cache:
+                                self._cache.move_to_end(piece)
                     ids.extend(cached)
             out.append(ids)
         if cache:
@@ -228,12 +269,52 @@ class PromptBuilder:
 
     def batch(self, envs: Sequence[Envelope]) -> list[list[int] | Exception]:
         """Token ids per envelope, or the exception its template raised (role order...)."""
+        prepared = self.prepare(envs)
+        prepared.encode()
+        return prepared.token_ids()
+
+    def prepare(self, envs: Sequence[Envelope]) -> PreparedPrompts:
+        """Render the chat templates and split the texts (Python: on the loop); what is left
+        is ``PreparedPrompts.encode``, the Rust tokenizer alone (may run in a thread)."""
         texts: list[str | Exception] = []
         for env in envs:
             try:
                 texts.append(self.render(env))
             except Exception as err:
                 texts.append(err)
+        return PreparedPrompts(self, texts)
+
+
+class PreparedPrompts:
+    """A batch between ``PromptBuilder.prepare`` and ``token_ids``: ``encode`` runs only the
+    Rust tokenizer on text the piece cache does not know (``todo_chars`` of it), so it can
+    go to a thread without holding the GIL; the rest happens on the loop."""
+
+    def __init__(self, builder: PromptBuilder, texts: list[str | Exception]) -> None:
+        self._builder = builder
+        self._texts = texts
         ok = [t for t in texts if isinstance(t, str)]
-        encoded = iter(self.encode(ok)) if ok else iter(())
-        return [t if isinstance(t, Exception) else next(encoded) for t in texts]
+        segments = builder.segments
+        self._pieces_of: list[list[str]] = []
+        if segments is not None:
+            self._pieces_of, self.todo = segments.plan(ok)
+        else:
+            self.todo = ok
+        self.todo_chars = sum(len(t) for t in self.todo)
+        self._encoded: list[list[int]] | None = None
+
+    def encode(self) -> None:
+        segments = self._builder.segments
+        if segments is not None:
+            self._encoded = segments.encode_raw(self.todo)
+        else:
+            self._encoded = self._builder.encode(self.todo)
+
+    def token_ids(self) -> list[list[int] | Exception]:
+        assert self._encoded is not None, "encode() first"
+        segments = self._builder.segments
+        if segments is not None:
+            ids = iter(segments.join(self._pieces_of, self.todo, self._encoded))
+        else:
+            ids = iter(self._encoded)
+        return [t if isinstance(t, Exception) else next(ids) for t in self._texts]

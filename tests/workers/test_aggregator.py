@@ -120,7 +120,7 @@ async def test_stop_string_finishes_aborts_and_streams_exactly_the_answer(
     admission = Admission(
         Capacity(1000, 1000, 0, 0, 0, 4), max_num_seqs=4, inflight_factor=1.0, headroom_tokens=0
     )
-    # Not started: commands for the engine stay in its outbox, where the test reads them.
+    # Not started: commands for the engine stay pending, where the test reads them.
     engine = EngineProcess("x:y", "", {}, on_outputs=lambda o, c: None, on_fatal=lambda m: None)
     writer = ResultWriter(redis_client, KEYS, MODEL, "w1")
     agg = Aggregator(writer, admission, engine, Metrics("w1", MODEL), "w1")
@@ -138,8 +138,7 @@ async def test_stop_string_finishes_aborts_and_streams_exactly_the_answer(
     assert final.text == "To reset your password, open the "
     assert "".join(r.delta for r in results[:-1] if isinstance(r, Chunk)) == final.text
     assert [r.index for r in results[:-1] if isinstance(r, Chunk)] == list(range(len(results) - 1))
-    assert engine._inbox.get_nowait() == [["abort", "r0"]]  # stopped in the engine too
-    assert engine._inbox.empty()
+    assert engine._pending == [["abort", "r0"]]  # stopped in the engine too
     assert not admission.admitted and admission.committed_tokens == 0
     # A late output for the finished request changes nothing.
     agg._handle(Output("r0", [5], True, "abort", 3, 0), 0.0)
