@@ -21,6 +21,7 @@ fills the staged rows; slots and lengths are computed in numpy from the position
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
 
 import numpy as np
@@ -34,6 +35,34 @@ from gpu_engine.layers.base import AttentionMetadata
 from gpu_engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
+
+
+@torch.inference_mode()
+def capture_graphs(
+    sizes: list[int],
+    meta: Callable[[int], AttentionMetadata],
+    forward: Callable[[int], None],
+) -> dict[int, torch.cuda.CUDAGraph]:
+    """One CUDA graph of ``forward(size)`` per size, largest first, sharing one memory pool
+    (a smaller graph reuses the largest one's activations); each is run once eagerly first
+    (Triton compiles, cuBLAS picks its kernels) with ``meta(size)`` as the step's metadata."""
+    graphs: dict[int, torch.cuda.CUDAGraph] = {}
+    pool: tuple[int, int] | None = None
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for size in sorted(sizes, reverse=True):
+            with forward_context(meta(size)):
+                forward(size)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    forward(size)
+            if pool is None:
+                pool = graph.pool()
+            graphs[size] = graph
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    return graphs
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -77,7 +106,6 @@ class DecodeGraphs:
         self.cu_seqlens_q = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
         self.hidden = torch.zeros(max_bs, hidden_size, dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._pool: tuple[int, int] | None = None
         # Room for this batch and the next few generations of requests before a rewrite.
         self.mirror = BlockTableMirror(4 * max_bs, max_blocks)
 
@@ -97,24 +125,11 @@ class DecodeGraphs:
             seq_lens_host=[self.max_model_len] * bs,
         )
 
-    @torch.inference_mode()
+    def _forward(self, bs: int) -> None:
+        self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
+
     def capture(self) -> None:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for bs in reversed(self.batch_sizes):
-                meta = self._meta(bs)
-                with forward_context(meta):
-                    # Warm-up outside the graph: Triton compiles, cuBLAS picks its kernels.
-                    self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=self._pool, stream=stream):
-                        self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
-                if self._pool is None:
-                    self._pool = graph.pool()
-                self.graphs[bs] = graph
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
+        self.graphs = capture_graphs(self.batch_sizes, self._meta, self._forward)
         log.info("captured decode CUDA graphs for batch sizes %s", self.batch_sizes)
 
     def can_run(self, num_seqs: int, max_blocks: int) -> bool:
@@ -255,7 +270,6 @@ class MixedGraphs:
         self._dev32[self._tiles_off : self._tables_off].fill_(-1)  # tiles: none
         self.hidden = torch.zeros(r, hidden_size, dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._pool: tuple[int, int] | None = None
         self._mirror = mirror
         self.num_replays = 0
 
@@ -284,22 +298,8 @@ class MixedGraphs:
         ids, positions = self._dev64[:n], self._dev64[r : r + n]
         self.hidden[:n] = self.model(ids, positions)
 
-    @torch.inference_mode()
     def capture(self) -> None:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for tp in reversed(self.buckets):
-                with forward_context(self._meta(tp)):
-                    self._forward(tp)  # warm-up: Triton compiles, cuBLAS picks its kernels
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=self._pool, stream=stream):
-                        self._forward(tp)
-                if self._pool is None:
-                    self._pool = graph.pool()
-                self.graphs[tp] = graph
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
+        self.graphs = capture_graphs(self.buckets, self._meta, self._forward)
         log.info("captured mixed-step CUDA graphs for prefill token counts %s", self.buckets)
 
     def stage_and_run(

@@ -319,6 +319,15 @@ def test_model_with_fused_kernels_matches_eager_layers(
     assert fused == plain
 
 
+def _use_triton_backend(runner) -> None:
+    """Without CUDA: the Triton backend (interpreted kernels) in every attention layer of a
+    runner built with the torch reference, as a graph path would run it."""
+    backend = TritonBackend()
+    for attn in runner.model.attention_layers():
+        attn.backend = backend
+    runner.backend = backend
+
+
 def test_staged_decode_graph_path_matches_eager(tiny_checkpoint) -> None:
     """The CUDA-graph decode path (static buffers filled by ``stage_and_run``, padding rows,
     Triton backend reading only device metadata) generates the eager tokens. Without CUDA
@@ -342,9 +351,7 @@ def test_staged_decode_graph_path_matches_eager(tiny_checkpoint) -> None:
     llm = LLM(str(path), **kw)
     runner = llm.engine.model_runner
     if not CUDA:
-        backend = TritonBackend()
-        for attn in runner.model.attention_layers():
-            attn.backend = backend
+        _use_triton_backend(runner)
         graphs = DecodeGraphs(
             runner.model, 8, runner.max_model_len, runner.block_size,
             runner.arch.hidden_size, runner.dtype, runner.device,
@@ -393,10 +400,7 @@ def test_mixed_step_graph_layout_matches_eager(tiny_checkpoint) -> None:
     llm = LLM(str(path), **kw)
     runner = llm.engine.model_runner
     if not CUDA:
-        backend = TritonBackend()
-        for attn in runner.model.attention_layers():
-            attn.backend = backend
-        runner.backend = backend
+        _use_triton_backend(runner)
         runner.mixed_graphs = MixedGraphs(
             runner.model,
             max_num_seqs=4,
