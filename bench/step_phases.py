@@ -32,6 +32,12 @@ def main() -> None:
     p.add_argument("--preset", default="qwen2.5-1.5b")
     p.add_argument("--requests", type=int, default=1024)
     p.add_argument("--device", default="cuda")
+    p.add_argument(
+        "--admit-min-seqs",
+        type=int,
+        default=None,
+        help="engine option (default: the engine's choice); >1 groups admissions",
+    )
     args = p.parse_args()
 
     import torch
@@ -48,7 +54,7 @@ def main() -> None:
         prompts.append(list(out["input_ids"] if hasattr(out, "keys") else out))
     engine = LLMEngine.from_options(
         str(model_dir), dtype="bfloat16", device=args.device, max_num_seqs=256,
-        max_num_batched_tokens=8192, max_model_len=4096,
+        max_num_batched_tokens=8192, max_model_len=4096, admit_min_seqs=args.admit_min_seqs,
     )  # fmt: skip
     for i, (r, ids) in enumerate(zip(reqs[:8], prompts[:8], strict=True)):  # warm-up
         engine.add_request(f"w{i}", ids, SamplingParams(max_tokens=r.max_tokens, ignore_eos=True))
@@ -111,7 +117,10 @@ def main() -> None:
         )
     total = time.perf_counter() - t_all
     outputs = sum(r["tokens"] for r in rows)
-    print(f"{len(rows)} steps in {total:.2f} s, {outputs / total:,.0f} outputs/s")
+    print(
+        f"{len(rows)} steps in {total:.2f} s, {outputs / total:,.0f} outputs/s "
+        f"(admit_min_seqs {engine.scheduler.admit_min_seqs})"
+    )
     cols = ["wall", "schedule", "launch", "wait", "gpu"]
     print("| steps | n | seqs | " + " | ".join(f"{c} ms" for c in cols) + " | post ms | idle ms |")
     print("|---|---|---|" + "---|" * (len(cols) + 2))

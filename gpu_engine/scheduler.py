@@ -77,6 +77,7 @@ class Scheduler:
         # Admission grouping (see EngineConfig.admit_min_seqs); the engine sets the resolved
         # value once it knows whether decode steps are graph-captured.
         self.admit_min_seqs = config.admit_min_seqs or 1
+        self._hold_since: float | None = None  # when admission grouping started holding
 
     # -- requests ------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -200,17 +201,27 @@ class Scheduler:
     ) -> bool:
         """Keep waiting prompts out of a decode-only step until a group can start together.
 
-        Only while every running sequence is decoding (a step with a prefill chunk runs
-        eagerly anyway, so admitting then costs nothing extra) and nothing waiting is older
-        than ``admit_max_delay_s``.
+        Only while every running sequence is decoding (a step with a prefill chunk already
+        admits at once) and for at most ``admit_max_delay_s`` from the first step that had
+        a free slot and held it back (not from the requests' arrival: under a backlog every
+        waiting request is old, and that is when grouping matters). With fewer waiting than
+        ``admit_min_seqs`` the group is all of them.
         """
         if self.admit_min_seqs <= 1 or not self.waiting or not decodes or prefills:
+            self._hold_since = None
             return False
         free_slots = self.config.max_num_seqs - len(self.running)
+        if free_slots <= 0:
+            return True  # nothing could be admitted anyway; the clock has not started
         if free_slots >= min(self.admit_min_seqs, len(self.waiting)):
+            self._hold_since = None
             return False
-        oldest = min(s.arrival_time for s in self.waiting)
-        return now - oldest < self.config.admit_max_delay_s
+        if self._hold_since is None:
+            self._hold_since = now
+        if now - self._hold_since < self.config.admit_max_delay_s:
+            return True
+        self._hold_since = None
+        return False
 
     def _admit(self, now: float, budget: int, prefills: list[tuple[Sequence, int]]) -> int:
         free_slots = self.config.max_num_seqs - len(self.running)

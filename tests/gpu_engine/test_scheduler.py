@@ -373,3 +373,26 @@ def test_admission_group_admits_once_enough_slots_free() -> None:
     w = [sim.add(f"w{i}", [9, 10, 11], max_tokens=3) for i in range(3)]
     batch = sim.step()  # two slots free >= min(2, 3 waiting): admitted without waiting
     assert w[0] in batch.seqs and w[1] in batch.seqs and w[2] not in batch.seqs
+
+
+def test_admission_grouping_bounds_the_hold_not_the_wait() -> None:
+    """Under a backlog every waiting request is old; grouping still holds a single free slot
+    back, for at most admit_max_delay_s from the first step that held it."""
+    sim = make_sim(max_num_seqs=4, admit_min_seqs=3, admit_max_delay_s=0.05)
+    for i in range(3):
+        sim.add(f"r{i}", [5, 6, 7], max_tokens=500)
+    sim.add("short", [5, 6, 8], max_tokens=2)
+    backlog = [sim.add(f"w{i}", [9, 10, 11], max_tokens=3) for i in range(5)]
+    sim.step()  # four admitted, five wait
+    sim.now += 10.0  # the backlog is now old
+    while "short" not in sim.done:
+        sim.step(dt=0.001)
+    held_from = sim.now
+    batch = sim.step(dt=0.001)
+    assert batch.num_prefill_seqs == 0 and not any(w in batch.seqs for w in backlog)
+    for _ in range(100):
+        batch = sim.step(dt=0.001)
+        if backlog[0] in batch.seqs:
+            break
+    assert backlog[0] in batch.seqs
+    assert 0.05 - 1e-9 <= sim.now - held_from <= 0.05 + 0.003
