@@ -53,12 +53,7 @@ class LLMEngine:
         self.scheduler = Scheduler(
             config, self.block_manager, self.eos_token_ids, self.max_model_len
         )
-        runner = self.model_runner
-        if (
-            config.admit_min_seqs is None
-            and getattr(runner, "graphs", None)
-            and not getattr(runner, "mixed_graphs", None)
-        ):
+        if config.admit_min_seqs is None and getattr(self.model_runner, "graphs", None):
             self.scheduler.admit_min_seqs = max(1, config.max_num_seqs // 16)
         self._num_steps = 0
         self._in_flight = False
