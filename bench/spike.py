@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import subprocess
@@ -104,6 +105,7 @@ def engine_alone(model_dir: Path, reqs: list[ChatRequest], args: argparse.Namesp
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     engine = LLMEngine.from_options(str(model_dir), **engine_options(args))
+    gc.freeze()  # as the worker's engine process does after startup
 
     def ids(r: ChatRequest) -> list[int]:
         out = tok.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=True)
