@@ -1,4 +1,4 @@
-"""Decode steps captured as CUDA graphs at fixed batch sizes, replayed from static buffers.
+"""Steps captured as CUDA graphs at fixed shapes, replayed from static buffers.
 
 A decode-only step (every sequence brings one token) has shapes that depend only on the
 batch size, so the whole model forward for batch sizes 1, 2, 4, 8, 16, 32, ... max_num_seqs
@@ -8,7 +8,13 @@ first n rows of the static buffers and replays the smallest graph of at least n 
 padding rows get slot -1 (their K/V is not stored) and context length 0 (the attention
 kernels write zeros for them). Attention backends must not read host values in their decode
 path (the Triton and flash-attn backends do not; the torch reference does, and is never
-captured). Mixed and prefill steps run eagerly.
+captured).
+
+Steps with prefill chunks (``MixedGraphs``, Triton backend on one device) are captured per
+padded prefill-token count: prefill rows first, then a fixed block of max_num_seqs decode
+rows; the prefill attention reads a tile table staged like the other inputs (see
+``MixedGraphs``). Both kinds are captured by ``capture_graphs`` and share the block-table
+mirror.
 
 ``stage_and_run`` fills the static inputs straight from the scheduled sequences: two pinned
 host buffers (int64: token ids, positions, slots; int32: context lengths, block tables) whose
