@@ -28,6 +28,10 @@ from workers.results import ResultWriter
 
 log = logging.getLogger(__name__)
 
+# The loop is shared with intake: after this many outputs the aggregator yields (between
+# step batches) so a request that just arrived is not held behind a long aggregation round.
+YIELD_EVERY_OUTPUTS = 128
+
 
 class Aggregator:
     def __init__(
@@ -68,9 +72,15 @@ class Aggregator:
             self._arrived.clear()
             batches, self._batches = self._batches, []
             now_s = time.time()
+            handled = 0
             for batch in batches:
+                if handled >= YIELD_EVERY_OUTPUTS:
+                    # Let a newly arrived request's intake run between step batches.
+                    await asyncio.sleep(0)
+                    handled = 0
                 for out in batch:
                     self._handle(out, now_s)
+                handled += len(batch)
             await self.writer.flush()
 
     def _handle(self, out: Output, now_s: float) -> None:

@@ -31,7 +31,7 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -43,9 +43,8 @@ class EngineProcessError(WorkerError):
     """The engine process failed to start or died."""
 
 
-@dataclass(frozen=True)
-class Output:
-    """One request's part of a step (``StepOutput``)."""
+class Output(NamedTuple):
+    """One request's part of a step (``StepOutput``); a tuple: one per sequence per step."""
 
     request_id: str
     new_token_ids: list[int]
@@ -245,9 +244,7 @@ class EngineProcess:
         kind = doc[0]
         if kind == "out":
             self.capacity = Capacity(*doc[2])
-            outs = [
-                Output(rid, ids, fin, reason, np_, nc) for rid, ids, fin, reason, np_, nc in doc[1]
-            ]
+            outs = [Output(*row) for row in doc[1]]
             self._on_outputs(outs, self.capacity)
         elif kind == "rej":
             outs = [Output(rid, [], True, "error", 0, 0, error=msg) for rid, msg in doc[1]]

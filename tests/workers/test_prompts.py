@@ -71,6 +71,7 @@ def test_cached_pieces_equal_whole_string_tokenization(
     tokenizer = request.getfixturevalue(f"{which}_tokenizer")
     builder = PromptBuilder(tokenizer)
     assert builder.segments is not None and builder.segments.exact
+    assert builder.flat_render  # the rendering checked below is the fast one
     rng = random.Random(1234)
     chats = [_random_chat(rng) for _ in range(300)]
     texts = [builder.render_messages(c) for c in chats]
@@ -86,6 +87,9 @@ def test_cached_pieces_equal_whole_string_tokenization(
         expected = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
         expected = expected["input_ids"] if hasattr(expected, "keys") else expected
         assert ids == list(expected)
+        assert builder.render_messages(chat) == tokenizer.apply_chat_template(
+            chat, add_generation_prompt=True, tokenize=False
+        )
 
 
 def test_cache_is_bounded(tiny_tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
