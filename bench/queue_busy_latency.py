@@ -9,8 +9,9 @@ reports ``Timings.queued_ms`` (created → handed to the engine) of every reques
 ``--warmup-s``.
 
 ``--baseline-repo DIR`` (a checkout of older code, e.g. ``git archive <commit> | tar -x -C
-DIR``) runs the same load against that code's worker too, alternating ``--rounds`` times,
-so the two distributions come from one run on the same machine. The current
+DIR``) runs the same load against that code's worker too, so the two distributions come
+from one run on the same machine: one side after the other, ``--rounds`` times, the order
+flipped every round (``--together``: both at once, each with its own Redis). The current
 ``bench/zero_cost_engine.py`` is copied into DIR first (the benchmark tool must be the same
 on both sides).
 
@@ -137,6 +138,11 @@ def main() -> int:
     p.add_argument("--step-ms", type=float, default=13.0, help="zero-cost engine step time")
     p.add_argument("--system-tokens", type=int, default=1000)
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument(
+        "--together",
+        action="store_true",
+        help="run the sides at the same time (same noise; on 2 cores it overloads the machine)",
+    )
     args = p.parse_args()
     from tests.checkpoints import build_tokenizer
 
@@ -151,7 +157,13 @@ def main() -> int:
         system = system_prompt(build_tokenizer(tok_dir), args.system_tokens)
         print(f"system prompt: {len(system)} characters", file=sys.stderr)
         for r in range(args.rounds):
-            per_side = one_round([repo for _, repo in sides], tok_dir, system, args)
+            repos = [repo for _, repo in sides]
+            if args.together:
+                per_side = one_round(repos, tok_dir, system, args)
+            else:  # one after the other, the order flipped every round
+                order = repos if r % 2 == 0 else repos[::-1]
+                got_now = {repo: one_round([repo], tok_dir, system, args)[0] for repo in order}
+                per_side = [got_now[repo] for repo in repos]
             for (name, _), xs in zip(sides, per_side, strict=True):
                 got[name] += xs
             print(f"round {r + 1}: {[len(x) for x in got.values()]} samples", file=sys.stderr)

@@ -20,6 +20,10 @@ same chats for both systems. Measurements:
 - added latency: ``--latency-requests`` chats one at a time, submit → result received, on an
   idle worker (the engine costs nothing, so all of it is queue).
 
+- ``--baseline-repo DIR`` (older code, e.g. ``git archive <commit> | tar -x -C DIR``): the
+  chatq rows run a second time with that checkout's worker (same producer, same Redis),
+  labelled ``chatq@baseline``, before the current code's rows in each repeat.
+
     .venv/bin/python bench/queue_throughput.py                       # private Redis
     .venv/bin/python bench/queue_throughput.py --redis redis://...   # an existing one
 """
@@ -302,10 +306,10 @@ async def drain_rate(url: str, system: str, result_keys: list[str]) -> Row:
     return Row(system, "drain a full queue", len(result_keys) - 1, seconds, [])
 
 
-def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+def _spawn(args: list[str], log: Path, cwd: Path = REPO) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         args,
-        cwd=REPO,
+        cwd=cwd,
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
@@ -354,20 +358,29 @@ def run(args: argparse.Namespace, url: str, workdir: Path) -> list[Row]:
     ]  # fmt: skip
     n, conc, n_lat = args.requests, args.concurrency, args.latency_requests
     rows: list[Row] = []
-
-    worker = _spawn(chatq_cmd, workdir / "chatq-worker.log")
-    try:
-        asyncio.run(_wait_heartbeat(url, "bench-worker", worker))
-        rows.append(asyncio.run(chatq_end_to_end(url, n, conc, n_lat)))
-        rows.append(asyncio.run(chatq_end_to_end_many(url, n, args.batch, args.batches_in_flight)))
-    finally:
-        _stop(worker)
-    finals = asyncio.run(chatq_fill(url, n))
-    worker = _spawn(chatq_cmd, workdir / "chatq-worker.log")
-    try:
-        rows.append(asyncio.run(drain_rate(url, "chatq", finals)))
-    finally:
-        _stop(worker)
+    sides = [("", REPO)]
+    if args.baseline_repo is not None:
+        sides.insert(0, ("@baseline", args.baseline_repo.resolve()))
+    for label, repo in sides:
+        side: list[Row] = []
+        worker = _spawn(chatq_cmd, workdir / "chatq-worker.log", repo)
+        try:
+            asyncio.run(_wait_heartbeat(url, "bench-worker", worker))
+            side.append(asyncio.run(chatq_end_to_end(url, n, conc, n_lat)))
+            side.append(
+                asyncio.run(chatq_end_to_end_many(url, n, args.batch, args.batches_in_flight))
+            )
+        finally:
+            _stop(worker)
+        finals = asyncio.run(chatq_fill(url, n))
+        worker = _spawn(chatq_cmd, workdir / "chatq-worker.log", repo)
+        try:
+            side.append(asyncio.run(drain_rate(url, "chatq", finals)))
+        finally:
+            _stop(worker)
+        for r in side:
+            r.system = r.system.replace("chatq", "chatq" + label, 1)
+        rows += side
 
     arq_worker = _spawn(arq_cmd, workdir / "arq-worker.log")
     try:
@@ -405,10 +418,9 @@ def table(rows: list[Row]) -> str:
         if r.system.startswith("chatq") and r.mode in arq:
             ratio = r.rps / arq[r.mode].rps
             lines.append(f"- {r.system} / arq requests/s, {r.mode}: {ratio:.1f}x")
-    e2e = next((r for r in rows if r.system.startswith("chatq") and r.latencies_ms), None)
-    if e2e is not None:
+    for e2e in (r for r in rows if r.system.startswith("chatq") and r.latencies_ms):
         lines.append(
-            f"- chatq latency added by the queue, one request at a time: "
+            f"- {e2e.system.split()[0]} latency added by the queue, one request at a time: "
             f"p50 {e2e.pct(0.5):.2f} ms, p99 {e2e.pct(0.99):.2f} ms "
             f"(mean {statistics.fmean(e2e.latencies_ms):.2f} ms)"
         )
@@ -427,6 +439,7 @@ def main() -> int:
     p.add_argument("--max-num-seqs", type=int, default=512)
     p.add_argument("--arq-max-jobs", type=int, default=512)
     p.add_argument("--arq-poll-delay-s", type=float, default=0.005)
+    p.add_argument("--baseline-repo", type=Path, help="older checkout: its chatq rows too")
     p.add_argument("--arq-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.arq_worker:
