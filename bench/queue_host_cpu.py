@@ -1,0 +1,78 @@
+"""CPU time of the worker host process per request while it drains a full queue.
+
+Fills a private Redis with ``N`` chats (``bench.queue_throughput.messages``, ``submit_many``,
+no worker running), then runs a ``Worker`` in this process with the zero-cost engine and
+measures, from its ready signal until every request completed: requests/s, this process's
+CPU seconds per request (the host loop plus its threads; the engine child and Redis are
+not counted) and how busy the process was (CPU ÷ wall). Run it from a checkout's root to
+measure that checkout's worker:
+
+    .venv/bin/python bench/queue_host_cpu.py --requests 5000
+    (cd /tmp/older && /work/main/.venv/bin/python /work/main/bench/queue_host_cpu.py --repo .)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+async def drain(url: str, tok_dir: Path, n: int) -> tuple[float, float, float]:
+    from bench.queue_throughput import MODEL, messages
+    from producer.client import ChatClient
+    from workers.settings import WorkerSettings
+    from workers.worker import Worker
+
+    async with ChatClient(url) as client:
+        for start in range(0, n, 500):
+            chats = [messages(i) for i in range(start, min(n, start + 500))]
+            await client.submit_many(chats, model=MODEL, max_tokens=1)
+    settings = WorkerSettings(
+        model_path=str(tok_dir),
+        redis_url=url,
+        served_model_name=MODEL,
+        name="host-cpu",
+        max_num_seqs=512,
+        engine_factory="bench.zero_cost_engine:ZeroCostEngine.from_options",
+    )
+    worker = Worker(settings)
+    task = asyncio.create_task(worker.run(install_signals=False))
+    await asyncio.wait_for(worker.ready.wait(), 120)
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    while worker.metrics.completed < n:
+        if task.done():
+            raise RuntimeError("the worker stopped early")
+        await asyncio.sleep(0.005)
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    worker.stop()
+    await task
+    return n / wall, cpu / n * 1e6, cpu / wall
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--requests", type=int, default=5000)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repo", type=Path, default=Path(__file__).resolve().parents[1])
+    args = p.parse_args()
+    sys.path.insert(0, str(args.repo.resolve()))
+    from tests.checkpoints import build_tokenizer
+    from workers.redis_server import RedisServer
+
+    with tempfile.TemporaryDirectory(prefix="chatq-cpu-") as tmp:
+        tok_dir = Path(tmp) / "tokenizer"
+        build_tokenizer(tok_dir)
+        for _ in range(args.repeats):
+            with RedisServer() as server:
+                rps, cpu_us, busy = asyncio.run(drain(server.url, tok_dir, args.requests))
+            print(f"{args.repo}: {rps:,.0f} req/s, host CPU {cpu_us:.0f} us/request", end="")
+            print(f", busy {busy:.0%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
