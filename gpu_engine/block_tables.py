@@ -49,3 +49,13 @@ class BlockTableMirror:
         self.tables[r, k:n] = table[k:]
         self._written[r] = n
         return r
+
+
+def slot_ids(
+    tables: np.ndarray, rows: np.ndarray, positions: np.ndarray, block_size: int
+) -> np.ndarray:
+    """KV-cache slot of each token: ``tables[row, position // block_size] * block_size +
+    position % block_size`` (int64), for tokens whose block table is row ``rows[i]``."""
+    return tables[rows, positions // block_size].astype(np.int64) * block_size + (
+        positions % block_size
+    )

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gpu_engine.block_tables import BlockTableMirror
+from gpu_engine.block_tables import BlockTableMirror, slot_ids
 from gpu_engine.context import forward_context
 from gpu_engine.kernels.prefill_tiles import max_prefill_tiles, prefill_block_m, prefill_tiles
 from gpu_engine.layers.base import AttentionMetadata
@@ -181,8 +181,7 @@ class DecodeGraphs:
         h64[:n] = token_ids
         row_idx = np.array(rows, dtype=np.intp)
         # slot = table[p // block_size] * block_size + p % block_size, per row
-        blocks = mirror.tables[row_idx, pos // block_size].astype(np.int64)
-        h64[2 * m : 2 * m + n] = blocks * block_size + pos % block_size
+        h64[2 * m : 2 * m + n] = slot_ids(mirror.tables, row_idx, pos, block_size)
         h64[2 * m + n : 2 * m + bs] = -1  # padding rows store nothing
         h32[:n] = pos + 1
         h32[n:bs] = 0  # ... and attend to nothing (zeros out)
@@ -352,15 +351,13 @@ class MixedGraphs:
         tables = mirror.tables
         ids[:num_tokens] = tokens
         pos[:num_tokens] = ppos
-        slots[:num_tokens] = (
-            tables[np.repeat(prow, q), ppos // bs].astype(np.int64) * bs + ppos % bs
-        )
+        slots[:num_tokens] = slot_ids(tables, np.repeat(prow, q), ppos, bs)
         ids[num_tokens:tp] = 0
         pos[num_tokens:tp] = 0
         slots[num_tokens:tp] = -1
         ids[tp : tp + num_decode] = dtok
         pos[tp : tp + num_decode] = dpos
-        slots[tp : tp + num_decode] = tables[drow, dpos // bs].astype(np.int64) * bs + dpos % bs
+        slots[tp : tp + num_decode] = slot_ids(tables, drow, dpos, bs)
         ids[tp + num_decode : tp + s] = 0
         pos[tp + num_decode : tp + s] = 0
         slots[tp + num_decode : tp + s] = -1
@@ -369,8 +366,9 @@ class MixedGraphs:
         last = np.fromiter((x.num_tokens for x in prefill), np.int64, num_prefill) == ends
         sample_seqs = np.flatnonzero(last).tolist() + list(range(num_prefill, len(seqs)))
         sample_rows = h64[3 * r : 3 * r + len(sample_seqs)]
-        sample_rows[: int(last.sum())] = cu[1:][last] - 1
-        sample_rows[int(last.sum()) :] = np.arange(tp, tp + num_decode)
+        num_last = int(last.sum())
+        sample_rows[:num_last] = cu[1:][last] - 1
+        sample_rows[num_last:] = np.arange(tp, tp + num_decode)
 
         seq_lens = h32[: 2 * s]
         seq_lens[:num_prefill] = ends

@@ -15,12 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gpu_engine.block_tables import BlockTableMirror
+from gpu_engine.block_tables import BlockTableMirror, slot_ids
 from gpu_engine.config import EngineConfig
 from gpu_engine.context import forward_context
 from gpu_engine.cuda_graphs import DecodeGraphs, MixedGraphs
 from gpu_engine.errors import EngineError
-from gpu_engine.kernels.prefill_tiles import prefill_block_m, prefill_tiles
 from gpu_engine.layers import make_attention_backend
 from gpu_engine.layers.base import AttentionMetadata
 from gpu_engine.loader import build_model, load_hf_config, resolve_model_dir
@@ -315,8 +314,7 @@ class ModelRunner:
         np.cumsum(q, out=cu[1:])
         seq_of_token = np.repeat(np.arange(num_seqs), q)
         positions = np.arange(len(input_ids), dtype=np.int64) + np.repeat(start - cu[:-1], q)
-        blocks = padded[seq_of_token, positions // bs].astype(np.int64)
-        slots = blocks * bs + positions % bs
+        slots = slot_ids(padded, seq_of_token, positions, bs)
         seq_lens = (start + q).tolist()
         sampled = np.array(sample, dtype=bool)
         sample_rows = cu[1:][sampled] - 1
@@ -329,10 +327,6 @@ class ModelRunner:
                 t = t.pin_memory()
             return t.to(self.device, non_blocking=True)
 
-        tiles, block_m = None, None
-        if num_prefill_seqs and self.backend.name == "triton":
-            block_m = prefill_block_m(self.dtype, int(q[:num_prefill_seqs].max()))
-            tiles = dev(prefill_tiles(q[:num_prefill_seqs], block_m), torch.int32)
         meta = AttentionMetadata(
             slot_mapping=dev(slots, torch.int64),
             cu_seqlens_q=dev(cu, torch.int32),
@@ -345,8 +339,6 @@ class ModelRunner:
             query_lens_host=query_lens,
             seq_lens_host=seq_lens,
             num_prefill_tokens=int(cu[num_prefill_seqs]),
-            prefill_tiles=tiles,
-            prefill_block_m=block_m,
         )
         return StepInputs(
             dev(input_ids, torch.int64),
@@ -431,14 +423,10 @@ class ModelRunner:
         chunk); waits for the device."""
         if step.tokens is None:
             return [None] * step.num_seqs
-        tokens: list[int] = step.tokens.tolist()
+        tokens: list[int | None] = step.tokens.tolist()
         if len(step.rows) == step.num_seqs:
-            return list(tokens)
+            return tokens
         out: list[int | None] = [None] * step.num_seqs
         for i, token in zip(step.rows, tokens, strict=True):
             out[i] = token
         return out
-
-    def run(self, batch: ScheduledBatch) -> list[int | None]:
-        """One step: the sampled token per sequence (None for a non-final prefill chunk)."""
-        return self.collect(self.launch(batch))

@@ -80,9 +80,6 @@ class TPModelRunner(ModelRunner):
         # path instead; it still replays the captured graphs (``_run_decode``).
         return None
 
-    def _graph_mixed_hidden(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]] | None:
-        return None  # mixed-step graphs are not captured with more than one rank
-
     def forward_logits(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
         self._sent_step = False
         out = super().forward_logits(batch)
@@ -108,7 +105,6 @@ class TPModelRunner(ModelRunner):
         """Drop captured CUDA graphs: NCCL's communicator teardown waits for every graph that
         captured one of its collectives to be destroyed."""
         self.graphs = None
-        self.mixed_graphs = None
         gc.collect()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -42,9 +42,10 @@ class AttentionMetadata:
     # Host copies (lists) the reference backend and the runner use without a device sync.
     query_lens_host: list[int]
     seq_lens_host: list[int]
-    # Set by the runner for the Triton backend (else derived from the host lists): tokens of
-    # the prefill part (a padded, fixed count in a CUDA graph of a mixed step), its query
-    # tile table on the device and the rows per tile (see kernels.prefill_attention).
+    # Tokens of the prefill part (a padded, fixed count in a CUDA graph of a mixed step;
+    # None: the sum of the host query lengths), and the Triton backend's query tile table on
+    # the device with its rows per tile (static in a mixed-step graph, else built by the
+    # backend's first layer of the step; see kernels.prefill_tiles).
     num_prefill_tokens: int | None = None
     prefill_tiles: torch.Tensor | None = None
     prefill_block_m: int | None = None

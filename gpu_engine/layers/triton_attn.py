@@ -16,6 +16,7 @@ import torch
 from gpu_engine.kernels.decode_attention import choose_num_splits, paged_decode_attention
 from gpu_engine.kernels.kv_cache import store_kv_cache
 from gpu_engine.kernels.prefill_attention import paged_prefill_attention
+from gpu_engine.kernels.prefill_tiles import prefill_block_m, prefill_tiles
 from gpu_engine.layers.base import AttentionMetadata
 
 
@@ -34,6 +35,20 @@ class TritonBackend:
     def decode_num_splits(self, num_seqs: int, num_kv_heads: int, max_seq_len: int) -> int:
         return choose_num_splits(num_seqs, num_kv_heads, max_seq_len, self._num_sms)
 
+    @staticmethod
+    def _build_tiles(meta: AttentionMetadata, q: torch.Tensor) -> None:
+        """The step's prefill tile table from the host query lengths, built once per step
+        (the first layer stores it in ``meta``; no device read). CUDA graphs of mixed steps
+        bring a static one instead."""
+        block_m = prefill_block_m(q.dtype, meta.max_query_len)
+        tiles = torch.from_numpy(
+            prefill_tiles(meta.query_lens_host[: meta.num_prefill_seqs], block_m)
+        )
+        if q.is_cuda:
+            tiles = tiles.pin_memory()
+        meta.prefill_tiles = tiles.to(q.device, non_blocking=True)
+        meta.prefill_block_m = block_m
+
     def forward(
         self,
         q: torch.Tensor,
@@ -51,6 +66,8 @@ class TritonBackend:
         prefill_tokens = 0
         if num_prefill:
             prefill_tokens = meta.prefill_token_count
+            if meta.prefill_tiles is None:
+                self._build_tiles(meta, q)
             paged_prefill_attention(
                 q[:prefill_tokens],
                 k_cache,
