@@ -94,6 +94,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
         mixed_step_graphs=not args.eager_mixed,
+        async_scheduling=not args.sync_steps,
     )
 
 
@@ -125,7 +126,8 @@ def engine_alone(model_dir: Path, reqs: list[ChatRequest], args: argparse.Namesp
         tokens = 0
         saturated.clear()
         while engine.has_unfinished():
-            for o in engine.step():
+            # Asynchronous scheduling, as the worker's engine process steps it.
+            for o in engine.pipelined_step():
                 tokens += len(o.new_token_ids)
                 if o.new_token_ids and o.request_id not in first:
                     first[o.request_id] = time.perf_counter() - start
@@ -238,6 +240,11 @@ def main() -> None:
         "--eager-mixed",
         action="store_true",
         help="engine-alone pass: run steps with prefill chunks eagerly (A/B of mixed graphs)",
+    )
+    p.add_argument(
+        "--sync-steps",
+        action="store_true",
+        help="engine-alone pass: no asynchronous scheduling (A/B of pipelined steps)",
     )
     p.add_argument("--drain-timeout-s", type=float, default=900.0)
     p.add_argument("--answer-tokens", type=int, nargs=2, default=(50, 400))

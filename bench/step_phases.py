@@ -1,14 +1,17 @@
 """Where an engine step's wall time goes on the spike workload (engine alone, no queue).
 
 Builds the spike's random-weight model (bench/spike.py's preset), adds ``--requests`` of the
-spike workload (tokenized first), steps the engine to completion and times every step's
-phases on the host: ``schedule`` (Scheduler.schedule), ``launch`` (staging + graph replay +
-logits + sampling queued), ``wait`` (the host blocked on the sampled tokens), ``post``
-(postprocess and outputs), plus the device span of the step from CUDA events recorded
-before the launch and after the sampling. ``idle`` = wall − device span: time the GPU had
-nothing of this step to run. Prints one table (means over decode-only and mixed steps).
+spike workload (tokenized first), steps the engine to completion and times every loop
+turn's phases on the host: ``schedule`` (Scheduler.schedule), ``launch`` (staging + graph
+replay + logits + sampling queued), ``wait`` (the host blocked on sampled tokens), ``post``
+(the rest: commit, complete, outputs), plus the device span of each step from CUDA events
+recorded before its launch and after its sampling. Two loops: ``--sync`` (``step()``:
+launch a step, wait for it, postprocess) and the default asynchronous scheduling
+(``pipelined_step()``: launch step N+1, then wait for step N). ``GPU busy`` = the steps'
+device spans summed ÷ wall time (the spans follow one another in stream order). Prints one
+table (means over decode-only and mixed steps of at least 200 sequences).
 
-    python3 bench/step_phases.py --out /tmp/spike-ab --tokenizer .cache/tok-smollm2
+    python3 bench/step_phases.py --out /tmp/spike-ab --tokenizer .cache/tok-smollm2 [--sync]
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def main() -> None:
         default=None,
         help="engine option (default: the engine's choice); >1 groups admissions",
     )
+    p.add_argument("--sync", action="store_true", help="step() instead of pipelined_step()")
     args = p.parse_args()
 
     import torch
@@ -61,6 +65,7 @@ def main() -> None:
     while engine.has_unfinished():
         engine.step()
 
+    warm_tokens = engine.stats()["generated_tokens"]
     sched, runner = engine.scheduler, engine.model_runner
     phases: dict[str, float] = {}
     orig_schedule, orig_launch, orig_collect = sched.schedule, runner.launch, runner.collect
@@ -88,53 +93,71 @@ def main() -> None:
             ev.append((start, end))
         return out
 
-    sched.schedule = timed("schedule", orig_schedule)
+    scheduled: list = []  # the batch scheduled in this loop turn
+
+    def schedule(now):
+        batch = orig_schedule(now)
+        scheduled.append(batch)
+        return batch
+
+    sched.schedule = timed("schedule", schedule)
     runner.launch = timed("launch", launch)
     runner.collect = timed("wait", orig_collect)
 
     for i, (r, ids) in enumerate(zip(reqs, prompts, strict=True)):
         engine.add_request(f"r{i}", ids, SamplingParams(max_tokens=r.max_tokens, ignore_eos=True))
     rows: list[dict[str, float]] = []
+    spans: list = []
     t_all = time.perf_counter()
     while engine.has_unfinished():
         phases.clear()
         ev.clear()
         t = time.perf_counter()
-        pending = engine.begin_step()
-        outs = engine.end_step(pending)
+        scheduled.clear()
+        if args.sync:
+            engine.step()
+        else:
+            engine.pipelined_step()
         wall = time.perf_counter() - t
-        batch = pending.batch
-        gpu = ev[0][0].elapsed_time(ev[0][1]) / 1000 if ev else 0.0
-        rows.append(
-            dict(
-                wall=wall,
-                gpu=gpu,
-                mixed=float(batch.num_prefill_seqs > 0),
-                seqs=len(batch.seqs),
-                tokens=float(len(outs)),
-                **phases,
+        spans += ev
+        batch = scheduled[-1] if scheduled else None
+        if ev and batch is not None:
+            rows.append(
+                dict(
+                    wall=wall,
+                    mixed=float(batch.num_prefill_seqs > 0),
+                    seqs=len(batch.seqs),
+                    event=len(spans) - 1,
+                    **phases,
+                )
             )
-        )
+    if cuda:
+        torch.cuda.synchronize()
     total = time.perf_counter() - t_all
-    outputs = sum(r["tokens"] for r in rows)
+    for r in rows:
+        s, e = spans[int(r["event"])]
+        r["gpu"] = s.elapsed_time(e) / 1000
+    outputs = engine.stats()["generated_tokens"] - warm_tokens
+    busy = sum(r["gpu"] for r in rows) / total
     print(
-        f"{len(rows)} steps in {total:.2f} s, {outputs / total:,.0f} outputs/s "
+        f"{'sync' if args.sync else 'pipelined'}: {len(rows)} steps in {total:.2f} s, "
+        f"{outputs / total:,.0f} outputs/s, GPU busy {busy:.1%} "
         f"(admit_min_seqs {engine.scheduler.admit_min_seqs})"
     )
     cols = ["wall", "schedule", "launch", "wait", "gpu"]
-    print("| steps | n | seqs | " + " | ".join(f"{c} ms" for c in cols) + " | post ms | idle ms |")
-    print("|---|---|---|" + "---|" * (len(cols) + 2))
+    print("| loop | steps | n | seqs | " + " | ".join(f"{c} ms" for c in cols) + " | post ms |")
+    print("|---|---|---|---|" + "---|" * (len(cols) + 1))
     for label, sel in (("decode-only", 0.0), ("mixed", 1.0)):
         rs = [r for r in rows if r["mixed"] == sel and r["seqs"] >= 200]
         if not rs:
             continue
         mean = {c: statistics.mean(r.get(c, 0.0) for r in rs) * 1000 for c in cols}
         post = mean["wall"] - mean["schedule"] - mean["launch"] - mean["wait"]
-        idle = mean["wall"] - mean["gpu"]
         print(
-            f"| {label} | {len(rs)} | {statistics.mean(r['seqs'] for r in rs):.0f} | "
+            f"| {'sync' if args.sync else 'pipelined'} | {label} | {len(rs)} | "
+            f"{statistics.mean(r['seqs'] for r in rs):.0f} | "
             + " | ".join(f"{mean[c]:.2f}" for c in cols)
-            + f" | {post:.2f} | {idle:.2f} |"
+            + f" | {post:.2f} |"
         )
 
 

@@ -243,6 +243,9 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
+        # Placeholders of tokens still being sampled are never hashed: a block holding one
+        # is registered by a later call, once its tokens are known.
+        num_tokens = min(num_tokens, len(seq.token_ids) - seq.num_pending)
         num_full = min(num_tokens // bs, len(seq.block_table))
         start = self._registered.get(seq.request_id, 0)
         if num_full <= start:

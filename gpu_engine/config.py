@@ -61,6 +61,10 @@ class EngineConfig:
     # spike workload, engine full: 16 gave 32,687 vs 28,486 outputs/s for 1.
     admit_min_seqs: int | None = None
     admit_max_delay_s: float = 0.05
+    # Asynchronous scheduling: ``LLMEngine.pipelined_step`` launches step N+1 before step N's
+    # tokens reach the host, so scheduling, staging and postprocessing overlap the device.
+    # False makes pipelined_step a plain step (for comparisons).
+    async_scheduling: bool = True
     # "auto": safetensors from the model directory; "random": random weights built on the
     # device from config.json alone (benchmarks of model shapes without a checkpoint).
     load_format: str = "auto"

@@ -38,6 +38,7 @@ from gpu_engine.block_tables import BlockTableMirror, slot_ids
 from gpu_engine.context import forward_context
 from gpu_engine.kernels.prefill_tiles import max_prefill_tiles, prefill_block_m, prefill_tiles
 from gpu_engine.layers.base import AttentionMetadata
+from gpu_engine.sampling import resolve_pending
 from gpu_engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
@@ -87,10 +88,12 @@ class DecodeGraphs:
         hidden_size: int,
         dtype: torch.dtype,
         device: torch.device,
+        last_tokens: torch.Tensor | None = None,
     ) -> None:
         self.model = model
         self.max_model_len = max_model_len
         self.block_size = block_size
+        self.last_tokens = last_tokens
         self.batch_sizes = graph_batch_sizes(max_num_seqs)
         max_bs = self.batch_sizes[-1]
         max_blocks = -(-max_model_len // block_size)
@@ -99,9 +102,9 @@ class DecodeGraphs:
         self._max_bs, self._max_blocks = max_bs, max_blocks
         self._dev64 = torch.zeros(3 * max_bs, dtype=torch.int64, device=device)
         self._dev32 = torch.zeros(max_bs * (1 + max_blocks), dtype=torch.int32, device=device)
-        pin = device.type == "cuda"
-        self._host64 = torch.zeros(3 * max_bs, dtype=torch.int64, pin_memory=pin)
-        self._host32 = torch.zeros(max_bs * (1 + max_blocks), dtype=torch.int32, pin_memory=pin)
+        # Two sets of pinned staging buffers, used in turn: a step is staged while the one
+        # before it may still wait for its copies (asynchronous scheduling).
+        self._staging = _StagingPair(self._dev64, self._dev32, device)
         self.input_ids = self._dev64[:max_bs]
         self.positions = self._dev64[max_bs : 2 * max_bs]
         self.slot_mapping = self._dev64[2 * max_bs :]
@@ -132,7 +135,10 @@ class DecodeGraphs:
         )
 
     def _forward(self, bs: int) -> None:
-        self.hidden[:bs] = self.model(self.input_ids[:bs], self.positions[:bs])
+        ids = self.input_ids[:bs]
+        if self.last_tokens is not None:
+            ids = resolve_pending(ids, self.last_tokens)
+        self.hidden[:bs] = self.model(ids, self.positions[:bs])
 
     def capture(self) -> None:
         self.graphs = capture_graphs(self.batch_sizes, self._meta, self._forward)
@@ -146,9 +152,10 @@ class DecodeGraphs:
         host buffers, copies them in (two asynchronous copies), replays. Returns hidden
         [n, hidden] (a view of the static output, valid until the next replay), or None,
         having run nothing, when the step does not fit the graphs (a sequence that is not at
-        its last token, more sequences or blocks than captured). The host buffers are
-        rewritten only after the caller has synchronised on this step's sampled tokens, by
-        which time the copies have completed (they precede the replay in stream order)."""
+        its last token, more sequences or blocks than captured). Token ids may be
+        placeholders of the previous step's samples (resolved in the graph). A set of host
+        buffers is rewritten two steps later, after the caller has synchronised on the
+        sampled tokens of the step that used it, so its copies have completed."""
         n = len(seqs)
         if n > self._max_bs:
             return None
@@ -175,7 +182,8 @@ class DecodeGraphs:
             rows.append(r)
         bs = next(b for b in self.batch_sizes if b >= n)
         m, w, block_size = self._max_bs, self._max_blocks, self.block_size
-        h64, h32 = self._host64.numpy(), self._host32.numpy()
+        host64, host32 = self._staging.next()
+        h64, h32 = host64.numpy(), host32.numpy()
         pos = h64[m : m + n]
         pos[:] = positions
         h64[:n] = token_ids
@@ -188,9 +196,9 @@ class DecodeGraphs:
         # Columns past a row's table are stale; the kernels read ceil(len / block_size).
         used = int(pos.max()) // block_size + 1
         h32[m:].reshape(m, w)[:n, :used] = mirror.tables[row_idx, :used]
-        self._dev64.copy_(self._host64, non_blocking=True)
+        self._dev64.copy_(host64, non_blocking=True)
         used32 = m + bs * w  # lengths + the first bs table rows
-        self._dev32[:used32].copy_(self._host32[:used32], non_blocking=True)
+        self._dev32[:used32].copy_(host32[:used32], non_blocking=True)
         self.graphs[bs].replay()
         self.num_replays += 1
         return self.hidden[:n]
@@ -214,6 +222,31 @@ class DecodeGraphs:
         self.graphs[bs].replay()
         self.num_replays += 1
         return self.hidden[:n]
+
+
+class _StagingPair:
+    """Two sets of pinned host buffers shaped like a graph family's two device input buffers
+    (int64, int32), handed out in turn by ``next``."""
+
+    def __init__(self, dev64: torch.Tensor, dev32: torch.Tensor, device: torch.device) -> None:
+        pin = device.type == "cuda"
+        self._sets = [
+            (
+                torch.zeros(dev64.shape[0], dtype=torch.int64, pin_memory=pin),
+                torch.zeros(dev32.shape[0], dtype=torch.int32, pin_memory=pin),
+            )
+            for _ in range(2)
+        ]
+        self._turn = 0
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self._turn ^= 1
+        return self._sets[self._turn]
+
+    @property
+    def last(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The set ``next`` handed out most recently."""
+        return self._sets[self._turn]
 
 
 def mixed_token_buckets(max_num_batched_tokens: int) -> list[int]:
@@ -248,8 +281,10 @@ class MixedGraphs:
         dtype: torch.dtype,
         device: torch.device,
         mirror: BlockTableMirror,
+        last_tokens: torch.Tensor | None = None,
     ) -> None:
         self.model = model
+        self.last_tokens = last_tokens
         self.max_model_len = max_model_len
         self.block_size = block_size
         self.buckets = mixed_token_buckets(max_num_batched_tokens)
@@ -268,9 +303,7 @@ class MixedGraphs:
         self._tables_off = self._tiles_off + 2 * nt
         self._dev64 = torch.zeros(3 * r + 2 * s, dtype=torch.int64, device=device)
         self._dev32 = torch.zeros(self._tables_off + 2 * s * w, dtype=torch.int32, device=device)
-        pin = device.type == "cuda"
-        self._host64 = torch.zeros(self._dev64.shape[0], dtype=torch.int64, pin_memory=pin)
-        self._host32 = torch.zeros(self._dev32.shape[0], dtype=torch.int32, pin_memory=pin)
+        self._staging = _StagingPair(self._dev64, self._dev32, device)
         self._dev64[2 * r : 3 * r].fill_(-1)  # slots: store nothing until staged
         self._dev32[self._tiles_off : self._tables_off].fill_(-1)  # tiles: none
         self.hidden = torch.zeros(r, hidden_size, dtype=dtype, device=device)
@@ -301,6 +334,8 @@ class MixedGraphs:
     def _forward(self, tp: int) -> None:
         n, r = tp + self._s, self._r
         ids, positions = self._dev64[:n], self._dev64[r : r + n]
+        if self.last_tokens is not None:
+            ids = resolve_pending(ids, self.last_tokens)
         self.hidden[:n] = self.model(ids, positions)
 
     def capture(self) -> None:
@@ -314,8 +349,7 @@ class MixedGraphs:
         the rest one token each, their last): stages the padded layout, replays, and returns
         the hidden states of the rows that sample (a new tensor) with their indices into
         ``seqs``; None, having run nothing, when the step does not fit the captured shapes.
-        Host buffers are rewritten only after the caller synchronised on the previous step's
-        sampled tokens (the copies precede the replay in stream order)."""
+        Staging alternates between two sets of host buffers, as ``DecodeGraphs`` does."""
         s, r, w, bs = self._s, self._r, self._w, self.block_size
         num_decode = len(seqs) - num_prefill
         if num_prefill > s or num_decode > s or num_prefill == 0:
@@ -341,7 +375,8 @@ class MixedGraphs:
         if any(x.num_computed_tokens + 1 != x.num_tokens for x in decode):
             return None
 
-        h64, h32 = self._host64.numpy(), self._host32.numpy()
+        host64, host32 = self._staging.next()
+        h64, h32 = host64.numpy(), host32.numpy()
         ids, pos, slots = h64[:r], h64[r : 2 * r], h64[2 * r : 3 * r]
         cu = np.zeros(num_prefill + 1, dtype=np.int64)
         np.cumsum(q, out=cu[1:])
@@ -388,15 +423,15 @@ class MixedGraphs:
             used_d = int(dpos.max()) // bs + 1
             table_rows[s : s + num_decode, :used_d] = tables[drow, :used_d]
 
-        self._dev64.copy_(self._host64, non_blocking=True)
+        self._dev64.copy_(host64, non_blocking=True)
         head = self._tiles_off + 2 * nt
-        self._dev32[:head].copy_(self._host32[:head], non_blocking=True)
+        self._dev32[:head].copy_(host32[:head], non_blocking=True)
         t0, t1 = self._tables_off, self._tables_off + num_prefill * w
-        self._dev32[t0:t1].copy_(self._host32[t0:t1], non_blocking=True)
+        self._dev32[t0:t1].copy_(host32[t0:t1], non_blocking=True)
         if num_decode:
             t0 = self._tables_off + s * w
             t1 = t0 + num_decode * w
-            self._dev32[t0:t1].copy_(self._host32[t0:t1], non_blocking=True)
+            self._dev32[t0:t1].copy_(host32[t0:t1], non_blocking=True)
         graph = self.graphs.get(tp)
         if graph is not None:
             graph.replay()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
 from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass
 from typing import Any
@@ -26,14 +27,23 @@ class PendingStep:
     batch: ScheduledBatch
     finished: list[StepOutput]  # finished at scheduling (aborts, deadlines)
     launched: LaunchedStep | None
+    sampled: list[tuple[Sequence, int]]  # (sequence, placeholder position) per sampled row
 
 
 class LLMEngine:
     """Continuous-batching engine. Drive it with ``add_request`` / ``step`` from one thread.
 
-    ``abort(request_id)`` frees the request's KV blocks at once; the next ``step()`` reports
-    it as ``StepOutput(finished=True, finish_reason="abort")``. Requests past their
-    ``deadline`` (absolute ``time.time()`` seconds) are reported with ``"deadline"``.
+    ``step()`` runs one step and returns its outputs. ``pipelined_step()`` (asynchronous
+    scheduling) launches the next step first and then returns the outputs of the step before
+    it, so the host's work between steps (postprocessing, scheduling, staging) overlaps the
+    device's; ``finish_pipeline()`` returns the last step's outputs. A request that stops on
+    a sampled token (eos, a stop token id) then costs one extra row in the step after.
+
+    ``abort(request_id)`` frees the request's KV blocks at once (also with steps in flight:
+    the device runs steps in order, so a block reused by a later step is written after the
+    earlier step is done with it); the next step reports it as
+    ``StepOutput(finished=True, finish_reason="abort")``. Requests past their ``deadline``
+    (absolute ``time.time()`` seconds) are reported with ``"deadline"``.
     """
 
     def __init__(self, config: EngineConfig) -> None:
@@ -56,7 +66,8 @@ class LLMEngine:
         if config.admit_min_seqs is None and getattr(self.model_runner, "graphs", None):
             self.scheduler.admit_min_seqs = max(1, config.max_num_seqs // 16)
         self._num_steps = 0
-        self._in_flight = False
+        self._launched: deque[PendingStep] = deque()  # begun, not ended (at most two)
+        self._pipelined: PendingStep | None = None  # pipelined_step's step in flight
         self._num_generated_tokens = 0
         self._waste_sum = 0.0
 
@@ -102,47 +113,69 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> bool:
         """Finish a request now; False if it is unknown or already finished."""
-        if self._in_flight:
-            raise EngineError("abort while a step is in flight: call end_step first")
         found = self.scheduler.abort(request_id)
         if found:
             self.model_runner.sampler.release(request_id)
         return found
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._launched)
 
     # -- the loop ------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
-        return self.end_step(self.begin_step())
+        """Run one step; its outputs (the pipelined step in flight, if any, comes first)."""
+        outputs = self.finish_pipeline()
+        return outputs + self.end_step(self.begin_step())
+
+    def pipelined_step(self) -> list[StepOutput]:
+        """Launch the next step, then wait for the one launched by the previous call and
+        return its outputs ([] on the first call). The host work of both steps overlaps the
+        device; call ``finish_pipeline`` when ``has_unfinished`` turns False or before
+        anything that needs every step's outputs."""
+        if not self.config.async_scheduling:
+            return self.step()
+        prev = self._pipelined
+        if not self.scheduler.has_unfinished():
+            return self.finish_pipeline()
+        self._pipelined = self.begin_step()
+        return self.end_step(prev) if prev is not None else []
+
+    def finish_pipeline(self) -> list[StepOutput]:
+        """Outputs of the step ``pipelined_step`` left in flight ([] if none)."""
+        prev, self._pipelined = self._pipelined, None
+        return self.end_step(prev) if prev is not None else []
 
     def begin_step(self) -> PendingStep:
         """Schedule and launch one step on the device; ``end_step`` waits for it and returns
-        its outputs. In between the caller may do host work (the engine process sends the
-        previous step's outputs) and may ``add_request``, but not ``abort`` (it would free
-        blocks the launched step still writes)."""
-        if self._in_flight:
-            raise EngineError("a step is already in flight: call end_step first")
+        its outputs. One earlier step may still be in flight (its samples reach the new step
+        on the device; see ``Scheduler.commit``); end steps in the order they began. In
+        between the caller may do host work, ``add_request`` and ``abort``."""
+        if len(self._launched) >= 2:
+            raise EngineError("two steps are in flight: call end_step first")
         batch = self.scheduler.schedule(time.time())
         finished = [self._output(seq, []) for seq in batch.finished]
         launched = None
+        sampled: list[tuple[Sequence, int]] = []
         if batch.seqs:
             self._num_steps += 1
             waste, slots = self.block_manager.paging_waste(self.scheduler.running)
             self._waste_sum += waste / slots if slots else 0.0
             launched = self.model_runner.launch(batch)
-            self._in_flight = True
-        return PendingStep(batch, finished, launched)
+            sampled = self.scheduler.commit(batch, launched.rows)
+        pending = PendingStep(batch, finished, launched, sampled)
+        self._launched.append(pending)
+        return pending
 
     def end_step(self, pending: PendingStep) -> list[StepOutput]:
+        if not self._launched or self._launched[0] is not pending:
+            raise EngineError("end_step of a step that is not the oldest one in flight")
+        try:
+            tokens = [] if pending.launched is None else self.model_runner.collect(pending.launched)
+        finally:
+            self._launched.popleft()
         outputs = pending.finished
-        if pending.launched is not None:
-            try:
-                sampled = self.model_runner.collect(pending.launched)
-            finally:
-                self._in_flight = False
-            batch = pending.batch
-            new_tokens = self.scheduler.postprocess(batch, sampled)
+        if pending.sampled:
+            new_tokens = self.scheduler.complete(pending.sampled, tokens)
             self._num_generated_tokens += len(new_tokens)
             # One StepOutput per running request per step: built inline (see _output).
             make, finished = StepOutput.make, SequenceStatus.FINISHED
@@ -181,7 +214,7 @@ class LLMEngine:
             free_kv_tokens=bm.num_free_blocks * bm.block_size,
             total_kv_tokens=bm.num_blocks * bm.block_size,
             waiting_tokens=sched.waiting_tokens,
-            running_seqs=len(sched.running),
+            running_seqs=sched.num_active,
             waiting_seqs=len(sched.waiting),
             max_num_seqs=self.config.max_num_seqs,
         )

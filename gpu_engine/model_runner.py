@@ -24,7 +24,7 @@ from gpu_engine.layers import make_attention_backend
 from gpu_engine.layers.base import AttentionMetadata
 from gpu_engine.loader import build_model, load_hf_config, resolve_model_dir
 from gpu_engine.models import LlamaArchConfig
-from gpu_engine.sampling import Sampler
+from gpu_engine.sampling import Sampler, resolve_pending
 from gpu_engine.scheduler import ScheduledBatch
 from gpu_engine.sequence import SamplingParams
 from gpu_engine.tp_group import current as current_tp_group
@@ -46,9 +46,9 @@ class StepInputs:
 
 @dataclass
 class LaunchedStep:
-    tokens: torch.Tensor | None  # [S] sampled ids on the device (None: nothing samples)
+    tokens: torch.Tensor | None  # [S] sampled ids, host memory (None: nothing samples)
     rows: list[int]  # [S] index into batch.seqs of each sampled row
-    num_seqs: int
+    ready: torch.cuda.Event | None = None  # recorded after the copy into ``tokens`` (CUDA)
 
 
 def _available_ram_bytes() -> int:
@@ -90,6 +90,11 @@ class ModelRunner:
         )
         self.block_size = self._block_size()
         self.sampler = Sampler(self.device, config.seed)
+        # The last launched step's sampled tokens, on the device: the next step's input ids
+        # may refer to them by placeholder before they reach the host (resolve_pending).
+        self.last_tokens = torch.zeros(
+            max(1, config.max_num_seqs), dtype=torch.int64, device=self.device
+        )
         self.graphs: DecodeGraphs | None = None  # captured after the KV cache exists
         self.mixed_graphs: MixedGraphs | None = None
         self.num_kv_blocks = self._num_kv_blocks()
@@ -128,6 +133,7 @@ class ModelRunner:
             hidden_size=self.arch.hidden_size,
             dtype=self.dtype,
             device=self.device,
+            last_tokens=self.last_tokens,
         )
         graphs.capture()
         return graphs
@@ -153,6 +159,7 @@ class ModelRunner:
             dtype=self.dtype,
             device=self.device,
             mirror=self.graphs.mirror,
+            last_tokens=self.last_tokens,
         )
         graphs.capture()
         return graphs
@@ -266,7 +273,11 @@ class ModelRunner:
             tables.append(seq.block_table)
             sample.append(end == seq.num_tokens)
         padded = self._padded_tables(batch, tables)
-        return self._build_inputs(tokens, starts, tables, sample, batch.num_prefill_seqs, padded)
+        inputs = self._build_inputs(tokens, starts, tables, sample, batch.num_prefill_seqs, padded)
+        # Placeholders of the previous step's samples, resolved before the step's inputs go
+        # anywhere (tensor-parallel ranks receive the real ids).
+        inputs.input_ids = resolve_pending(inputs.input_ids, self.last_tokens)
+        return inputs
 
     def _padded_tables(self, batch: ScheduledBatch, tables: list[list[int]]) -> np.ndarray | None:
         """The step's block tables [num_seqs, max_blocks] int32, zero-padded, gathered from
@@ -405,28 +416,36 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, batch: ScheduledBatch) -> LaunchedStep:
         """Queue one step's forward pass and sampling on the device without waiting for it;
-        ``collect`` returns its tokens. The host is free in between (the engine process
-        sends the previous step's outputs there); nothing may change ``batch`` meanwhile."""
+        ``collect`` returns its tokens. The host is free in between: it may schedule and
+        launch the next step, whose input ids may be placeholders of this step's samples
+        (``pending_token``, resolved on the device from ``last_tokens``). Nothing may change
+        ``batch`` until this returns."""
         logits, rows = self.forward_logits(batch)
         if not rows:
-            return LaunchedStep(None, rows, len(batch.seqs))
+            return LaunchedStep(None, rows)
         # rows are increasing indices into batch.seqs: all of them on decode steps.
         seqs = batch.seqs if len(rows) == len(batch.seqs) else [batch.seqs[i] for i in rows]
         tokens = self.sampler.sample_async(
             logits, [s.sampling_params for s in seqs], [s.request_id for s in seqs]
         )
-        return LaunchedStep(tokens, rows, len(batch.seqs))
+        self.last_tokens[: len(rows)].copy_(tokens)
+        if self.device.type != "cuda":
+            return LaunchedStep(tokens, rows)
+        # Copied to pinned memory in stream order, right after the sampling: waiting for this
+        # step later does not wait for a step launched after it.
+        host = torch.empty(len(rows), dtype=torch.int64, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return LaunchedStep(host, rows, ready)
 
     @staticmethod
-    def collect(step: LaunchedStep) -> list[int | None]:
-        """The sampled token per sequence of a launched step (None for a non-final prefill
-        chunk); waits for the device."""
+    def collect(step: LaunchedStep) -> list[int]:
+        """The sampled token of each row of a launched step (``step.rows`` says which
+        sequence each belongs to); waits for the device to finish that step only."""
         if step.tokens is None:
-            return [None] * step.num_seqs
-        tokens: list[int | None] = step.tokens.tolist()
-        if len(step.rows) == step.num_seqs:
-            return tokens
-        out: list[int | None] = [None] * step.num_seqs
-        for i, token in zip(step.rows, tokens, strict=True):
-            out[i] = token
-        return out
+            return []
+        if step.ready is not None:
+            step.ready.synchronize()
+        tokens: list[int] = step.tokens.tolist()
+        return tokens

@@ -111,6 +111,15 @@ class Sampler:
         return plan
 
 
+def resolve_pending(input_ids: torch.Tensor, last_tokens: torch.Tensor) -> torch.Tensor:
+    """``input_ids`` with each placeholder ``pending_token(j)`` (a negative id: the token
+    sampled in row ``j`` of the previous step, not on the host yet) replaced by
+    ``last_tokens[j]``, the device copy of that step's samples. No host sync: the steps
+    run in stream order, so the previous step has written ``last_tokens`` by then."""
+    rows = (-1 - input_ids).clamp_(min=0)  # placeholder -1 - j -> j; real ids -> 0
+    return torch.where(input_ids < 0, last_tokens[rows], input_ids)
+
+
 def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Small per-row parameter vectors: staged in pinned memory and copied asynchronously,
     so building them does not wait for the forward pass still running on the GPU (a copy

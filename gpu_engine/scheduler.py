@@ -14,6 +14,13 @@ Each ``schedule()`` picks the next step's work under two budgets — at most
 
 The batch lists prefill chunks first and decodes (query length 1) last, the order
 ``gpu_engine.layers.base`` documents.
+
+Once the step is launched, ``commit`` books it (chunks computed, a placeholder for each token
+being sampled) so the next step can be scheduled while the device still runs this one;
+``complete`` fills the placeholders in when the tokens land and applies the stop checks.
+A request that stops on a sampled token (eos, a stop token id) has by then been scheduled
+into the next step too: that extra row is computed and dropped. ``postprocess`` does both
+for a step whose tokens are known.
 """
 
 from __future__ import annotations
@@ -78,6 +85,9 @@ class Scheduler:
         # value once it knows whether decode steps are graph-captured.
         self.admit_min_seqs = config.admit_min_seqs or 1
         self._hold_since: float | None = None  # when admission grouping started holding
+        # Running sequences that finish when their in-flight token lands (not scheduled
+        # again; their slot is offered to waiting requests already).
+        self._num_finishing = 0
 
     # -- requests ------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -109,6 +119,11 @@ class Scheduler:
 
     def get(self, request_id: str) -> Sequence | None:
         return self._live.get(request_id)
+
+    @property
+    def num_active(self) -> int:
+        """Running sequences that will be scheduled again (FINISHING ones excluded)."""
+        return len(self.running) - self._num_finishing
 
     # -- scheduling ----------------------------------------------------------------------
     def schedule(self, now: float) -> ScheduledBatch:
@@ -168,7 +183,7 @@ class Scheduler:
 
         # Running sequences not served above (chunked prefills); none when every running
         # sequence got its decode, the steady state.
-        for seq in order if len(decodes) < len(self.running) else ():
+        for seq in order if len(decodes) < self.num_active else ():
             if budget == 0:
                 break
             if seq.status is SequenceStatus.RUNNING and id(seq) not in scheduled:
@@ -210,7 +225,7 @@ class Scheduler:
         if self.admit_min_seqs <= 1 or not self.waiting or not decodes or prefills:
             self._hold_since = None
             return False
-        free_slots = self.config.max_num_seqs - len(self.running)
+        free_slots = self.config.max_num_seqs - self.num_active
         if free_slots <= 0:
             return True  # nothing could be admitted anyway; the clock has not started
         if free_slots >= min(self.admit_min_seqs, len(self.waiting)):
@@ -224,7 +239,7 @@ class Scheduler:
         return False
 
     def _admit(self, now: float, budget: int, prefills: list[tuple[Sequence, int]]) -> int:
-        free_slots = self.config.max_num_seqs - len(self.running)
+        free_slots = self.config.max_num_seqs - self.num_active
         if budget == 0 or free_slots <= 0 or not self.waiting:
             return budget
         aging_s = self.config.priority_aging_s
@@ -236,8 +251,10 @@ class Scheduler:
             key=lambda s: (-s.effective_priority(now, aging_s), s.arrival_time),
         )
         for seq in queue:
-            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+            if budget == 0 or self.num_active >= self.config.max_num_seqs:
                 break
+            if seq.num_pending:
+                continue  # preempted with a token in flight: admissible once it lands
             reserve = self._watermark_blocks if self.running else 0
             cached = self.block_manager.try_allocate(seq, reserve)
             if cached is None:
@@ -312,50 +329,92 @@ class Scheduler:
     def _finish(self, seq: Sequence, reason: str) -> None:
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
+        elif seq.status is SequenceStatus.FINISHING:
+            self.running.remove(seq)
+            self._num_finishing -= 1
         elif seq.status is SequenceStatus.WAITING:
             self.waiting.remove(seq)
+        if seq.num_pending:  # tokens still in flight are never reported: drop them
+            token_ids = seq.token_ids
+            while token_ids and token_ids[-1] < 0:
+                token_ids.pop()
+            seq.num_pending = 0
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         if self._live.pop(seq.request_id, None) is not None and seq.deadline is not None:
             self._num_with_deadline -= 1
 
-    # -- after the model ran -------------------------------------------------------------
-    def postprocess(
-        self, batch: ScheduledBatch, sampled: SequenceABC[int | None]
+    # -- after the step is launched / after its tokens land ------------------------------
+    def commit(self, batch: ScheduledBatch, rows: SequenceABC[int]) -> list[tuple[Sequence, int]]:
+        """Book a launched step: advance each scheduled sequence by its chunk and append a
+        placeholder (``pending_token(j)``) for the token row ``j`` samples, where ``rows[j]``
+        indexes ``batch.seqs``. The next step can then be scheduled and launched before this
+        one's tokens reach the host (the device reads them in place of the placeholders); a
+        sequence whose placeholder reaches max_tokens or max_model_len is FINISHING and not
+        scheduled again. Returns the (sequence, placeholder position) of each sampled row, in
+        row order, for ``complete``."""
+        prompt_tokens = 0
+        for seq, query_len in zip(batch.seqs, batch.query_lens, strict=True):
+            computed = seq.num_computed_tokens
+            if computed < len(seq.prompt_token_ids):
+                prompt_tokens += query_len
+            seq.num_computed_tokens = computed + query_len
+        self.num_computed_prompt_tokens += prompt_tokens
+        seqs = batch.seqs
+        max_model_len = self.max_model_len
+        finishing = SequenceStatus.FINISHING
+        pending: list[tuple[Sequence, int]] = []
+        for j, i in enumerate(rows):
+            seq = seqs[i]
+            token_ids = seq.token_ids
+            n = len(token_ids)
+            pending.append((seq, n))
+            token_ids.append(-1 - j)  # pending_token(j), inlined
+            seq.num_pending += 1
+            if (
+                n + 1 - len(seq.prompt_token_ids) >= seq.sampling_params.max_tokens
+                or n + 1 >= max_model_len
+            ):
+                seq.status = finishing
+                self._num_finishing += 1
+        return pending
+
+    def complete(
+        self, pending: SequenceABC[tuple[Sequence, int]], tokens: SequenceABC[int]
     ) -> list[tuple[Sequence, int]]:
-        """Advance each scheduled sequence by its chunk, append sampled tokens and finish
-        sequences that hit eos / a stop token / max_tokens / max_model_len. Returns the
-        (sequence, new token) pairs of this step."""
-        # Stop checks and Sequence.append_token inlined: this loop runs over every scheduled
-        # sequence each step.
+        """A committed step's sampled tokens have landed: fill in the placeholders and finish
+        sequences that hit eos / a stop token / max_tokens / max_model_len. Sequences that
+        finished meanwhile (abort, deadline, a stop token in the step before) are skipped.
+        Returns the (sequence, new token) pairs of the step."""
+        # Runs over every sampled sequence each step: stop checks inlined.
         out: list[tuple[Sequence, int]] = []
         eos = self.eos_token_ids
-        max_model_len = self.max_model_len
-        running_status = SequenceStatus.RUNNING
-        prompt_tokens = 0
-        for seq, query_len, token in zip(batch.seqs, batch.query_lens, sampled, strict=True):
-            computed = seq.num_computed_tokens
-            num_prompt = len(seq.prompt_token_ids)
-            if computed < num_prompt:
-                prompt_tokens += query_len
-            if seq.status is not running_status:
-                continue
-            seq.num_computed_tokens = computed + query_len
-            if token is None:
+        finished, finishing = SequenceStatus.FINISHED, SequenceStatus.FINISHING
+        for (seq, pos), token in zip(pending, tokens, strict=True):
+            status = seq.status
+            if status is finished:
                 continue
             token_ids = seq.token_ids
-            token_ids.append(int(token))
+            token_ids[pos] = token
+            seq.num_pending -= 1
             params = seq.sampling_params
             if (not params.ignore_eos and token in eos) or token in params.stop_token_ids:
                 self._finish(seq, "stop")
-            elif len(token_ids) - num_prompt >= params.max_tokens or (
-                len(token_ids) >= max_model_len
-            ):
+            elif status is finishing and pos == len(token_ids) - 1:
                 self._finish(seq, "length")
             out.append((seq, token))
-        self.num_computed_prompt_tokens += prompt_tokens
         return out
+
+    def postprocess(
+        self, batch: ScheduledBatch, sampled: SequenceABC[int | None]
+    ) -> list[tuple[Sequence, int]]:
+        """``commit`` and ``complete`` at once, for a step whose tokens are already known:
+        ``sampled`` holds the token of each sequence of the batch (None where nothing was
+        sampled, a non-final prefill chunk)."""
+        rows = [i for i, token in enumerate(sampled) if token is not None]
+        pending = self.commit(batch, rows)
+        return self.complete(pending, [int(sampled[i]) for i in rows])  # type: ignore[arg-type]
 
     # -- reporting -----------------------------------------------------------------------
     @property

@@ -57,7 +57,18 @@ class SamplingParams:
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    # Running, but its last token (the one reaching max_tokens or max_model_len) is still
+    # being sampled by a launched step: it finishes when that token lands, and is not
+    # scheduled again.
+    FINISHING = "finishing"
     FINISHED = "finished"
+
+
+def pending_token(row: int) -> int:
+    """Placeholder token id for the token sampled in row ``row`` of a launched step that has
+    not reached the host yet (see ``Scheduler.commit``): negative, so never a real id. The
+    model runner replaces it on the device with that row of the previous step's samples."""
+    return -1 - row
 
 
 @dataclass(eq=False)
@@ -68,6 +79,11 @@ class Sequence:
     whose K/V is in the cache (prefix-cache hits included); the next step computes tokens
     ``[num_computed_tokens, num_computed_tokens + chunk)``. When that reaches ``num_tokens``
     the step samples one new token. Preemption (recompute) resets it to 0.
+
+    With steps in flight (asynchronous scheduling) the last ``num_pending`` (at most two)
+    entries of ``token_ids`` are placeholders (``pending_token``) for tokens the device is
+    still sampling; they are filled in when their step completes, and stripped if the
+    request finishes first.
     """
 
     request_id: str
@@ -87,6 +103,8 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prefix-cache hit tokens at first admission
     num_preemptions: int = 0
+    # Trailing placeholders in token_ids (sampled by launched steps, not yet on the host).
+    num_pending: int = 0
     finish_reason: str | None = None
     admitted: bool = False  # admitted at least once (num_cached_tokens is then final)
     last_scheduled_time: float = 0.0

@@ -8,6 +8,7 @@
 #     tests   GPU pytest of the kernels and the engine (graphs, parity)
 #     ab      engine alone on the spike workload, mixed-step graphs on vs off, same requests
 #     profile engine alone on the spike workload (1,024 requests) under cProfile: top 30
+#     phases  bench/step_phases.py: per-step host/GPU phases, plain steps then pipelined
 #     engine  bench/engine_throughput.py part (a), chatq only
 #     spike   bench/spike.py (calm, burst, recovery through Redis)
 set -uo pipefail
@@ -30,15 +31,16 @@ if want ab; then
   for mode in ${AB_MODES:-graphs eager-mixed}; do
     echo "== engine alone, spike workload, $mode $(($(date +%s) - t0))s"
     flag=(); [[ $mode == eager-mixed ]] && flag=(--eager-mixed)
+    [[ $mode == sync ]] && flag=(--sync-steps)
     timeout 200 python3 bench/spike.py --out /tmp/spike-ab --tokenizer .cache/tok-smollm2 \
       --alone-requests "${AB_REQUESTS:-512}" --alone-json "$OUT/alone_$mode.json" "${flag[@]}" \
       > "$OUT/alone_$mode.log" 2>&1 || tail -20 "$OUT/alone_$mode.log"
   done
-  python3 - "$OUT" <<'PY'
+  python3 - "$OUT" "${AB_MODES:-graphs eager-mixed}" <<'PY'
 import json, sys, pathlib
 print("| mode | requests | tok/s | tok/s saturated | steps | mixed / decode replays | TTFT hit / miss ms | GPU util |")
 print("|---|---|---|---|---|---|---|---|")
-for mode in ("graphs", "eager-mixed"):
+for mode in sys.argv[2].split():
     p = pathlib.Path(sys.argv[1]) / f"alone_{mode}.json"
     if not p.exists():
         print(f"| {mode} | failed |"); continue
@@ -57,6 +59,13 @@ if want profile; then
     > "$OUT/alone_prof.log" 2>&1 || tail -20 "$OUT/alone_prof.log"
   python3 -c "import pstats, sys; pstats.Stats(sys.argv[1]).sort_stats('tottime').print_stats(30)" \
     "$OUT/alone.prof" 2>&1 | grep -v "^$" | tail -34 | cut -c1-150
+fi
+if want phases; then
+  for flag in --sync ""; do
+    echo "== step phases ${flag:-pipelined} $(($(date +%s) - t0))s"
+    timeout 240 python3 bench/step_phases.py --out /tmp/sp --tokenizer .cache/tok-smollm2 $flag \
+      2>&1 | tee -a "$OUT/phases.log" | grep -v "^\[" | tail -5
+  done
 fi
 if want engine; then
   echo "== engine_throughput (a), chatq only $(($(date +%s) - t0))s"

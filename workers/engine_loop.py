@@ -5,16 +5,17 @@ One synchronous loop that never waits on Redis, tokenization or detokenization::
     while running:
         commands = drain the command pipe (block only when the engine has nothing to do)
         apply adds / aborts (a refused add is reported, never fatal)
-        step = engine.begin_step()                      ← the GPU starts on step N
-        pack and hand step N-1's (outputs, capacity) to the sender thread
-        outputs = engine.end_step(step)                 ← kept for the next round
+        outputs = engine.pipelined_step()   ← launches step N+1, then returns step N's
+        pack and hand (outputs, capacity) to the sender thread
 
-So packing and sending a step's outputs (~0.5 ms of host time for 256 sequences) overlaps
-the next step on the device instead of leaving it idle; commands are applied only between
-steps (an abort must not free blocks a launched step writes). An engine without
-``begin_step`` / ``end_step`` (the queue benchmark's zero-cost engine) is stepped with
-``step()`` and its outputs are sent at once. If the host dies, the command pipe reports EOF
-and the loop exits.
+``pipelined_step`` is the engine's asynchronous scheduling: step N+1 is scheduled, staged
+and launched while the device still runs step N (its input ids refer to step N's samples on
+the device), so the host's work between steps — postprocessing, scheduling, staging, and
+packing and sending the outputs here (~0.5 ms for 256 sequences) — overlaps the device
+instead of leaving it idle. Commands are applied between steps; an abort frees its blocks at
+once (the device runs steps in order). An engine without ``pipelined_step`` (the queue
+benchmark's zero-cost engine) is stepped with ``step()``. If the host dies, the command pipe
+reports EOF and the loop exits.
 """
 
 from __future__ import annotations
@@ -143,8 +144,8 @@ def engine_main(
                 },
             ]
         )
-        overlap = hasattr(engine, "begin_step") and hasattr(engine, "end_step")
-        last: list[Any] | None = None  # the finished step's outputs, not sent yet
+        step = getattr(engine, "pipelined_step", None) or engine.step
+        finish = getattr(engine, "finish_pipeline", None)
 
         def send_outputs(outs: list[Any]) -> None:
             wire = [
@@ -162,9 +163,8 @@ def engine_main(
 
         running = True
         while running:
-            busy = engine.has_unfinished() or last is not None
             # Idle: block (briefly, so a vanished host is noticed); busy: take what is there.
-            got = cmd_conn.poll(0 if busy else 0.5)
+            got = cmd_conn.poll(0 if engine.has_unfinished() else 0.5)
             applied = False
             rejected: list[list[Any]] = []
             while got:
@@ -177,21 +177,14 @@ def engine_main(
                 send(["rej", rejected])
             if not running:
                 break
-            if not engine.has_unfinished():
-                if last is not None:
-                    send_outputs(last)
-                    last = None
-                elif applied:
-                    send(["cap", _capacity_wire(engine)])
-            elif overlap:
-                step = engine.begin_step()
-                if last is not None:
-                    send_outputs(last)  # while the device runs the step just launched
-                last = engine.end_step(step)
-            else:
-                send_outputs(engine.step())
-        if last is not None:
-            send_outputs(last)
+            if engine.has_unfinished():
+                send_outputs(step())
+            elif applied:
+                send(["cap", _capacity_wire(engine)])
+        if finish is not None:
+            outs = finish()
+            if outs:
+                send_outputs(outs)
     except (EOFError, BrokenPipeError):
         pass  # the host is gone: nothing to report to
     except BaseException as err:  # report every failure to the host, then exit non-zero

@@ -66,6 +66,25 @@ def test_only_computed_full_blocks_are_registered() -> None:
     assert bm.allocate(seq("b", list(range(13)))) == 4
 
 
+def test_blocks_holding_a_pending_token_are_registered_once_it_lands() -> None:
+    """A placeholder of a token still being sampled (asynchronous scheduling) is never
+    hashed: the block it completes is registered by a later call, with the real token."""
+    bm = BlockManager(16, BS)
+    a = seq("a", list(range(7)))
+    bm.allocate(a)
+    computed(bm, a)
+    a.token_ids.append(-1)  # pending_token(0): the 8th token, completing block 2
+    a.num_pending = 1
+    bm.try_append(a, cache=True)
+    assert bm.num_cached_blocks == 1
+    a.token_ids[-1], a.num_pending = 50, 0  # the token landed
+    a.token_ids += [51, 52, 53, 54]
+    bm.try_append(a, cache=True)  # block 3 fills: blocks 2 and 3 are registered now
+    assert bm.num_cached_blocks == 3
+    b = seq("b", [*range(7), 50, 51, 52, 53, 54, 9])
+    assert bm.allocate(b) == 12
+
+
 def test_last_token_is_never_a_hit() -> None:
     bm = BlockManager(16, BS)
     a = seq("a", list(range(8)))  # exactly two full blocks

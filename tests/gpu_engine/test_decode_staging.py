@@ -38,7 +38,7 @@ def _check(graphs: DecodeGraphs, seqs: list[Sequence]) -> None:
     n = len(seqs)
     bs = next(b for b in graphs.batch_sizes if b >= n)
     m, w = graphs._max_bs, graphs._max_blocks
-    h64, h32 = graphs._host64.numpy(), graphs._host32.numpy()
+    h64, h32 = (t.numpy() for t in graphs._staging.last)
     rows = h32[m:].reshape(m, w)
     for i, seq in enumerate(seqs):
         p = seq.num_computed_tokens

@@ -191,10 +191,11 @@ def test_from_options_rejects_unknown_and_bad_options(tiny_checkpoint: Any) -> N
         LLMEngine.from_options("/nonexistent/model")
 
 
-def test_begin_and_end_step_split_one_step(tiny_checkpoint: Any) -> None:
-    """``begin_step`` launches, ``end_step`` returns what ``step`` would: the same tokens as
-    the plain loop. While a step is in flight a request may be added (it joins a later step)
-    but not aborted, and no second step may begin."""
+def test_begin_and_end_step_with_a_step_in_flight(tiny_checkpoint: Any) -> None:
+    """``begin_step`` launches, ``end_step`` returns what ``step`` would. A second step may
+    begin while one is in flight (its inputs refer to the first one's samples on the
+    device), a third may not, and steps end in the order they began. Requests added or
+    aborted with steps in flight join or leave a later step."""
     path = str(tiny_checkpoint("llama"))
     params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
     prompts = {"a": [5, 6, 7, 8, 9], "b": [10, 11, 12]}
@@ -202,22 +203,30 @@ def test_begin_and_end_step_split_one_step(tiny_checkpoint: Any) -> None:
     def tokens(split: bool) -> dict[str, list[int]]:
         engine = LLMEngine.from_options(path, device="cpu", kv_cache_tokens=256)
         engine.add_request("a", prompts["a"], params)
-        out: dict[str, list[int]] = {"a": [], "b": []}
+        out: dict[str, list[int]] = {"a": [], "b": [], "c": []}
+        steps: list[Any] = []
         first = True
         while engine.has_unfinished():
             if split:
-                step = engine.begin_step()
+                if engine.scheduler.has_unfinished():
+                    steps.append(engine.begin_step())
                 if first:
-                    with pytest.raises(EngineError, match="in flight"):
-                        engine.abort("a")
-                    with pytest.raises(EngineError, match="in flight"):
+                    steps.append(engine.begin_step())  # a's second token, before the first
+                    with pytest.raises(EngineError, match="two steps are in flight"):
                         engine.begin_step()
+                    with pytest.raises(EngineError, match="not the oldest"):
+                        engine.end_step(steps[1])
                     engine.add_request("b", prompts["b"], params)  # joins the next step
-                outs = engine.end_step(step)
+                    engine.add_request("c", prompts["b"], params)
+                    assert engine.abort("c")  # leaves before it ran
+                outs = engine.end_step(steps.pop(0))
             else:
                 outs = engine.step()
                 if first:
+                    outs += engine.step()
                     engine.add_request("b", prompts["b"], params)
+                    engine.add_request("c", prompts["b"], params)
+                    assert engine.abort("c")
             first = False
             for o in outs:
                 out[o.request_id] += o.new_token_ids
@@ -225,4 +234,79 @@ def test_begin_and_end_step_split_one_step(tiny_checkpoint: Any) -> None:
 
     split = tokens(split=True)
     assert split == tokens(split=False)
-    assert [len(v) for v in split.values()] == [4, 4]
+    assert [len(v) for v in split.values()] == [4, 4, 0]
+
+
+def _run_all(
+    engine: LLMEngine,
+    requests: dict[str, tuple[list[int], SamplingParams]],
+    pipelined: bool,
+    abort_after: dict[str, int] | None = None,
+) -> dict[str, tuple[list[int], str | None]]:
+    """Every request's tokens and finish reason, stepping with ``pipelined_step`` or
+    ``step``; ``abort_after[rid] = n`` aborts rid once n of its tokens were reported. Checks
+    that nothing is reported after a request's final output and that no block leaks."""
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    tokens: dict[str, list[int]] = {rid: [] for rid in requests}
+    reasons: dict[str, str | None] = {}
+    abort_after = dict(abort_after or {})
+    while engine.has_unfinished():
+        outs = engine.pipelined_step() if pipelined else engine.step()
+        for o in outs:
+            assert o.request_id not in reasons, f"{o.request_id} reported after its end"
+            tokens[o.request_id] += o.new_token_ids
+            if o.finished:
+                reasons[o.request_id] = o.finish_reason
+        for rid, n in list(abort_after.items()):
+            if len(tokens[rid]) >= n and rid not in reasons:
+                assert engine.abort(rid)
+                del abort_after[rid]
+        sched = engine.scheduler
+        engine.block_manager.check_invariants([*sched.running, *sched.waiting])
+    assert engine.finish_pipeline() == []
+    assert engine.capacity().free_kv_tokens == engine.capacity().total_kv_tokens
+    return {rid: (tokens[rid], reasons.get(rid)) for rid in requests}
+
+
+def test_pipelined_steps_give_the_plain_loops_results(tiny_checkpoint: Any) -> None:
+    """Asynchronous scheduling (``pipelined_step``: step N+1 launched before step N's tokens
+    reach the host) yields exactly the tokens and finish reasons of ``step()``: greedy and
+    seeded requests, max_tokens and max_model_len limits, stop tokens learnt one step late
+    (the extra row is dropped), shared prefixes, chunked prefill, aborts with steps in
+    flight, and preemption in a KV cache too small for all of them."""
+    path = str(tiny_checkpoint("llama"))
+    rng = random.Random(7)
+    shared = [rng.randrange(3, 500) for _ in range(20)]
+    prompts = [[rng.randrange(3, 500) for _ in range(n)] for n in (1, 4, 9, 30)]
+    prompts += [shared + [rng.randrange(3, 500) for _ in range(n)] for n in (2, 7)]
+    free = LLM(path, device="cpu", kv_cache_tokens=1024, block_size=4).generate(
+        prompts, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    )
+    requests: dict[str, tuple[list[int], SamplingParams]] = {}
+    for i, (prompt, res) in enumerate(zip(prompts, free, strict=True)):
+        stop = [res.token_ids[2 + i % 5]]  # stops part-way, at a different step each
+        requests[f"g{i}"] = (prompt, SamplingParams(max_tokens=3 + 2 * i, temperature=0.0))
+        requests[f"s{i}"] = (prompt, SamplingParams(max_tokens=12, temperature=0.0,
+                                                     stop_token_ids=stop))  # fmt: skip
+        requests[f"r{i}"] = (prompt, SamplingParams(max_tokens=9, temperature=0.8, top_k=20,
+                                                    seed=100 + i, ignore_eos=True))  # fmt: skip
+    requests["long"] = ([7] * 40, SamplingParams(max_tokens=100, temperature=0.0,
+                                                 ignore_eos=True))  # fmt: skip
+    aborts = {"g5": 2, "r3": 4, "long": 1}
+    for kv_tokens, max_seqs in ((2048, 32), (96, 6)):  # roomy; then preempting
+        kw = dict(device="cpu", kv_cache_tokens=kv_tokens, block_size=4, max_num_seqs=max_seqs,
+                  max_num_batched_tokens=24, max_model_len=64)  # fmt: skip
+        plain = _run_all(LLMEngine.from_options(path, **kw), requests, False, aborts)
+        engine = LLMEngine.from_options(path, **kw)
+        piped = _run_all(engine, requests, True, aborts)
+        assert piped == plain
+        for i in range(len(prompts)):
+            assert (
+                plain[f"s{i}"][1] == "stop"
+                and plain[f"s{i}"][0][-1] in requests[f"s{i}"][1].stop_token_ids
+            )
+            assert plain[f"g{i}"][1] in ("length", "stop", "abort")
+        assert plain["long"] == (plain["long"][0], "abort")
+    assert engine.stats()["preemptions"] > 0
+    assert plain["r0"][1] == "length" and len(plain["r0"][0]) == 9

@@ -411,6 +411,7 @@ def test_mixed_step_graph_layout_matches_eager(tiny_checkpoint) -> None:
             dtype=runner.dtype,
             device=runner.device,
             mirror=BlockTableMirror(16, -(-runner.max_model_len // runner.block_size)),
+            last_tokens=runner.last_tokens,
         )
     graphs = runner.mixed_graphs
     assert graphs is not None and graphs.buckets == [16, 32, 40]

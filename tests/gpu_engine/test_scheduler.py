@@ -4,6 +4,9 @@ Pure Python. ``Sim`` plays the model's part without tensors: it keeps a "KV cach
 (token, position) per slot, writes the slots each step computes and checks that every
 cached slot a sequence attends to holds that sequence's own token at that position — so a
 wrong block table, a premature prefix-cache hit or a lost preemption shows up as a failure.
+With ``pipelined`` it plays asynchronous scheduling: step N+1 is scheduled and committed
+before step N's tokens are completed, and placeholders in its inputs are resolved from
+step N's samples, as the device does.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ class Sim:
     now: float = 1000.0
     steps: int = 0
     done: dict[str, Sequence] = field(default_factory=dict)
+    pipelined: bool = False
+    # The committed step whose tokens are not completed yet (pipelined), and its samples.
+    in_flight: tuple[list[tuple[Sequence, int]], list[int]] | None = None
 
     @property
     def bm(self) -> BlockManager:
@@ -53,7 +59,7 @@ class Sim:
         self.steps += 1
         assert batch.num_batched_tokens <= cfg.max_num_batched_tokens
         assert len(batch.seqs) <= cfg.max_num_seqs
-        assert len(self.scheduler.running) <= cfg.max_num_seqs
+        assert self.scheduler.num_active <= cfg.max_num_seqs  # FINISHING ones aside
         assert len({id(s) for s in batch.seqs}) == len(batch.seqs)
         # Prefill chunks first, decodes (query length 1) last.
         assert batch.query_lens == sorted(batch.query_lens, key=lambda n: n == 1)
@@ -63,6 +69,12 @@ class Sim:
         def slot(s: Sequence, p: int) -> int:
             return s.block_table[p // bs] * bs + p % bs
 
+        prev = self.in_flight[1] if self.in_flight else []
+
+        def token(s: Sequence, p: int) -> int:  # placeholders resolved like resolve_pending
+            t = s.token_ids[p]
+            return prev[-1 - t] if t < 0 else t
+
         # Like a backend: store every new token's K/V first, then each query reads its context.
         for s, n in zip(batch.seqs, batch.query_lens, strict=True):
             assert s.status is SequenceStatus.RUNNING
@@ -70,30 +82,53 @@ class Sim:
             assert n > 0 and start + n <= s.num_tokens
             assert len(s.block_table) * bs >= start + n
             for p in range(start, start + n):
-                self.kv[slot(s, p)] = (s.token_ids[p], p)
-        sampled: list[int | None] = []
-        for s, n in zip(batch.seqs, batch.query_lens, strict=True):
+                self.kv[slot(s, p)] = (token(s, p), p)
+        rows: list[int] = []
+        tokens: list[int] = []
+        for i, (s, n) in enumerate(zip(batch.seqs, batch.query_lens, strict=True)):
             start = s.num_computed_tokens
             for p in range(start + n):  # attended context must be this sequence's tokens
-                assert self.kv.get(slot(s, p)) == (s.token_ids[p], p), (s.request_id, p)
-            last = start + n == s.num_tokens
-            sampled.append(2 + (len(s.token_ids) * 7 + len(s.request_id)) % 50 if last else None)
-        self.scheduler.postprocess(batch, sampled)
+                assert self.kv.get(slot(s, p)) == (token(s, p), p), (s.request_id, p)
+            if start + n == s.num_tokens:
+                rows.append(i)
+                tokens.append(2 + (len(s.token_ids) * 7 + len(s.request_id)) % 50)
+        if self.pipelined:
+            pending = self.scheduler.commit(batch, rows)
+            self.flush()
+            self.in_flight = (pending, tokens)
+        else:
+            sampled: list[int | None] = [None] * len(batch.seqs)
+            for i, t in zip(rows, tokens, strict=True):
+                sampled[i] = t
+            self.scheduler.postprocess(batch, sampled)
         for s in batch.finished + [s for s in batch.seqs if s.is_finished]:
             self.done[s.request_id] = s
         self.bm.check_invariants(self.scheduler.running)
         return batch
 
+    def flush(self) -> None:
+        """Complete the step in flight (pipelined)."""
+        if self.in_flight is not None:
+            pending, tokens = self.in_flight
+            self.in_flight = None
+            for s, _ in self.scheduler.complete(pending, tokens):
+                if s.is_finished:
+                    self.done[s.request_id] = s
+
     def run(self, max_steps: int = 10_000) -> None:
         while self.scheduler.has_unfinished():
             self.step()
             assert self.steps < max_steps, "no progress"
+        self.flush()
 
 
-def make_sim(num_blocks: int = 64, block_size: int = 4, **cfg: object) -> Sim:
+def make_sim(
+    num_blocks: int = 64, block_size: int = 4, pipelined: bool = False, **cfg: object
+) -> Sim:
     config = EngineConfig(model="unused", block_size=block_size, **cfg)  # type: ignore[arg-type]
     bm = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
-    return Sim(Scheduler(config, bm, [EOS], max_model_len=num_blocks * block_size))
+    scheduler = Scheduler(config, bm, [EOS], max_model_len=num_blocks * block_size)
+    return Sim(scheduler, pipelined=pipelined)
 
 
 def test_mixed_lengths_complete_with_all_tokens() -> None:
@@ -260,6 +295,7 @@ def run_workload(
     max_seqs: int,
     num_requests: int,
     prefix_caching: bool,
+    pipelined: bool = False,
 ) -> Sim:
     """Requests with shared prefixes arrive over time, some are aborted; every step is
     checked by ``Sim.step``; at the end every request finished as expected, nothing leaked."""
@@ -270,6 +306,7 @@ def run_workload(
         max_num_batched_tokens=budget,
         max_num_seqs=max_seqs,
         enable_prefix_caching=prefix_caching,
+        pipelined=pipelined,
     )
     max_len = num_blocks * block_size
     prefixes = [[rng.randrange(2, 9) for _ in range(rng.randrange(0, 12))] for _ in range(3)]
@@ -295,6 +332,7 @@ def run_workload(
         sim.step()
         step += 1
         assert step < 5_000
+    sim.flush()
     for rid, s in seqs.items():
         assert s.is_finished and not s.block_table
         if rid in aborted:
@@ -317,6 +355,7 @@ def run_workload(
     max_seqs=st.integers(1, 8),
     num_requests=st.integers(1, 12),
     prefix_caching=st.booleans(),
+    pipelined=st.booleans(),
 )
 def test_random_workloads_respect_budgets_and_finish(
     seed: int,
@@ -326,12 +365,16 @@ def test_random_workloads_respect_budgets_and_finish(
     max_seqs: int,
     num_requests: int,
     prefix_caching: bool,
+    pipelined: bool,
 ) -> None:
-    run_workload(seed, num_blocks, block_size, budget, max_seqs, num_requests, prefix_caching)
+    run_workload(
+        seed, num_blocks, block_size, budget, max_seqs, num_requests, prefix_caching, pipelined
+    )
 
 
-def test_random_workloads_exercise_preemption_and_prefix_hits() -> None:
-    sims = [run_workload(seed, 8, 2, 16, 6, 12, True) for seed in range(10)]
+@pytest.mark.parametrize("pipelined", [False, True], ids=["plain", "pipelined"])
+def test_random_workloads_exercise_preemption_and_prefix_hits(pipelined: bool) -> None:
+    sims = [run_workload(seed, 8, 2, 16, 6, 12, True, pipelined) for seed in range(10)]
     assert sum(s.scheduler.num_preemptions for s in sims) > 0
     assert sum(s.bm.prefix_hit_tokens for s in sims) > 0
 
