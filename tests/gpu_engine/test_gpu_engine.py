@@ -95,3 +95,47 @@ def test_random_weights_build_on_device_and_generate(tmp_path: Path) -> None:
     assert w.is_cuda and 0.015 < float(w.float().std()) < 0.025
     out = llm.generate([[1, 2, 3]] * 3, SamplingParams(max_tokens=5, ignore_eos=True))
     assert [len(o.token_ids) for o in out] == [5, 5, 5]
+
+
+@pytest.mark.parametrize("mixed_graphs", [True, False], ids=["mixed-graphs", "eager-mixed"])
+def test_pipelined_steps_match_plain_steps(tiny_checkpoint: Any, mixed_graphs: bool) -> None:
+    """Asynchronous scheduling on the device (decode and mixed-step graphs resolving
+    placeholders in the graph, double-buffered staging, tokens copied back in stream order):
+    the tokens and finish reasons of ``step()``, with stop tokens learnt one step late,
+    aborts with steps in flight and preemption in a small KV cache."""
+    from gpu_engine import LLMEngine
+    from tests.gpu_engine.test_engine import _run_all
+
+    path = tiny_checkpoint("qwen3", **ARCH_OVERRIDES["qwen3"])
+    prompts = _prompts(24, 500, seed=3)
+    free = _llm(path, max_num_seqs=16).generate(
+        prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    )
+    requests: dict[str, tuple[list[int], SamplingParams]] = {}
+    for i, (prompt, res) in enumerate(zip(prompts, free, strict=True)):
+        if i % 3 == 0:  # stops part-way on a token of its own greedy run
+            params = SamplingParams(max_tokens=16, temperature=0.0,
+                                    stop_token_ids=[res.token_ids[3 + i % 7]])  # fmt: skip
+        elif i % 3 == 1:
+            params = SamplingParams(max_tokens=5 + i, temperature=0.0, ignore_eos=True)
+        else:
+            params = SamplingParams(max_tokens=12, temperature=0.7, top_p=0.9, seed=i,
+                                    ignore_eos=True)  # fmt: skip
+        requests[f"q{i}"] = (prompt, params)
+    aborts = {"q4": 3, "q11": 1}
+    opts = dict(device="cuda", dtype="float32", attention_backend="triton", max_num_seqs=16,
+                max_num_batched_tokens=96, mixed_step_graphs=mixed_graphs)  # fmt: skip
+    for kv_tokens in (16384, 512):  # roomy; then preempting
+        plain = _run_all(
+            LLMEngine.from_options(str(path), kv_cache_tokens=kv_tokens, **opts),
+            requests, False, aborts,
+        )  # fmt: skip
+        engine = LLMEngine.from_options(str(path), kv_cache_tokens=kv_tokens, **opts)
+        piped = _run_all(engine, requests, True, aborts)
+        assert piped == plain
+        runner = engine.model_runner
+        assert runner.graphs is not None and runner.graphs.num_replays > 0
+        if mixed_graphs:
+            assert runner.mixed_graphs is not None and runner.mixed_graphs.num_replays > 0
+        assert sum(r == "stop" for _, r in plain.values()) >= 6
+    assert engine.stats()["preemptions"] > 0
