@@ -147,7 +147,9 @@ def estimate_cost_tokens(env: Envelope) -> int:
     Redis returns to zero exactly. ~4 characters per token plus a few template tokens per
     message; the worker's admission uses real token counts instead.
     """
-    chars = sum(len(m.content) for m in env.messages)
+    chars = 0
+    for m in env.messages:
+        chars += len(m.content)
     return chars // 4 + 8 * len(env.messages) + env.params.max_tokens
 
 
@@ -247,7 +249,7 @@ def unpack_bounded(data: object, max_bytes: int) -> Any:
     # string length by that same bound; ext types (incl. timestamps) are refused.
     try:
         return msgpack.unpackb(
-            bytes(data),
+            data if type(data) is bytes else bytes(data),
             raw=False,
             strict_map_key=True,
             use_list=True,
@@ -408,6 +410,12 @@ def _validate_messages(raw: object, limits: Limits) -> tuple[Message, ...]:
 
 
 def _validate_map(obj: object, limits: Limits) -> Envelope:
+    env = _fast_envelope(obj, limits)
+    return env if env is not None else _check_map(obj, limits)
+
+
+def _check_map(obj: object, limits: Limits) -> Envelope:
+    """Every check in order; raises :class:`ProtocolError` naming the first bad field."""
     if not isinstance(obj, dict):
         raise ProtocolError(ErrorCode.INVALID_REQUEST.value, "envelope must be a map")
     v = obj.get("v")
@@ -462,6 +470,163 @@ def _validate_map(obj: object, limits: Limits) -> Envelope:
         callback_url=callback_url,
         v=v,
     )
+
+
+# The same checks as ``_validate_map`` on the common shape, with exact types (msgpack gives
+# exactly dict / list / str / int / float / bool / None), and the objects built without the
+# frozen dataclasses' per-field ``object.__setattr__``: most of a worker's validation cost.
+# Anything unusual (a wrong type, a value out of bounds, ``stop`` as one string, an int
+# subclass...) returns None and goes through the full check, which names the bad field; so
+# this path accepts nothing the full check refuses and builds the same Envelope.
+
+
+def _frozen(cls: type[Any], fields: dict[str, Any]) -> Any:
+    """An instance of frozen dataclass ``cls`` with every field in ``fields`` (no __init__)."""
+    obj = object.__new__(cls)
+    obj.__dict__.update(fields)
+    return obj
+
+
+def _short_str(x: object, max_chars: int) -> bool:
+    return type(x) is str and 0 < len(x) <= max_chars
+
+
+def _fast_params(raw: object, limits: Limits) -> Params | None:
+    if raw is None:
+        return _DEFAULT_PARAMS
+    if type(raw) is not dict or not _PARAM_FIELDS.issuperset(raw):
+        return None
+    get = raw.get
+    d = _DEFAULT_PARAMS
+    max_tokens = get("max_tokens", d.max_tokens)
+    temperature = get("temperature", d.temperature)
+    top_p = get("top_p", d.top_p)
+    top_k = get("top_k", d.top_k)
+    stop = get("stop", [])
+    seed = get("seed")
+    ignore_eos = get("ignore_eos", False)
+    if not (
+        type(max_tokens) is int
+        and limits.min_max_tokens <= max_tokens <= limits.max_max_tokens
+        and type(top_k) is int
+        and 0 <= top_k <= limits.max_top_k
+        and type(ignore_eos) is bool
+        and (seed is None or (type(seed) is int and 0 <= seed < 2**63))
+        and type(stop) is list
+        and len(stop) <= limits.max_stop
+    ):
+        return None
+    # A float out of range is refused here, NaN and infinities too (comparisons fail).
+    t = type(temperature)
+    if not ((t is float or t is int) and 0.0 <= temperature <= limits.max_temperature):
+        return None
+    t = type(top_p)
+    if not ((t is float or t is int) and 0.0 < top_p <= 1.0):
+        return None
+    max_stop_chars = limits.max_stop_chars
+    for s in stop:
+        if not (type(s) is str and 0 < len(s) <= max_stop_chars):
+            return None
+    params: Params = _frozen(
+        Params,
+        {
+            "max_tokens": max_tokens,
+            "temperature": float(temperature),
+            "top_p": float(top_p),
+            "top_k": top_k,
+            "stop": tuple(stop),
+            "seed": seed,
+            "ignore_eos": ignore_eos,
+        },
+    )
+    return params
+
+
+def _fast_envelope(obj: object, limits: Limits) -> Envelope | None:
+    """``_validate_map(obj)`` for the common shape; None: let the full check decide."""
+    if type(obj) is not dict or not _TOP_FIELDS.issuperset(obj):
+        return None
+    get = obj.get
+    v = get("v")
+    request_id = get("id")
+    model = get("model")
+    raw_messages = get("messages")
+    priority = get("priority", "normal")
+    tenant = get("tenant")
+    deadline_ms = get("deadline_ms")
+    created_ms = get("created_ms", 0)
+    stream = get("stream", False)
+    idem = get("idempotency_key")
+    callback_url = get("callback_url")
+    if not (
+        type(v) is int
+        and v == PROTOCOL_VERSION
+        and _short_str(request_id, 64)
+        and _ID_RE.match(request_id)  # type: ignore[arg-type]
+        and _short_str(model, 128)
+        and _NAME_RE.match(model)  # type: ignore[arg-type]
+        and type(raw_messages) is list
+        and 0 < len(raw_messages) <= limits.max_messages
+        and type(priority) is str
+        and priority in PRIORITIES
+        and (tenant is None or _short_str(tenant, limits.max_tenant_chars))
+        and (deadline_ms is None or (type(deadline_ms) is int and 0 < deadline_ms < 2**53))
+        and type(created_ms) is int
+        and 0 <= created_ms < 2**53
+        and type(stream) is bool
+        and (idem is None or _short_str(idem, limits.max_idempotency_key_chars))
+        and (
+            callback_url is None
+            or (
+                _short_str(callback_url, limits.max_callback_url_chars)
+                and callback_url.startswith(("http://", "https://"))  # type: ignore[union-attr]
+            )
+        )
+    ):
+        return None
+    messages: list[Message] = []
+    total = 0
+    max_content_chars = limits.max_content_chars
+    new = object.__new__
+    for m in raw_messages:
+        if type(m) is not dict or len(m) != 2:
+            return None
+        role = m.get("role")
+        content = m.get("content")
+        if not (
+            type(role) is str
+            and role in ROLES
+            and type(content) is str
+            and len(content) <= max_content_chars
+        ):
+            return None
+        total += len(content)
+        message = new(Message)
+        message.__dict__.update(role=role, content=content)  # = _frozen(Message, ...)
+        messages.append(message)
+    if total > limits.max_total_chars:
+        return None
+    params = _fast_params(get("params"), limits)
+    if params is None:
+        return None
+    env: Envelope = _frozen(
+        Envelope,
+        {
+            "id": request_id,
+            "model": model,
+            "messages": tuple(messages),
+            "params": params,
+            "priority": priority,
+            "tenant": tenant,
+            "deadline_ms": deadline_ms,
+            "created_ms": created_ms,
+            "stream": stream,
+            "idempotency_key": idem,
+            "callback_url": callback_url,
+            "v": v,
+        },
+    )
+    return env
 
 
 # --- results ------------------------------------------------------------------------------

@@ -19,12 +19,12 @@ import logging
 import time
 
 from gpu_engine.outputs import EngineCapacity as Capacity
-from producer.protocol import Done, ErrorCode, Timings, Usage
+from producer.protocol import Done, ErrorCode
 from workers.admission import Admission
 from workers.engine_process import EngineProcess, Output
 from workers.metrics import Metrics
 from workers.request import InflightRequest
-from workers.results import ResultWriter
+from workers.results import ResultWriter, done_body
 
 log = logging.getLogger(__name__)
 
@@ -122,33 +122,34 @@ class Aggregator:
             req.chunk_index += 1
 
     def _done(self, req: InflightRequest, reason: str, now_s: float) -> None:
-        text = req.detok.flush()
-        if req.env.stream:
+        detok = req.detok
+        env = req.env
+        text = detok.flush()
+        if env.stream:
             self._stream(req, final=True)
-        created_ms = req.env.created_ms or req.entry.enqueued_ms
+        created_ms = env.created_ms or req.entry.enqueued_ms
         submitted_s = req.submitted_s or req.pulled_s
         first_s = req.first_token_s if req.first_token_s is not None else now_s
-        done = Done(
-            text=text,
-            finish_reason=reason,
-            usage=Usage(
-                prompt_tokens=len(req.prompt_ids),
-                completion_tokens=req.detok.num_tokens,
-                cached_tokens=req.num_cached_tokens,
-            ),
-            timings=Timings(
-                queued_ms=max(0.0, submitted_s * 1000 - created_ms),
-                first_token_ms=max(0.0, first_s * 1000 - created_ms),
-                total_ms=max(0.0, now_s * 1000 - created_ms),
-                engine_ms=max(0.0, (now_s - submitted_s) * 1000),
-            ),
-            worker=self.worker,
+        total_ms = max(0.0, now_s * 1000 - created_ms)
+        # The body of Done(text, reason, Usage(...), Timings(...), worker), packed directly.
+        body = done_body(
+            text,
+            reason,
+            len(req.prompt_ids),
+            detok.num_tokens,
+            req.num_cached_tokens,
+            max(0.0, submitted_s * 1000 - created_ms),
+            max(0.0, first_s * 1000 - created_ms),
+            total_ms,
+            max(0.0, (now_s - submitted_s) * 1000),
+            self.worker,
         )
         self._finish(req)
-        self.writer.final(req.entry, req.request_id, done, req.backlog_cost_tokens)
-        self._ack_duplicates(req)
+        self.writer.done(req.entry, env.id, body, req.backlog_cost_tokens)
+        if req.duplicates:
+            self._ack_duplicates(req)
         self.metrics.completed += 1
-        self.metrics.observe_latency_ms(done.timings.total_ms)
+        self.metrics.observe_latency_ms(total_ms)
 
     def fail(self, req: InflightRequest, code: str, message: str) -> None:
         """Answer an admitted request with an ``error`` (the caller aborts the engine side)."""

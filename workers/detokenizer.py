@@ -35,17 +35,52 @@ def fast_decoder(tokenizer: Any) -> TokenDecoder:
     return backend if backend is not None else tokenizer  # type: ignore[no-any-return]
 
 
+class ContextTexts:
+    """Decoded text of prompt-context windows, shared by the requests of one worker.
+
+    The first generated token is decoded after its prompt's last few tokens, and chat
+    prompts mostly end alike (``<|im_end|>\n<|im_start|>assistant\n``), so the window's
+    own text (the first of that token's two decodes) is nearly always known. Exact: the
+    same ids decode to the same text. Bounded: emptied when full."""
+
+    MAX_ENTRIES = 4096
+
+    def __init__(self, decoder: TokenDecoder) -> None:
+        self.decoder = decoder
+        self._texts: dict[tuple[int, ...], str] = {}
+
+    def text(self, ids: list[int]) -> str:
+        key = tuple(ids)
+        text = self._texts.get(key)
+        if text is None:
+            text = self.decoder.decode(ids, skip_special_tokens=True)
+            if len(self._texts) >= self.MAX_ENTRIES:
+                self._texts.clear()
+            self._texts[key] = text
+        return text
+
+
 class IncrementalDetokenizer:
     def __init__(
-        self, decoder: TokenDecoder, prompt_ids: Sequence[int], stop: Sequence[str] = ()
+        self,
+        decoder: TokenDecoder,
+        prompt_ids: Sequence[int],
+        stop: Sequence[str] = (),
+        context_texts: ContextTexts | None = None,
     ) -> None:
         context = list(prompt_ids[-PROMPT_CONTEXT_TOKENS:])
         self._decoder = decoder
         self._ids: list[int] = context
         self._prefix_offset = 0
         self._read_offset = len(context)
-        self._stop = tuple(s for s in stop if s)
-        self._holdback = max((len(s) for s in self._stop), default=1) - 1
+        # For the first token's prefix decode (None: decode it like any other).
+        self._context_texts = context_texts if context_texts is not None and context else None
+        if stop:
+            self._stop = tuple(s for s in stop if s)
+            self._holdback = max((len(s) for s in self._stop), default=1) - 1
+        else:
+            self._stop = ()
+            self._holdback = 0
         self.text = ""  # the answer so far (cut at a stop string)
         self.num_tokens = 0  # generated tokens seen
         self.stopped = False  # a stop string matched
@@ -58,9 +93,13 @@ class IncrementalDetokenizer:
         for token in new_ids:
             self.num_tokens += 1
             self._ids.append(int(token))
-            prefix_text = self._decoder.decode(
-                self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=True
-            )
+            if self._context_texts is not None:  # the first token: prefix = the context
+                prefix_text = self._context_texts.text(self._ids[: self._read_offset])
+                self._context_texts = None
+            else:
+                prefix_text = self._decoder.decode(
+                    self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=True
+                )
             full_text = self._decoder.decode(
                 self._ids[self._prefix_offset :], skip_special_tokens=True
             )

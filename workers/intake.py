@@ -45,7 +45,7 @@ from producer.protocol import (
 from producer.protocol import decode_envelope as decode
 from workers.admission import Admission
 from workers.aggregator import Aggregator
-from workers.detokenizer import IncrementalDetokenizer, fast_decoder
+from workers.detokenizer import ContextTexts, IncrementalDetokenizer, fast_decoder
 from workers.engine_process import AddCommand, EngineProcess
 from workers.lanes import Entry, Lanes
 from workers.metrics import Metrics
@@ -68,6 +68,7 @@ MAX_PULL_PER_ROUND = 256
 RETRY_DELAY_S = 0.5
 SALVAGE_MAX_BYTES = 64 << 20
 MARKER_ATTEMPTS = 20
+_FIELD = STREAM_FIELD.encode()
 # FINALIZE never writes this (a final exists already); it only acks and deletes the entry.
 _NOOP_ERROR = Error(code=ErrorCode.INTERNAL.value, message="already answered")
 
@@ -133,6 +134,7 @@ class Intake:
         self._prefetch_count = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self._decoder = fast_decoder(prompts.tokenizer)
+        self._context_texts = ContextTexts(self._decoder)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -276,7 +278,7 @@ class Intake:
         raise AssertionError("unreachable")
 
     def _decode(self, entry: Entry) -> tuple[Entry, Envelope] | None:
-        payload = entry.fields.get(STREAM_FIELD.encode())
+        payload = entry.fields.get(_FIELD)
         try:
             env = decode(payload, self.limits)
         except ProtocolError as err:
@@ -310,6 +312,12 @@ class Intake:
         self, ready: list[tuple[Entry, Envelope]], token_ids: list[list[int] | Exception]
     ) -> None:
         now_s = time.time()
+        now_ms = int(now_s * 1000)
+        admission = self.admission
+        admitted = admission.admitted
+        recent_cancels = self.recent_cancels
+        decoder, context_texts = self._decoder, self._context_texts
+        aging_s = self.aging_s
         commands: list[AddCommand] = []
         for (entry, env), ids in zip(ready, token_ids, strict=True):
             if isinstance(ids, Exception):
@@ -320,41 +328,42 @@ class Intake:
                     f"the chat template rejected the messages: {ids}",
                 )
                 continue
-            max_tokens = env.params.max_tokens
-            if not ids or not self.admission.fits_alone(len(ids), max_tokens):
+            p = env.params
+            max_tokens = p.max_tokens
+            if not ids or not admission.fits_alone(len(ids), max_tokens):
                 self._reject(
                     entry,
                     env,
                     ErrorCode.PROMPT_TOO_LONG,
                     f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
-                    f"this worker's KV cache ({self.admission.capacity.total_kv_tokens}"
+                    f"this worker's KV cache ({admission.capacity.total_kv_tokens}"
                     " tokens)",
                 )
                 continue
-            if env.id in self.recent_cancels:  # cancelled while it was being tokenized
+            rid = env.id
+            if rid in recent_cancels:  # cancelled while it was being tokenized
                 self._reject(entry, env, ErrorCode.CANCELLED, "cancelled by the requester")
                 continue
-            held = self.admission.admitted.get(env.id)
+            held = admitted.get(rid)
             if held is not None:
                 held.duplicates.append(entry)
                 continue
-            level = entry.level(self.aging_s)
+            level = entry.level(aging_s, now_ms)
             req = InflightRequest(
                 env=env,
                 entry=entry,
                 prompt_ids=ids,
-                cost_tokens=self.admission.cost_tokens(len(ids), max_tokens),
+                cost_tokens=admission.cost_tokens(len(ids), max_tokens),
                 backlog_cost_tokens=estimate_cost_tokens(env),
                 level=level,
-                detok=IncrementalDetokenizer(self._decoder, ids, env.params.stop),
+                detok=IncrementalDetokenizer(decoder, ids, p.stop, context_texts),
                 pulled_s=now_s,
                 submitted_s=now_s,
             )
-            self.admission.admit(req)
-            p = env.params
+            admission.admit(req)
             commands.append(
                 AddCommand(
-                    request_id=env.id,
+                    request_id=rid,
                     prompt_token_ids=ids,
                     max_tokens=max_tokens,
                     temperature=p.temperature,

@@ -16,8 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -95,9 +94,8 @@ return 1
 """
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One request-stream entry delivered to this worker."""
+class Entry(NamedTuple):
+    """One request-stream entry delivered to this worker (a tuple: one per request)."""
 
     stream: str
     entry_id: str
@@ -121,6 +119,10 @@ def _s(x: Any) -> str:
 
 
 def _fields(flat: Any) -> dict[bytes, bytes]:
+    if type(flat) is list and len(flat) == 2:  # the usual entry: one field ``m``
+        k, v = flat
+        if type(k) is bytes and type(v) is bytes:
+            return {k: v}
     if isinstance(flat, dict):
         return {
             k if isinstance(k, bytes) else str(k).encode(): v
@@ -169,10 +171,12 @@ class Lanes:
         res = await self._pull(keys=self.streams, args=[GROUP, self.consumer, count, self.aging_ms])
         if int(res[0]) == 1:
             await self.ensure_groups()
+        lanes = [(stream, self.priority_of[stream]) for stream in self.streams]
         out = []
         for lane_index, entry_id, flat in res[1:]:
-            stream = self.streams[int(lane_index) - 1]
-            out.append(Entry(stream, _s(entry_id), _fields(flat), self.priority_of[stream]))
+            stream, priority = lanes[int(lane_index) - 1]
+            eid = entry_id.decode() if type(entry_id) is bytes else str(entry_id)
+            out.append(Entry(stream, eid, _fields(flat), priority))
         return out
 
     async def wait(self, block_ms: int) -> list[Entry]:

@@ -76,6 +76,11 @@ return out
 """
 )
 MAX_FINALS_PER_CALL = 256  # bounds one script's run time (Redis is single-threaded)
+FINAL_KEYS = 4  # per final in FINALIZE_MANY's KEYS
+FINAL_ARGS = 6  # per final in FINALIZE_MANY's ARGV
+
+# One packer for every body (``msgpack.packb`` builds a Packer per call); used on the loop only.
+_pack = msgpack.Packer(use_bin_type=True).pack
 
 
 def result_body(entry: Chunk | Done | Error) -> bytes:
@@ -104,7 +109,41 @@ def result_body(entry: Chunk | Done | Error) -> bytes:
         body = {"index": entry.index, "delta": entry.delta}
     else:
         body = {"code": entry.code, "message": entry.message, "worker": entry.worker}
-    packed: bytes = msgpack.packb(body, use_bin_type=True)
+    packed: bytes = _pack(body)
+    return packed
+
+
+def done_body(
+    text: str,
+    finish_reason: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int,
+    queued_ms: float,
+    first_token_ms: float,
+    total_ms: float,
+    engine_ms: float,
+    worker: str,
+) -> bytes:
+    """``result_body(Done(...))`` of these fields (same bytes), without the three objects."""
+    packed: bytes = _pack(
+        {
+            "text": text,
+            "finish_reason": finish_reason,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "cached_tokens": cached_tokens,
+            },
+            "timings": {
+                "queued_ms": queued_ms,
+                "first_token_ms": first_token_ms,
+                "total_ms": total_ms,
+                "engine_ms": engine_ms,
+            },
+            "worker": worker,
+        }
+    )
     return packed
 
 
@@ -131,13 +170,21 @@ class ResultWriter:
         self._finalize_many = redis.register_script(FINALIZE_MANY)
         self._dead_raw = redis.register_script(DEAD_LETTER_RAW)
         self._ops: list[Op] = []
-        self._finals: list[tuple[list[Any], list[Any]]] = []  # FINALIZE keys, args
+        # FINALIZE keys and arguments of the queued finals, flat (FINAL_KEYS / FINAL_ARGS each)
+        self._final_keys: list[Any] = []
+        self._final_args: list[Any] = []
+        # Key names per request are prefix + id (checked here, built by concatenation there).
+        self._result_prefix = keys.result("")
+        self._final_prefix = keys.final("")
+        assert keys.result("x") == self._result_prefix + "x"
+        assert keys.final("x") == self._final_prefix + "x"
+        self._backlog = keys.backlog(model)
         self._lock = asyncio.Lock()
         self.finals_written = 0  # FINALIZE calls that wrote (not answered before)
 
     @property
     def pending(self) -> int:
-        return len(self._ops) + len(self._finals)
+        return len(self._ops) + len(self._final_args) // FINAL_ARGS
 
     # --- queueing ---
 
@@ -154,15 +201,28 @@ class ResultWriter:
     def final(self, entry: Entry, request_id: str, result: Done | Error, cost_tokens: int) -> None:
         """FINALIZE ``entry`` with ``result`` (a no-op write if a final already exists)."""
         kind = "done" if isinstance(result, Done) else "error"
-        body = result_body(result)
-        keys = [
-            self.keys.result(request_id),
-            self.keys.final(request_id),
+        self._queue_final(entry, request_id, kind, result_body(result), cost_tokens)
+
+    def done(
+        self,
+        entry: Entry,
+        request_id: str,
+        body: bytes,
+        cost_tokens: int,
+    ) -> None:
+        """FINALIZE ``entry`` with a ``done`` whose body is ``done_body(...)``."""
+        self._queue_final(entry, request_id, "done", body, cost_tokens)
+
+    def _queue_final(
+        self, entry: Entry, request_id: str, kind: str, body: bytes, cost_tokens: int
+    ) -> None:
+        self._final_keys += (
+            self._result_prefix + request_id,
+            self._final_prefix + request_id,
             entry.stream,
-            self.keys.backlog(self.model),
-        ]
-        args: list[Any] = [GROUP, entry.entry_id, kind, body, RESULT_TTL_S, cost_tokens]
-        self._finals.append((keys, args))
+            self._backlog,
+        )
+        self._final_args += (GROUP, entry.entry_id, kind, body, RESULT_TTL_S, cost_tokens)
 
     def error(
         self, entry: Entry, request_id: str, code: str, message: str, cost_tokens: int
@@ -195,26 +255,32 @@ class ResultWriter:
         Chunks go first, then the finals, so a request's chunks precede its final entry.
         """
         async with self._lock:
-            if not self._ops and not self._finals:
+            if not self._ops and not self._final_args:
                 return
             ops, self._ops = self._ops, []
-            finals, self._finals = self._finals, []
+            final_keys, self._final_keys = self._final_keys, []
+            final_args, self._final_args = self._final_args, []
+            num_finals = len(final_args) // FINAL_ARGS
             for attempt, delay_s in enumerate((*RETRY_DELAYS_S, None)):
                 try:
                     pipe = self.redis.pipeline(transaction=False)
                     for op in ops:
                         op(pipe)
-                    for start in range(0, len(finals), MAX_FINALS_PER_CALL):
-                        group = finals[start : start + MAX_FINALS_PER_CALL]
-                        keys = [k for ks, _ in group for k in ks]
-                        args = [a for _, az in group for a in az]
-                        pipe_script(pipe, self._finalize_many, keys, args)
+                    for start in range(0, num_finals, MAX_FINALS_PER_CALL):
+                        end = start + MAX_FINALS_PER_CALL
+                        pipe_script(
+                            pipe,
+                            self._finalize_many,
+                            final_keys[start * FINAL_KEYS : end * FINAL_KEYS],
+                            final_args[start * FINAL_ARGS : end * FINAL_ARGS],
+                        )
                     replies = await pipe.execute(raise_on_error=False)
                     break
                 except (RedisConnectionError, RedisTimeoutError, OSError) as err:
                     if delay_s is None:
                         self._ops = ops + self._ops
-                        self._finals = finals + self._finals
+                        self._final_keys = final_keys + self._final_keys
+                        self._final_args = final_args + self._final_args
                         raise
                     log.warning(
                         "result write failed (%s); retry %d in %.2f s", err, attempt + 1, delay_s
@@ -227,7 +293,7 @@ class ResultWriter:
                     log.error("FINALIZE failed for %d requests of a batch", reply.count(-1))
             self.finals_written += sum(
                 sum(1 for x in r if x == 1)
-                for r in replies[len(replies) - _calls(len(finals)) :]
+                for r in replies[len(replies) - _calls(num_finals) :]
                 if isinstance(r, list)
             )
 

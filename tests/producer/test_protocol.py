@@ -291,3 +291,146 @@ def test_wire_map_has_every_field_once() -> None:
     assert set(wire_map) == {f.name for f in fields(Envelope)}
     assert set(wire_map["params"]) == {f.name for f in fields(Params)}
     assert decode_envelope(encode_envelope(env)) == env
+
+
+# --- the fast path: the common shape checked with exact types, the rest left to _check_map ---
+
+message_values = st.one_of(
+    msgpack_values,
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["system", "user", "robot", ""]), "content": msgpack_values}
+    ),
+    st.fixed_dictionaries({"role": st.just("user"), "content": st.text(max_size=12)}),
+)
+param_values = st.dictionaries(
+    st.sampled_from([*sorted(params()), "beam_width"]),
+    st.one_of(
+        msgpack_values,
+        st.integers(-3, 40),
+        st.floats(-1.0, 3.0),
+        st.lists(st.text(max_size=3), max_size=10),
+        st.sampled_from([float("inf"), float("nan"), 2**63, True, 1.0]),
+    ),
+    max_size=4,
+)
+LIMITS_SMALL = Limits(max_messages=3, max_content_chars=8, max_total_chars=12, max_stop=3)
+
+
+def _same_as_full_check(obj: Any, limits: Limits) -> None:
+    """The fast path either declines or gives exactly what the full check gives."""
+    from producer.protocol import _check_map, _fast_envelope
+
+    fast = _fast_envelope(obj, limits)
+    try:
+        full: Envelope | None = _check_map(obj, limits)
+    except ProtocolError:
+        full = None
+    if fast is not None:
+        assert full is not None, obj  # accepts nothing the full check refuses
+        assert fast == full and repr(fast) == repr(full)  # same values, same types
+
+
+@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    st.dictionaries(st.sampled_from([*sorted(wire().keys()), "extra"]), msgpack_values, max_size=4),
+    st.lists(message_values, max_size=4) | msgpack_values,
+    param_values,
+    st.booleans(),
+)
+def test_fast_path_agrees_with_the_full_check(
+    changes: dict[str, Any], messages: Any, param_changes: dict[str, Any], small: bool
+) -> None:
+    obj = {**wire(), **changes}
+    if messages != []:
+        obj["messages"] = messages
+    obj["params"] = {**params(), **param_changes}
+    limits = LIMITS_SMALL if small else Limits()
+    _same_as_full_check(obj, limits)
+    _same_as_full_check(msgpack.unpackb(msgpack.packb(obj, use_bin_type=True)), limits)
+
+
+NAN, INF = float("nan"), float("inf")
+TOP_BOUNDS: dict[str, list[Any]] = {
+    "v": [1, 2, True, 1.0, None],
+    "id": ["a", "a" * 64, "a" * 65, "abc\n", "a" * 64 + "\n", "", "x y", 5],
+    "model": ["m", "a" * 128, "a" * 129, "a/b@c.d", "a b", None],
+    "priority": ["high", "normal", "low", "urgent", None, 1],
+    "tenant": [None, "t", "t" * 64, "t" * 65, "", 5],
+    "deadline_ms": [None, 1, 2**53 - 1, 2**53, 0, -1, 1.5, True],
+    "created_ms": [0, 1, 2**53 - 1, 2**53, -1, 1.0, True, None],
+    "stream": [True, False, 0, 1, None],
+    "idempotency_key": [None, "k", "k" * 128, "k" * 129, ""],
+    "callback_url": [None, "http://x", "https://x", "ftp://x", "", "https://" + "x" * 2040,
+                     "https://" + "x" * 2041],
+    "extra": [1],
+}  # fmt: skip
+PARAM_BOUNDS: dict[str, list[Any]] = {
+    "max_tokens": [1, 256, 32_768, 0, 32_769, True, 1.0],
+    "temperature": [0, 0.0, -0.0, 2, 2.0, 2.0000001, -1, NAN, INF, True, "1"],
+    "top_p": [1, 1.0, 0.5, 0.0, 1.0000001, NAN, True],
+    "top_k": [0, 1_000, 1_001, -1, True, 1.0],
+    "stop": [[], ["x"], "x", ["x"] * 3, ["x"] * 4, ["x"] * 8, ["x"] * 9, [""], ["x" * 256],
+             ["x" * 257], [1], None],
+    "seed": [None, 0, 2**63 - 1, 2**63, -1, True, 1.0],
+    "ignore_eos": [True, False, 0, None],
+    "beam_width": [4],
+}  # fmt: skip
+MESSAGE_BOUNDS = st.one_of(
+    st.fixed_dictionaries(
+        {
+            "role": st.sampled_from(["system", "user", "assistant", "tool", "robot", 1]),
+            "content": st.sampled_from(["", "x", "x" * 8, "x" * 9, "ü" * 5, 5, None]),
+        }
+    ),
+    st.sampled_from([{"role": "user"}, {"role": "user", "content": "x", "name": "n"}, "hi"]),
+)
+
+
+def _few(bounds: dict[str, list[Any]]) -> st.SearchStrategy[dict[str, Any]]:
+    """A few fields set to bound values (most combinations of many are refused anyway)."""
+    pairs = [(k, v) for k, values in bounds.items() for v in values]
+    return st.lists(st.sampled_from(pairs), max_size=2).map(dict)
+
+
+@settings(max_examples=600, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(
+    _few(TOP_BOUNDS),
+    _few(PARAM_BOUNDS),
+    st.sampled_from([None, None, None, []]).flatmap(
+        lambda m: st.none() if m is None else st.lists(MESSAGE_BOUNDS, max_size=4)
+    ),
+    st.sampled_from([False, False, False, True]),
+    st.sampled_from([False, False, False, True]),
+)
+def test_fast_path_agrees_at_every_bound(
+    changes: dict[str, Any],
+    param_changes: dict[str, Any],
+    messages: list[Any] | None,
+    drop_params: bool,
+    small: bool,
+) -> None:
+    obj = {**wire(), **changes}
+    if messages is not None:
+        obj["messages"] = messages
+    obj["params"] = None if drop_params else {**params(), **param_changes}
+    _same_as_full_check(obj, LIMITS_SMALL if small else Limits())
+
+
+def test_fast_path_takes_the_usual_envelopes() -> None:
+    from producer.protocol import _fast_envelope
+
+    env = make_envelope(
+        CHAT,
+        model="m",
+        params=Params(stop=("END",), seed=7, temperature=0.0),
+        tenant="t",
+        deadline_s=5,
+        idempotency_key="k",
+        callback_url="https://example.invalid/x",
+    )
+    assert _fast_envelope(msgpack.unpackb(encode_envelope(env)), Limits()) == env
+    no_params = wire(params=None)
+    assert _fast_envelope(no_params, Limits()) == decode_envelope(msgpack.packb(no_params))
+    _same_as_full_check(wire(id="a" * 64 + "\n"), Limits())  # $ matches before a newline
+    _same_as_full_check(wire(id="abc\n"), Limits())
+    _same_as_full_check(wire(params=params(temperature=1)), Limits())  # int → float
