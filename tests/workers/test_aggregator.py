@@ -28,7 +28,7 @@ from workers.engine_process import Capacity, EngineProcess, Output
 from workers.lanes import Entry
 from workers.metrics import Metrics
 from workers.request import InflightRequest
-from workers.results import ResultWriter, result_fields
+from workers.results import ResultWriter, done_body, result_body, result_fields
 
 KEYS = Keys()
 MODEL = "m"
@@ -52,6 +52,12 @@ LANE = KEYS.requests(MODEL, "normal")
 def test_result_fields_match_the_protocol_encoder(entry: Any) -> None:
     assert result_fields(entry) == encode_result(entry)
     assert decode_result(result_fields(entry)) == entry
+
+
+def test_done_body_is_the_body_of_the_same_done() -> None:
+    done = Done("Hi ✓", "length", Usage(12, 5, 4), Timings(1.5, 20.0, 90.25, 0.0), "w1")
+    body = done_body("Hi ✓", "length", 12, 5, 4, 1.5, 20.0, 90.25, 0.0, "w1")
+    assert body == result_body(done) == encode_result(done)["m"]
 
 
 async def _pending_entries(redis: Any, n: int) -> list[Entry]:

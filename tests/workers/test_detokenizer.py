@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from workers.detokenizer import IncrementalDetokenizer, fast_decoder
+from workers.detokenizer import ContextTexts, IncrementalDetokenizer, fast_decoder
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +78,19 @@ def test_special_tokens_are_skipped(tokenizer: Any) -> None:
     detok.push([*_ids(tokenizer, "Hello!"), eos])
     assert detok.flush() == "Hello!"
     assert detok.num_tokens == len(_ids(tokenizer, "Hello!")) + 1
+
+
+def test_cached_context_text_gives_the_same_deltas(tokenizer: Any) -> None:
+    """The first token's prefix decode from the shared cache: same text, same deltas."""
+    decoder = fast_decoder(tokenizer)
+    texts = ContextTexts(decoder)
+    for prompt_text in ["<|im_start|>assistant\n", "Grüße 東", "<|im_start|>assistant\n", "x"]:
+        for answer in ["Your order ships.", " 🚚📦", "東京", "a"]:
+            prompt = _ids(tokenizer, prompt_text)
+            plain = IncrementalDetokenizer(decoder, prompt, ("ship",))
+            cached = IncrementalDetokenizer(decoder, prompt, ("ship",), texts)
+            for token in _ids(tokenizer, answer):
+                assert plain.push([token]) == cached.push([token])
+                assert plain.stream_delta() == cached.stream_delta()
+            assert plain.flush() == cached.flush()
+    assert len(texts._texts) == 3  # one entry per distinct context window
