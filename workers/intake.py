@@ -135,6 +135,11 @@ class Intake:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self._decoder = fast_decoder(prompts.tokenizer)
         self._context_texts = ContextTexts(self._decoder)
+        # Marker names per request are prefix + id (checked here, built by concatenation).
+        self._cancelled_prefix = keys.cancelled("")
+        self._final_prefix = keys.final("")
+        assert keys.cancelled("x") == self._cancelled_prefix + "x"
+        assert keys.final("x") == self._final_prefix + "x"
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -217,7 +222,11 @@ class Intake:
 
     async def process(self, entries: Sequence[Entry]) -> None:
         now_ms = time.time_ns() // 1_000_000
-        candidates = [c for c in (self._decode(e) for e in entries) if c is not None]
+        candidates: list[tuple[Entry, Envelope]] = []
+        for e in entries:
+            c = self._decode(e)
+            if c is not None:
+                candidates.append(c)
         if candidates:
             envs = [env for _, env in candidates]
             # The marker MGET flies while the prompts are rendered and tokenized: a
@@ -231,13 +240,14 @@ class Intake:
                 markers.cancel()
             ready: list[tuple[Entry, Envelope]] = []
             ready_ids: list[list[int] | Exception] = []
+            recent_cancels = self.recent_cancels
             for i, (entry, env) in enumerate(candidates):
                 cancelled, answered = flags[2 * i], flags[2 * i + 1]
                 if answered:  # answered already (e.g. by a worker that died before acking)
                     self.writer.final(entry, env.id, _NOOP_ERROR, 0)
-                elif cancelled or env.id in self.recent_cancels:
+                elif cancelled or env.id in recent_cancels:
                     self._reject(entry, env, ErrorCode.CANCELLED, "cancelled by the requester")
-                elif env.expired(now_ms):
+                elif env.deadline_ms is not None and env.expired(now_ms):
                     self._reject(
                         entry,
                         env,
@@ -264,9 +274,11 @@ class Intake:
 
     async def _markers(self, envs: list[Envelope]) -> list[Any]:
         """[cancelled, answered] per request (one MGET), retried: these entries are ours now."""
+        cancelled, final = self._cancelled_prefix, self._final_prefix
         keys: list[str] = []
         for env in envs:
-            keys += [self.keys.cancelled(env.id), self.keys.final(env.id)]
+            rid = env.id
+            keys += (cancelled + rid, final + rid)
         for attempt in range(MARKER_ATTEMPTS):
             try:
                 values: list[Any] = await self.redis.mget(keys)

@@ -173,24 +173,29 @@ class SegmentEncoder:
     ) -> list[list[int]]:
         token_ids = self._token_ids
         found: dict[str, list[int]] = self._cache if cache else {}
+        new_get, found_get = new.get, found.get
+        touch = self._cache.move_to_end
         out: list[list[int]] = []
         hits = 0
         for pieces in pieces_of:
             ids: list[int] = []
-            for i, piece in enumerate(pieces):
-                if i & 1:
-                    ids.append(token_ids[piece])
-                elif piece:
-                    cached = new.get(piece)
+            # re.split with one group: text, token, text, ..., token, text
+            last = len(pieces) - 1
+            for i in range(0, last + 1, 2):
+                piece = pieces[i]
+                if piece:
+                    cached = new_get(piece)
                     if cached is None:
-                        cached = found.get(piece)
+                        cached = found_get(piece)
                         if cached is None:  # evicted since ``plan`` (another batch ran)
                             cached = new[piece] = self.encode_raw([piece])[0]
                         else:
                             hits += 1
                             if cache:
-                                self._cache.move_to_end(piece)
-                    ids.extend(cached)
+                                touch(piece)
+                    ids += cached
+                if i < last:
+                    ids.append(token_ids[pieces[i + 1]])
             out.append(ids)
         if cache:
             self.hits += hits
