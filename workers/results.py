@@ -20,6 +20,7 @@ import msgpack
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.keys import DEAD_MAXLEN, GROUP, RESULT_TTL_S, STREAM_FIELD, Keys
@@ -155,10 +156,7 @@ def result_fields(entry: Chunk | Done | Error) -> dict[str, bytes]:
     return {RESULT_TYPE_FIELD: kind, RESULT_BODY_FIELD: result_body(entry)}
 
 
-def pipe_script(pipe: Any, script: AsyncScript, keys: list[Any], args: list[Any]) -> None:
-    """Queue EVALSHA on a pipeline; the pipeline loads the script first if Redis lacks it."""
-    pipe.scripts.add(script)
-    pipe.evalsha(script.sha, len(keys), *keys, *args)
+ScriptCall = tuple[int, AsyncScript, list[Any], list[Any]]  # pipeline index, script, keys, args
 
 
 class ResultWriter:
@@ -181,6 +179,11 @@ class ResultWriter:
         self._backlog = keys.backlog(model)
         self._lock = asyncio.Lock()
         self.finals_written = 0  # FINALIZE calls that wrote (not answered before)
+        # Once a flush has run with the scripts loaded, later flushes send EVALSHA without
+        # redis-py's SCRIPT EXISTS round trip first; a call Redis answers NOSCRIPT (it
+        # restarted, or SCRIPT FLUSH) did not run and is sent again with the script loaded.
+        self._scripts_loaded = False
+        self._script_calls: list[ScriptCall] = []  # of the pipeline being built
 
     @property
     def pending(self) -> int:
@@ -243,9 +246,16 @@ class ResultWriter:
         args: list[Any] = [GROUP, entry.entry_id, DEAD_MAXLEN, self.worker, *fields]
 
         def op(pipe: Any) -> None:
-            pipe_script(pipe, self._dead_raw, keys, args)
+            self._script(pipe, self._dead_raw, keys, args)
 
         self._ops.append(op)
+
+    def _script(self, pipe: Any, script: AsyncScript, keys: list[Any], args: list[Any]) -> None:
+        """Queue EVALSHA on the pipeline being built (remembered, in case of NOSCRIPT)."""
+        if not self._scripts_loaded:
+            pipe.scripts.add(script)  # the pipeline loads it first if Redis lacks it
+        self._script_calls.append((len(pipe.command_stack), script, keys, args))
+        pipe.evalsha(script.sha, len(keys), *keys, *args)
 
     # --- sending ---
 
@@ -263,12 +273,13 @@ class ResultWriter:
             num_finals = len(final_args) // FINAL_ARGS
             for attempt, delay_s in enumerate((*RETRY_DELAYS_S, None)):
                 try:
+                    self._script_calls = []
                     pipe = self.redis.pipeline(transaction=False)
                     for op in ops:
                         op(pipe)
                     for start in range(0, num_finals, MAX_FINALS_PER_CALL):
                         end = start + MAX_FINALS_PER_CALL
-                        pipe_script(
+                        self._script(
                             pipe,
                             self._finalize_many,
                             final_keys[start * FINAL_KEYS : end * FINAL_KEYS],
@@ -286,6 +297,12 @@ class ResultWriter:
                         "result write failed (%s); retry %d in %.2f s", err, attempt + 1, delay_s
                     )
                     await asyncio.sleep(delay_s)
+            calls, self._script_calls = self._script_calls, []
+            lost = [c for c in calls if isinstance(replies[c[0]], NoScriptError)]
+            if calls:
+                self._scripts_loaded = not lost
+            for index, script, keys, args in lost:
+                replies[index] = await self._run_again(script, keys, args)
             for reply in replies:
                 if isinstance(reply, Exception):
                     log.error("result write command failed: %s", reply)
@@ -296,6 +313,25 @@ class ResultWriter:
                 for r in replies[len(replies) - _calls(num_finals) :]
                 if isinstance(r, list)
             )
+
+    async def _run_again(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
+        """A script call that did not run (NOSCRIPT), alone, loading the script (redis-py's
+        ``Script.__call__``); retried on connection errors; if those last, it is queued
+        again for the next flush and the error raised, like a failed flush."""
+        for attempt, delay_s in enumerate((*RETRY_DELAYS_S, None)):
+            try:
+                return await script(keys=keys, args=args)
+            except ResponseError as err:  # as the pipeline would have returned it
+                return err
+            except (RedisConnectionError, RedisTimeoutError, OSError) as err:
+                if delay_s is None:
+                    self._ops.insert(0, lambda pipe: self._script(pipe, script, keys, args))
+                    raise
+                log.warning(
+                    "script call failed (%s); retry %d in %.2f s", err, attempt + 1, delay_s
+                )
+                await asyncio.sleep(delay_s)
+        raise AssertionError("unreachable")
 
 
 def _calls(num_finals: int) -> int:

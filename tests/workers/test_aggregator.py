@@ -97,6 +97,30 @@ async def test_batched_finalize_writes_once_acks_all_and_isolates_failures(
     assert writer.finals_written == 2
 
 
+async def test_finals_land_once_when_redis_lost_its_scripts_between_flushes(
+    redis_client: Any,
+) -> None:
+    """Flushes after the first send EVALSHA without asking whether the script exists; after
+    a SCRIPT FLUSH (or a restart) those calls answer NOSCRIPT, did not run, and run again."""
+    entries = await _pending_entries(redis_client, 3)
+    writer = ResultWriter(redis_client, KEYS, MODEL, "w1")
+    writer.final(entries[0], "r0", Done(text="a", finish_reason="stop"), 0)
+    await writer.flush()
+    await redis_client.script_flush()
+    writer.chunk("r1", 0, "b")
+    writer.final(entries[1], "r1", Done(text="b", finish_reason="stop"), 0)
+    writer.dead_letter(entries[2], "test")
+    await writer.flush()
+    await redis_client.script_flush()
+    writer.final(entries[1], "r1", Done(text="again", finish_reason="stop"), 0)
+    await writer.flush()
+    r1 = [decode_result(f) for _, f in await redis_client.xrange(KEYS.result("r1"))]
+    assert r1 == [Chunk(0, "b"), Done(text="b", finish_reason="stop")]
+    assert writer.finals_written == 2 and writer.pending == 0
+    assert (await redis_client.xpending(LANE, GROUP))["pending"] == 0
+    assert await redis_client.xlen(KEYS.dead) == 1
+
+
 def _request(detok: IncrementalDetokenizer, entry: Entry, stream: bool) -> InflightRequest:
     env = make_envelope(
         [{"role": "user", "content": "hi"}],
