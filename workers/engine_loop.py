@@ -25,7 +25,9 @@ import importlib
 import os
 import queue
 import signal
+import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -57,6 +59,75 @@ def _capacity_wire(engine: Any) -> list[int]:
         int(c.waiting_seqs),
         int(c.max_num_seqs),
     ]
+
+
+class LoopTrace:
+    """Where the engine loop's time goes, printed to stderr every ``interval_s`` (the worker's
+    log): loop turns, time applying commands (adds decoded and validated), stepping, waiting
+    for the device inside the step, packing outputs, and garbage-collection pauses, each as
+    total and worst single turn. On when ``CHATQ_ENGINE_TRACE_S`` is set (seconds between
+    lines); a diagnostic for stalls that leave the GPU idle, off by default."""
+
+    PARTS = ("apply", "step", "wait", "send", "gc")
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self._t0 = self._last = time.perf_counter()
+        self._gc_start = 0.0
+        self._reset()
+        gc.callbacks.append(self._on_gc)
+
+    def _reset(self) -> None:
+        self.turns = 0
+        self.adds = 0
+        self.total = dict.fromkeys(self.PARTS, 0.0)
+        self.worst = dict.fromkeys(self.PARTS, 0.0)
+        self.worst_turn = 0.0
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._gc_start = time.perf_counter()
+        else:
+            self.add("gc", time.perf_counter() - self._gc_start)
+
+    def add(self, part: str, seconds: float) -> None:
+        self.total[part] += seconds
+        self.worst[part] = max(self.worst[part], seconds)
+
+    def wrap_wait(self, engine: Any) -> None:
+        """Time the device wait inside ``pipelined_step`` (the model runner's collect)."""
+        runner: Any = getattr(engine, "model_runner", None)
+        collect = getattr(runner, "collect", None)
+        if runner is None or collect is None:
+            return
+
+        def timed(step: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return collect(step)
+            finally:
+                self.add("wait", time.perf_counter() - t)
+
+        runner.collect = timed
+
+    def turn(self, seconds: float) -> None:
+        self.turns += 1
+        self.worst_turn = max(self.worst_turn, seconds)
+        now = time.perf_counter()
+        if now - self._last < self.interval_s:
+            return
+        span = now - self._last
+        parts = " ".join(
+            f"{p}={self.total[p] / span:.1%}/max{self.worst[p] * 1e3:.1f}ms" for p in self.PARTS
+        )
+        print(
+            f"[engine-trace t={now - self._t0:.0f}s] turns={self.turns} adds={self.adds} "
+            f"max_turn={self.worst_turn * 1e3:.1f}ms {parts}",
+            file=sys.stderr,
+            flush=True,
+        )
+        self._last = now
+        self._reset()
 
 
 def _sender(conn: Connection, outbox: queue.SimpleQueue[bytes | None]) -> None:
@@ -146,6 +217,10 @@ def engine_main(
         )
         step = getattr(engine, "pipelined_step", None) or engine.step
         finish = getattr(engine, "finish_pipeline", None)
+        trace_s = float(os.environ.get("CHATQ_ENGINE_TRACE_S") or 0)
+        trace = LoopTrace(trace_s) if trace_s > 0 else None
+        if trace is not None:
+            trace.wrap_wait(engine)
 
         def send_outputs(outs: list[Any]) -> None:
             wire = [
@@ -163,13 +238,15 @@ def engine_main(
 
         running = True
         while running:
+            t_turn = time.perf_counter()
             # Idle: block (briefly, so a vanished host is noticed); busy: take what is there.
             got = cmd_conn.poll(0 if engine.has_unfinished() else 0.5)
-            applied = False
+            t_apply = time.perf_counter()
+            applied = 0
             rejected: list[list[Any]] = []
             while got:
                 for cmd in msgpack.unpackb(cmd_conn.recv_bytes(), raw=False):
-                    applied = True
+                    applied += 1
                     if not _apply(engine, params_cls, cmd, rejected):
                         running = False
                 got = running and cmd_conn.poll(0)
@@ -177,8 +254,22 @@ def engine_main(
                 send(["rej", rejected])
             if not running:
                 break
+            if trace is None:
+                if engine.has_unfinished():
+                    send_outputs(step())
+                elif applied:
+                    send(["cap", _capacity_wire(engine)])
+                continue
+            t_step = time.perf_counter()
+            trace.adds += applied
+            trace.add("apply", t_step - t_apply)
             if engine.has_unfinished():
-                send_outputs(step())
+                outs = step()
+                t_send = time.perf_counter()
+                trace.add("step", t_send - t_step)
+                send_outputs(outs)
+                trace.add("send", time.perf_counter() - t_send)
+                trace.turn(time.perf_counter() - t_turn)
             elif applied:
                 send(["cap", _capacity_wire(engine)])
         if finish is not None:

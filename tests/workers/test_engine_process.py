@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from gpu_engine.outputs import EngineCapacity as Capacity
 from workers.engine_process import AddCommand, EngineProcess, Output
@@ -65,3 +66,38 @@ async def test_commands_larger_than_the_pipe_buffer_all_arrive_in_order() -> Non
         assert ticks > 0 and not engine._unsent
     finally:
         await engine.stop()
+
+
+async def test_loop_trace_reports_where_the_engine_loop_spends_time(
+    monkeypatch: Any, capfd: Any
+) -> None:
+    """``CHATQ_ENGINE_TRACE_S`` makes the engine process print, on the worker's stderr, its
+    loop turns, adds applied and the share and worst turn of each part (apply, step, send,
+    gc); without it the loop prints nothing."""
+    done = asyncio.Event()
+
+    def on_outputs(outs: list[Output], capacity: Capacity) -> None:
+        if any(o.finished for o in outs):
+            done.set()
+
+    for trace in ("0.05", ""):
+        monkeypatch.setenv("CHATQ_ENGINE_TRACE_S", trace)
+        done.clear()
+        engine = EngineProcess(ZERO_COST, "", {}, on_outputs=on_outputs, on_fatal=lambda m: None)
+        await engine.start(timeout_s=60)
+        try:
+            engine.add([_add(0, 10, 20_000)])
+            await asyncio.wait_for(done.wait(), 60)
+            await asyncio.sleep(0.1)
+        finally:
+            await engine.stop()
+        err = capfd.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("[engine-trace")]
+        if trace:
+            assert lines, err[-2000:]
+            first = lines[0]
+            assert "adds=1" in first and "turns=" in first
+            for part in ("apply=", "step=", "send=", "gc="):
+                assert part in first
+        else:
+            assert not lines
