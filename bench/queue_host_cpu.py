@@ -3,9 +3,10 @@
 Fills a private Redis with ``N`` chats (``bench.queue_throughput.messages``, ``submit_many``,
 no worker running), then runs a ``Worker`` in this process with the zero-cost engine and
 measures, from its ready signal until every request completed: requests/s, this process's
-CPU seconds per request (the host loop plus its threads; the engine child and Redis are
-not counted) and how busy the process was (CPU ÷ wall). Run it from a checkout's root to
-measure that checkout's worker:
+CPU seconds per request (the host loop plus its threads, e.g. the tokenizer's) and how busy
+the process was (CPU ÷ wall); on Linux also the loop thread's own CPU per request and, for
+the whole picture on a shared machine, the engine child's and the Redis server's (read
+from ``/proc``). Run it from a checkout's root to measure that checkout's worker:
 
     .venv/bin/python bench/queue_host_cpu.py --requests 5000
     (cd /tmp/older && /work/main/.venv/bin/python /work/main/bench/queue_host_cpu.py --repo .)
@@ -15,13 +16,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 
-async def drain(url: str, tok_dir: Path, n: int) -> tuple[float, float, float]:
+def _proc_cpu_s(pid: int | None) -> float | None:
+    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``), else None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+async def drain(url: str, tok_dir: Path, n: int) -> dict[str, float | None]:
     from bench.queue_throughput import MODEL, messages
     from producer.client import ChatClient
     from workers.settings import WorkerSettings
@@ -31,6 +42,7 @@ async def drain(url: str, tok_dir: Path, n: int) -> tuple[float, float, float]:
         for start in range(0, n, 500):
             chats = [messages(i) for i in range(start, min(n, start + 500))]
             await client.submit_many(chats, model=MODEL, max_tokens=1)
+        redis_pid = int((await client.redis.info("server"))["process_id"])
     settings = WorkerSettings(
         model_path=str(tok_dir),
         redis_url=url,
@@ -42,15 +54,30 @@ async def drain(url: str, tok_dir: Path, n: int) -> tuple[float, float, float]:
     worker = Worker(settings)
     task = asyncio.create_task(worker.run(install_signals=False))
     await asyncio.wait_for(worker.ready.wait(), 120)
-    wall0, cpu0 = time.perf_counter(), time.process_time()
+    engine_pid = worker.engine.pid if worker.engine is not None else None
+    others0 = [_proc_cpu_s(engine_pid), _proc_cpu_s(redis_pid)]
+    wall0, cpu0, loop0 = time.perf_counter(), time.process_time(), time.thread_time()
     while worker.metrics.completed < n:
         if task.done():
             raise RuntimeError("the worker stopped early")
         await asyncio.sleep(0.005)
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    loop_cpu = time.thread_time() - loop0  # this coroutine runs on the worker's loop thread
+    others = [_proc_cpu_s(engine_pid), _proc_cpu_s(redis_pid)]
+    engine_cpu, redis_cpu = (
+        None if a is None or b is None else (b - a) / n * 1e6
+        for a, b in zip(others0, others, strict=True)
+    )
     worker.stop()
     await task
-    return n / wall, cpu / n * 1e6, cpu / wall
+    return {
+        "rps": n / wall,
+        "cpu_us": cpu / n * 1e6,
+        "busy": cpu / wall,
+        "loop_us": loop_cpu / n * 1e6,
+        "engine_us": engine_cpu,
+        "redis_us": redis_cpu,
+    }
 
 
 def main() -> int:
@@ -68,9 +95,14 @@ def main() -> int:
         build_tokenizer(tok_dir)
         for _ in range(args.repeats):
             with RedisServer() as server:
-                rps, cpu_us, busy = asyncio.run(drain(server.url, tok_dir, args.requests))
-            print(f"{args.repo}: {rps:,.0f} req/s, host CPU {cpu_us:.0f} us/request", end="")
-            print(f", busy {busy:.0%}")
+                r = asyncio.run(drain(server.url, tok_dir, args.requests))
+            print(f"{args.repo}: {r['rps']:,.0f} req/s", end="")
+            print(f", host CPU {r['cpu_us']:.0f} us/request, busy {r['busy']:.0%}", end="")
+            print(f", loop thread {r['loop_us']:.0f} us/request", end="")
+            for name in ("engine", "redis"):
+                value = r[f"{name}_us"]
+                print("" if value is None else f", {name} {value:.0f} us/request", end="")
+            print()
     return 0
 
 
