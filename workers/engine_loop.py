@@ -4,7 +4,8 @@ One synchronous loop that never waits on Redis, tokenization or detokenization::
 
     while running:
         commands = drain the command pipe (block only when the engine has nothing to do)
-        apply adds / aborts (a refused add is reported, never fatal)
+        apply adds / aborts in order, for at most ~1 ms while steps run (a refused add is
+        reported, never fatal; the rest wait for the next turns)
         outputs = engine.pipelined_step()   ← launches step N+1, then returns step N's
         pack and hand (outputs, capacity) to the sender thread
 
@@ -29,11 +30,19 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
 import msgpack
+
+from workers.engine_process import prompt_from_wire
+
+# While steps run, commands are applied for at most this long per loop turn (the rest wait,
+# in order, for the next turns): the device waits for the host while it applies them, and a
+# pull's worth of adds (~60 µs each) at once used to stall it for tens of milliseconds.
+APPLY_BUDGET_S = 0.001
 
 
 def resolve_factory(spec: str) -> tuple[Callable[..., Any], Any]:
@@ -167,7 +176,9 @@ def _apply(engine: Any, params_cls: Any, cmd: list[Any], rejected: list[list[Any
                 seed=seed,
                 ignore_eos=ignore_eos,
             )
-            engine.add_request(rid, prompt, params, priority=prio, deadline=deadline)
+            engine.add_request(
+                rid, prompt_from_wire(prompt), params, priority=prio, deadline=deadline
+            )
         except Exception as err:  # one bad request (too long, bad params) never stops the loop
             rejected.append([rid, f"{type(err).__name__}: {err}"])
     elif op == "abort":
@@ -236,20 +247,27 @@ def engine_main(
             ]
             send(["out", wire, _capacity_wire(engine)])
 
+        backlog: deque[list[Any]] = deque()  # commands received, not applied yet
         running = True
         while running:
             t_turn = time.perf_counter()
+            busy = engine.has_unfinished()
             # Idle: block (briefly, so a vanished host is noticed); busy: take what is there.
-            got = cmd_conn.poll(0 if engine.has_unfinished() else 0.5)
+            got = cmd_conn.poll(0 if busy or backlog else 0.5)
             t_apply = time.perf_counter()
+            while got:
+                backlog.extend(msgpack.unpackb(cmd_conn.recv_bytes(), raw=False))
+                got = cmd_conn.poll(0)
             applied = 0
             rejected: list[list[Any]] = []
-            while got:
-                for cmd in msgpack.unpackb(cmd_conn.recv_bytes(), raw=False):
-                    applied += 1
-                    if not _apply(engine, params_cls, cmd, rejected):
-                        running = False
-                got = running and cmd_conn.poll(0)
+            budget_end = time.perf_counter() + APPLY_BUDGET_S
+            while backlog:
+                applied += 1
+                if not _apply(engine, params_cls, backlog.popleft(), rejected):
+                    running = False
+                    break
+                if busy and time.perf_counter() > budget_end:
+                    break
             if rejected:
                 send(["rej", rejected])
             if not running:

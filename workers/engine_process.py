@@ -10,8 +10,9 @@ tokenization or detokenization, which all live in the host process::
         hand (outputs, capacity) to the sender thread   ← never blocks the loop
 
 Both directions carry one msgpack document per batch over a one-way ``multiprocessing``
-pipe (no pickle of user data). Host → child: ``[[op, ...], ...]`` with ops ``add``,
-``abort`` and ``stop``. Child → host: ``["ready", info]``, ``["out", outputs, capacity]``,
+pipe (no pickle of user data; prompts travel as int32 bytes, see ``prompt_wire``). Host →
+child: ``[[op, ...], ...]`` with ops ``add``, ``abort`` and ``stop``. Child → host:
+``["ready", info]``, ``["out", outputs, capacity]``,
 ``["cap", capacity]``, ``["rej", [[request_id, message], ...]]`` (adds the engine refused)
 or ``["fatal", message]``. Neither loop blocks on a full pipe: the child has a sender
 thread; the host writes from its asyncio loop into its non-blocking end of the pipe (what
@@ -28,6 +29,7 @@ import contextlib
 import multiprocessing as mp
 import os
 import struct
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -72,7 +74,7 @@ class AddCommand:
         return [
             "add",
             self.request_id,
-            self.prompt_token_ids,
+            prompt_wire(self.prompt_token_ids),
             self.max_tokens,
             self.temperature,
             self.top_p,
@@ -82,6 +84,24 @@ class AddCommand:
             self.priority,
             self.deadline_s,
         ]
+
+
+def prompt_wire(token_ids: list[int]) -> bytes | list[int]:
+    """A prompt's token ids as native int32 bytes (msgpack packs and unpacks them as one
+    blob instead of ~1,000 integers; the engine's loop reads them with ``array``); a list
+    when an id does not fit (the engine then refuses the request with a clear error)."""
+    try:
+        return array("i", token_ids).tobytes()
+    except (OverflowError, TypeError):
+        return token_ids
+
+
+def prompt_from_wire(data: bytes | list[int]) -> list[int]:
+    if isinstance(data, bytes):
+        ids = array("i")
+        ids.frombytes(data)
+        return ids.tolist()
+    return data
 
 
 # --- the host side --------------------------------------------------------------------------

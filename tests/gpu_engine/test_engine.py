@@ -113,6 +113,10 @@ def test_step_outputs_abort_deadline_and_capacity(llm: LLM) -> None:
         engine.add_request("bad", [])
     with pytest.raises(InvalidRequestError):
         engine.add_request("bad", [10_000])
+    with pytest.raises(InvalidRequestError, match="integers"):
+        engine.add_request("bad", [5, 6.5])
+    with pytest.raises(InvalidRequestError, match="integers"):
+        engine.add_request("bad", ["5"])
     with pytest.raises(InvalidRequestError):
         engine.add_request("bad", [5] * 1024)
 

@@ -6,7 +6,13 @@ import asyncio
 from typing import Any
 
 from gpu_engine.outputs import EngineCapacity as Capacity
-from workers.engine_process import AddCommand, EngineProcess, Output
+from workers.engine_process import (
+    AddCommand,
+    EngineProcess,
+    Output,
+    prompt_from_wire,
+    prompt_wire,
+)
 
 ZERO_COST = "bench.zero_cost_engine:ZeroCostEngine.from_options"
 
@@ -101,3 +107,13 @@ async def test_loop_trace_reports_where_the_engine_loop_spends_time(
                 assert part in first
         else:
             assert not lines
+
+
+def test_prompts_travel_as_int32_bytes_and_come_back_equal() -> None:
+    ids = [0, 1, 151_645, 2**31 - 1, 7]
+    wire = prompt_wire(ids)
+    assert isinstance(wire, bytes) and len(wire) == 4 * len(ids)
+    assert prompt_from_wire(wire) == ids
+    # An id that does not fit stays a list: the engine refuses it with its own message.
+    assert prompt_from_wire(prompt_wire([1, 2**40])) == [1, 2**40]
+    assert prompt_from_wire(prompt_wire([1, 2.5])) == [1, 2.5]  # type: ignore[list-item]
