@@ -132,7 +132,7 @@ def build_engine(root: Path, max_model_len: int, graphs_path: bool = True) -> LL
     # The device's decode path: static buffers staged from host lists, graph replay (a no-op).
     graphs = DecodeGraphs(
         runner.model, 256, runner.max_model_len, runner.block_size, hidden, runner.dtype,
-        runner.device,
+        runner.device, last_tokens=runner.last_tokens,
     )  # fmt: skip
     graphs.graphs = {bs: _NoReplay() for bs in graphs.batch_sizes}  # type: ignore[misc]
     runner.graphs = graphs
@@ -141,6 +141,7 @@ def build_engine(root: Path, max_model_len: int, graphs_path: bool = True) -> LL
         runner.model, max_num_seqs=256, max_num_batched_tokens=runner.config.max_num_batched_tokens,
         max_model_len=runner.max_model_len, block_size=runner.block_size, hidden_size=hidden,
         dtype=runner.dtype, device=runner.device, mirror=graphs.mirror,
+        last_tokens=runner.last_tokens,
     )  # fmt: skip
     mixed.graphs = {tp: _NoReplay() for tp in mixed.buckets}  # type: ignore[misc]
     runner.mixed_graphs = mixed
