@@ -167,6 +167,18 @@ class Aggregator:
         self.fail(req, ErrorCode.CANCELLED.value, "cancelled by the requester")
         return True
 
+    def withdraw(self, request_id: str) -> bool:
+        """An admitted request turned out to be answered already (by a worker that died
+        before acking): abort it in the engine and ack its entry without a second answer."""
+        req = self.admission.admitted.get(request_id)
+        if req is None or req.finished:
+            return False
+        self.engine.abort([request_id])
+        self._finish(req)
+        self.writer.final(req.entry, request_id, _ALREADY, 0)
+        self._ack_duplicates(req)
+        return True
+
     def _finish(self, req: InflightRequest) -> None:
         req.finished = True
         self.admission.release(req)

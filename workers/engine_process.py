@@ -179,9 +179,15 @@ class EngineProcess:
         return not self._dead and self._proc is not None and self._proc.is_alive()
 
     def add(self, commands: Sequence[AddCommand]) -> None:
+        """Send at once (after whatever this loop turn queued before them): an intake batch
+        is one call, and a request's time to the engine should not wait for the loop's
+        other ready callbacks."""
         if commands:
             self._pending.extend([c.to_wire() for c in commands])
-            self._schedule_flush()
+            if self._cmd_send is not None:
+                self._flush()
+            else:
+                self._schedule_flush()
 
     def abort(self, request_ids: Sequence[str]) -> None:
         if request_ids:

@@ -36,7 +36,6 @@ from producer.keys import STREAM_FIELD, Keys
 from producer.protocol import (
     DEFAULT_LIMITS,
     Envelope,
-    Error,
     ErrorCode,
     Limits,
     estimate_cost_tokens,
@@ -69,8 +68,6 @@ RETRY_DELAY_S = 0.5
 SALVAGE_MAX_BYTES = 64 << 20
 MARKER_ATTEMPTS = 20
 _FIELD = STREAM_FIELD.encode()
-# FINALIZE never writes this (a final exists already); it only acks and deletes the entry.
-_NOOP_ERROR = Error(code=ErrorCode.INTERNAL.value, message="already answered")
 
 
 def being_cancelled() -> bool:
@@ -229,23 +226,12 @@ class Intake:
                 candidates.append(c)
         if candidates:
             envs = [env for _, env in candidates]
-            # The marker MGET flies while the prompts are rendered and tokenized: a
-            # cancelled or answered request is tokenized for nothing, never admitted.
-            markers = asyncio.ensure_future(self._markers(envs))
-            try:
-                await asyncio.sleep(0)  # let the MGET go out before the CPU work
-                token_ids = await self._tokenize(envs)
-                flags = await markers
-            finally:
-                markers.cancel()
+            token_ids = await self._tokenize(envs)
             ready: list[tuple[Entry, Envelope]] = []
             ready_ids: list[list[int] | Exception] = []
             recent_cancels = self.recent_cancels
             for i, (entry, env) in enumerate(candidates):
-                cancelled, answered = flags[2 * i], flags[2 * i + 1]
-                if answered:  # answered already (e.g. by a worker that died before acking)
-                    self.writer.final(entry, env.id, _NOOP_ERROR, 0)
-                elif cancelled or env.id in recent_cancels:
+                if env.id in recent_cancels:
                     self._reject(entry, env, ErrorCode.CANCELLED, "cancelled by the requester")
                 elif env.deadline_ms is not None and env.expired(now_ms):
                     self._reject(
@@ -259,6 +245,24 @@ class Intake:
                     ready_ids.append(token_ids[i])
             if ready:
                 self._admit(ready, ready_ids)
+            # Markers after admission, off a request's path to the engine (their round trip
+            # waited behind the loop's other work): a request cancelled while queued, or
+            # answered already (by a worker that died before acking), is withdrawn from the
+            # engine at once, milliseconds before its first step could report anything.
+            flags = await self._markers(envs)
+            admitted, aggregator = self.admission.admitted, self.aggregator
+            for i, (entry, env) in enumerate(candidates):
+                cancelled, answered = flags[2 * i], flags[2 * i + 1]
+                if not (cancelled or answered):
+                    continue
+                req = admitted.get(env.id)
+                # Not admitted from this entry: refused (its error's FINALIZE only acks when
+                # a final exists) or a duplicate (acked with the original's final).
+                if req is not None and req.entry is entry:
+                    if answered:
+                        aggregator.withdraw(env.id)
+                    else:
+                        aggregator.cancel(env.id)
         await self.writer.flush()
 
     async def _tokenize(self, envs: list[Envelope]) -> list[list[int] | Exception]:

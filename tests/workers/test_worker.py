@@ -301,3 +301,28 @@ async def test_same_request_queued_twice_is_answered_once_and_both_entries_acked
     await _lanes_drained(redis_client)
     assert len(await _finals(redis_client, "twice-1")) == 1
     assert (await redis_client.xpending(KEYS.requests(MODEL, "normal"), GROUP))["pending"] == 0
+
+
+async def test_an_entry_answered_already_is_withdrawn_not_answered_again(
+    tiny_worker: ThreadWorker, redis_url: str, redis_client: Any
+) -> None:
+    """An entry whose request has a final already (e.g. a worker answered it and died
+    before acking) is admitted at once (markers are read after admission, off the path to
+    the engine), then withdrawn: aborted in the engine, acked, never answered twice."""
+    params = Params(max_tokens=400, ignore_eos=True)
+    env = make_envelope(USER, model=MODEL, request_id="again-1", params=params)
+    await _xadd(redis_client, encode_envelope(env))
+    async with ChatClient(redis_url) as client:
+        first = await client.result("again-1", timeout_s=30)
+        await _lanes_drained(redis_client)
+        completed = tiny_worker.worker.metrics.completed
+        await _xadd(redis_client, encode_envelope(env))  # the same request, queued again
+        await _lanes_drained(redis_client)
+        # The worker is free again (the withdrawn copy holds no engine slot or budget).
+        res = await client.chat(USER, model=MODEL, max_tokens=2, timeout_s=30)
+    assert res.worker == "tw" and first.usage.completion_tokens == 400
+    assert tiny_worker.worker.metrics.completed == completed + 1  # the chat, not the copy
+    assert len(await _finals(redis_client, "again-1")) == 1
+    assert (await redis_client.xpending(KEYS.requests(MODEL, "normal"), GROUP))["pending"] == 0
+    assert tiny_worker.worker.intake is not None
+    assert not tiny_worker.worker.intake.admission.admitted
