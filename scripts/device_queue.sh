@@ -15,6 +15,7 @@ export PYTHONPATH=/tmp/site-queue:$PWD
 export CHATQ_REDIS_SERVER=$PWD/.bin/valkey-server
 nproc; python3 -c "import arq, redis, hiredis; print('arq', arq.VERSION, 'redis', redis.__version__)"
 date -u
-python3 bench/queue_throughput.py "${@:---requests 20000 --latency-requests 500 --repeats 3}" \
+[[ $# -eq 0 ]] && set -- --requests 20000 --latency-requests 500 --repeats 3
+python3 bench/queue_throughput.py "$@" \
   2>&1 | tee "$OUT/queue_throughput.log" | tail -20
 date -u
