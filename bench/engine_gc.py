@@ -20,12 +20,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from random import randint, seed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.host_overhead import build_engine
-from gpu_engine import SamplingParams
+from bench.host_overhead import spike_engine
 from workers.engine_loop import ENGINE_GC_THRESHOLD
 
 MODES = {
@@ -35,13 +33,7 @@ MODES = {
 
 
 def run(root: Path, threshold: tuple[int, int, int] | None) -> dict[str, float]:
-    engine = build_engine(root, 4096)
-    seed(0)
-    shared = [randint(2, 63) for _ in range(1000)]
-    for i in range(1024):
-        prompt = shared + [randint(2, 63) for _ in range(randint(20, 200))]
-        params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=randint(50, 400))
-        engine.add_request(f"r{i}", prompt, params)
+    engine = spike_engine(root)
     gc.collect()
     gc.freeze()  # what the engine process does after start-up
     saved = gc.get_threshold()

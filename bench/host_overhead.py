@@ -192,10 +192,10 @@ def run_nano(root: Path) -> tuple[dict[str, float], int]:
     return {k: 1e3 * sum(s[k] for s in timer.steps) / n for k in PHASES}, n
 
 
-def run_spike(root: Path, profile: bool) -> list[tuple[str, dict[str, float]]]:
-    """bench/spike.py's workload shape: 1,024 requests at once, a shared 1,000-token prefix,
-    20-200 tokens of their own, answers of 50-400 (greedy, ``ignore_eos``); finished slots
-    are refilled at once, so many steps carry a prefill chunk."""
+def spike_engine(root: Path) -> LLMEngine:
+    """The stubbed engine with bench/spike.py's workload shape added: 1,024 requests at once,
+    a shared 1,000-token prefix, 20-200 tokens of their own, answers of 50-400 (greedy,
+    ``ignore_eos``)."""
     engine = build_engine(root, 4096)
     seed(0)
     shared = [randint(2, 63) for _ in range(1000)]
@@ -203,6 +203,13 @@ def run_spike(root: Path, profile: bool) -> list[tuple[str, dict[str, float]]]:
         prompt = shared + [randint(2, 63) for _ in range(randint(20, 200))]
         params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=randint(50, 400))
         engine.add_request(f"r{i}", prompt, params)
+    return engine
+
+
+def run_spike(root: Path, profile: bool) -> list[tuple[str, dict[str, float]]]:
+    """The spike's shape (``spike_engine``): finished slots are refilled at once, so many
+    steps carry a prefill chunk."""
+    engine = spike_engine(root)
     timer = PhaseTimer(engine)
     prof = cProfile.Profile() if profile else None
     if prof:
