@@ -130,12 +130,14 @@ def test_sigterm_drains_running_requests_and_exits_clean(
 def test_sigterm_past_the_grace_period_hands_work_back_to_another_worker(
     redis_url: str, spawn_worker: Callable[..., WorkerProcess]
 ) -> None:
+    # Long answers: the pipelined engine finishes 6 x 600 tokens of the tiny model on the CPU
+    # inside the drain's last pull plus a 0.2 s grace period now and then.
     r = redis.Redis.from_url(redis_url)
     w1 = spawn_worker(redis_url, "w1", "--grace-period-s", "0.2")
     _wait(lambda: _ready(r, "w1"), 120, "w1", w1)
     with SyncChatClient(redis_url) as client:
         ids = [
-            client.submit(USER, model=MODEL, max_tokens=600, ignore_eos=True, seed=i)
+            client.submit(USER, model=MODEL, max_tokens=1800, ignore_eos=True, seed=i)
             for i in range(6)
         ]
         _wait(lambda: (_heartbeat(r, "w1") or {}).get("tokens_generated", 0) > 0, 60, "running", w1)
@@ -148,9 +150,10 @@ def test_sigterm_past_the_grace_period_hands_work_back_to_another_worker(
         assert _pending_by_consumer(r).get("w1", 0) == 0
         _wait(lambda: _ready(r, "w2"), 120, "w2", w2)
         results = [client.result(rid, timeout_s=120) for rid in ids]
-    # What w1 had not finished in its grace period, w2 did (from the start).
-    assert sum(res.worker == "w2" for res in results) == int(handed.group(1)) > 0
-    assert all(res.usage.completion_tokens == 600 for res in results)
+    # What w1 had not finished in its grace period, w2 did (from the start), and what w1
+    # never pulled (its KV budget holds fewer of these long requests than were queued).
+    assert sum(res.worker == "w2" for res in results) >= int(handed.group(1)) > 0
+    assert all(res.usage.completion_tokens == 1800 for res in results)
     for rid in ids:
         assert len(_finals(r, rid)) == 1
 
