@@ -67,6 +67,7 @@ MAX_PULL_PER_ROUND = 256
 RETRY_DELAY_S = 0.5
 SALVAGE_MAX_BYTES = 64 << 20
 MARKER_ATTEMPTS = 20
+OVERLAP_MARKERS_MIN = 16  # pulled entries from which the marker MGET goes out before tokenizing
 _FIELD = STREAM_FIELD.encode()
 
 
@@ -226,30 +227,39 @@ class Intake:
                 candidates.append(c)
         if candidates:
             envs = [env for _, env in candidates]
-            token_ids = await self._tokenize(envs)
-            ready: list[tuple[Entry, Envelope]] = []
-            ready_ids: list[list[int] | Exception] = []
-            recent_cancels = self.recent_cancels
-            for i, (entry, env) in enumerate(candidates):
-                if env.id in recent_cancels:
-                    self._reject(entry, env, ErrorCode.CANCELLED, "cancelled by the requester")
-                elif env.deadline_ms is not None and env.expired(now_ms):
-                    self._reject(
-                        entry,
-                        env,
-                        ErrorCode.DEADLINE_EXCEEDED,
-                        "the deadline passed while the request was queued",
-                    )
-                else:
-                    ready.append((entry, env))
-                    ready_ids.append(token_ids[i])
-            if ready:
-                self._admit(ready, ready_ids)
-            # Markers after admission, off a request's path to the engine (their round trip
-            # waited behind the loop's other work): a request cancelled while queued, or
-            # answered already (by a worker that died before acking), is withdrawn from the
-            # engine at once, milliseconds before its first step could report anything.
-            flags = await self._markers(envs)
+            markers = asyncio.ensure_future(self._markers(envs))
+            try:
+                if len(envs) >= OVERLAP_MARKERS_MIN:
+                    # A big batch (a backlog): let the marker MGET go out first, its round
+                    # trip hidden behind the tokenizing. A small one (calm) does not yield
+                    # here: the loop's other callbacks would run first, on its latency.
+                    await asyncio.sleep(0)
+                token_ids = await self._tokenize(envs)
+                ready: list[tuple[Entry, Envelope]] = []
+                ready_ids: list[list[int] | Exception] = []
+                recent_cancels = self.recent_cancels
+                for i, (entry, env) in enumerate(candidates):
+                    if env.id in recent_cancels:
+                        self._reject(entry, env, ErrorCode.CANCELLED, "cancelled by the requester")
+                    elif env.deadline_ms is not None and env.expired(now_ms):
+                        self._reject(
+                            entry,
+                            env,
+                            ErrorCode.DEADLINE_EXCEEDED,
+                            "the deadline passed while the request was queued",
+                        )
+                    else:
+                        ready.append((entry, env))
+                        ready_ids.append(token_ids[i])
+                if ready:
+                    self._admit(ready, ready_ids)
+                # Markers after admission, off a request's path to the engine: a request
+                # cancelled while queued, or answered already (by a worker that died before
+                # acking), is withdrawn from the engine at once, milliseconds before its
+                # first step could report anything.
+                flags = await markers
+            finally:
+                markers.cancel()
             admitted, aggregator = self.admission.admitted, self.aggregator
             for i, (entry, env) in enumerate(candidates):
                 cancelled, answered = flags[2 * i], flags[2 * i + 1]
