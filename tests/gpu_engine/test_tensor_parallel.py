@@ -171,6 +171,15 @@ def test_tp2_matches_tp1(
         runner.graphs = graphs = _EagerGraphs(runner.model)  # type: ignore[assignment]
         assert [o.token_ids for o in two.generate(prompts, _greedy())] == want_generate
         assert graphs.num_runs >= MAX_TOKENS - 1
+        # Asynchronous scheduling: rank 0 resolves the placeholders of the step in flight
+        # before the step's inputs are broadcast, so every rank computes the same tokens.
+        for i, prompt in enumerate(prompts):
+            two.engine.add_request(f"p{i}", prompt, _greedy())
+        piped: dict[str, list[int]] = {}
+        while two.engine.has_unfinished():
+            for o in two.engine.pipelined_step():
+                piped.setdefault(o.request_id, []).extend(o.new_token_ids)
+        assert [piped[f"p{i}"] for i in range(len(prompts))] == want_generate
         stats = two.engine.stats()
         assert stats["prefix_cache_hit_tokens"] > 0
         assert stats["free_kv_tokens"] == stats["total_kv_tokens"]
