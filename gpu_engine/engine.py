@@ -244,7 +244,8 @@ class LLMEngine:
 
 
 class LLM:
-    """Offline batch generation over an :class:`LLMEngine` (stop strings handled here)."""
+    """Offline batch generation over an :class:`LLMEngine` (stop strings handled here), with
+    asynchronous scheduling (``pipelined_step``) unless ``async_scheduling=False``."""
 
     def __init__(
         self,
@@ -353,7 +354,7 @@ class LLM:
             order.append((rid, p))
         stops = dict(order)
         while self.engine.has_unfinished():
-            for out in self.engine.step():
+            for out in self.engine.pipelined_step():
                 res = results.get(out.request_id)
                 if res is None:
                     continue  # a request added to the engine directly, not by this call

@@ -355,16 +355,16 @@ def test_staged_decode_graph_path_matches_eager(tiny_checkpoint) -> None:
         graphs = DecodeGraphs(
             runner.model, 8, runner.max_model_len, runner.block_size,
             runner.arch.hidden_size, runner.dtype, runner.device,
+            last_tokens=runner.last_tokens,
         )  # fmt: skip
 
         class EagerReplay:
             def __init__(self, bs: int) -> None:
                 self.bs = bs
 
-            def replay(self) -> None:
+            def replay(self) -> None:  # what the captured graph runs (placeholders resolved)
                 with forward_context(graphs._meta(self.bs)):
-                    bs = self.bs
-                    graphs.hidden[:bs] = graphs.model(graphs.input_ids[:bs], graphs.positions[:bs])
+                    graphs._forward(self.bs)
 
         graphs.graphs = {bs: EagerReplay(bs) for bs in graphs.batch_sizes}  # type: ignore[misc]
         runner.graphs = graphs
