@@ -285,10 +285,17 @@ class Reclaimer:
         if not self._has_beaten:
             # Without our own heartbeat, peers would judge us dead and take the claims back.
             raise WorkerError("beat() or register() before claiming entries")
-        reply = await self._reclaim(
-            keys=[stream, self.keys.heartbeat(owner)],
-            args=[GROUP, owner, self.worker, self.batch, "1" if own else "0"],
-        )
+        try:
+            reply = await self._reclaim(
+                keys=[stream, self.keys.heartbeat(owner)],
+                args=[GROUP, owner, self.worker, self.batch, "1" if own else "0"],
+            )
+        except ResponseError as err:
+            # The lane went away since it was listed (DEL, FLUSHALL): its pending entries
+            # with it, so there is nothing to claim; intake re-creates the group.
+            if "NOGROUP" in str(err) or "no such key" in str(err):
+                return []
+            raise
         if int(reply[0]) == -1:
             return []  # it beat again in the meantime: alive
         removed, rows = bool(int(reply[0])), reply[1]

@@ -240,6 +240,20 @@ async def test_reclaim_before_any_lane_exists(redis_client: Any) -> None:
     assert await rec.claim_own(MODEL) == []
 
 
+async def test_a_lane_deleted_before_its_claim_gives_nothing_to_claim(
+    redis_url: str, redis_client: Any
+) -> None:
+    """A dead worker's lane deleted (DEL, FLUSHALL) between listing it and claiming from it:
+    the claim finds no group and returns nothing instead of failing the heartbeat loop."""
+    await make_lanes(redis_client)
+    await submit(redis_url, 2)
+    live = Reclaimer(redis_client, KEYS, "w-live")
+    await live.beat({})
+    await deliver(redis_client, "w-gone", 2)
+    await redis_client.delete(LANE)
+    assert await live._claim_from(MODEL, LANE, "w-gone") == []
+
+
 async def test_two_reclaimers_never_share_an_entry(redis_url: str, redis_client: Any) -> None:
     await make_lanes(redis_client)
     await submit(redis_url, 20)
