@@ -37,6 +37,7 @@ from typing import Any
 
 import msgpack
 
+from gpu_engine.outputs import StepOutput  # plain data, no torch
 from workers.engine_process import prompt_from_wire
 
 # While steps run, commands are applied for at most this long per loop turn (the rest wait,
@@ -240,6 +241,9 @@ def engine_main(
             trace.wrap_wait(engine)
 
         def send_outputs(outs: list[Any]) -> None:
+            if outs and type(outs[0]) is StepOutput:  # the wire row already (a tuple)
+                send(["out", outs, _capacity_wire(engine)])
+                return
             wire = [
                 [
                     o.request_id,
