@@ -112,6 +112,12 @@ local function idem_key(a)
   if idem > 0 then return KEYS[1 + m + s + idem] end
   return nil
 end
+-- The request id already queued under request a's idempotency key, else false.
+local function known_id(a)
+  local key = idem_key(a)
+  if key then return redis.call('GET', key) end
+  return false
+end
 local function queued_tokens(j)
   return tonumber(redis.call('HGET', KEYS[1 + j], 'tokens') or '0')
 end
@@ -130,9 +136,7 @@ if each then
   local queued = {}
   for i = 0, n - 1 do
     local a = base + 6 * i
-    local key = idem_key(a)
-    local known = false
-    if key then known = redis.call('GET', key) end
+    local known = known_id(a)
     if known then
       out[i + 1] = {2, known}
     else
@@ -153,9 +157,7 @@ else
   local existing = {}
   for i = 0, n - 1 do
     local a = base + 6 * i
-    local key = idem_key(a)
-    local known = false
-    if key then known = redis.call('GET', key) end
+    local known = known_id(a)
     if known then
       existing[i + 1] = known
     else
