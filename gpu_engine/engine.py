@@ -134,10 +134,9 @@ class LLMEngine:
         anything that needs every step's outputs."""
         if not self.config.async_scheduling:
             return self.step()
-        prev = self._pipelined
         if not self.scheduler.has_unfinished():
             return self.finish_pipeline()
-        self._pipelined = self.begin_step()
+        prev, self._pipelined = self._pipelined, self.begin_step()
         return self.end_step(prev) if prev is not None else []
 
     def finish_pipeline(self) -> list[StepOutput]:

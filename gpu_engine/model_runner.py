@@ -275,8 +275,9 @@ class ModelRunner:
         padded = self._padded_tables(batch, tables)
         inputs = self._build_inputs(tokens, starts, tables, sample, batch.num_prefill_seqs, padded)
         # Placeholders of the previous step's samples, resolved before the step's inputs go
-        # anywhere (tensor-parallel ranks receive the real ids).
-        inputs.input_ids = resolve_pending(inputs.input_ids, self.last_tokens)
+        # anywhere (tensor-parallel ranks receive the real ids); none after a plain step().
+        if any(seq.num_pending for seq in batch.seqs):
+            inputs.input_ids = resolve_pending(inputs.input_ids, self.last_tokens)
         return inputs
 
     def _padded_tables(self, batch: ScheduledBatch, tables: list[list[int]]) -> np.ndarray | None:

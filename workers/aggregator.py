@@ -160,24 +160,30 @@ class Aggregator:
 
     def cancel(self, request_id: str) -> bool:
         """A requester's cancel: abort in the engine (blocks freed) and answer ``cancelled``."""
-        req = self.admission.admitted.get(request_id)
-        if req is None or req.finished:
+        req = self._abort(request_id)
+        if req is None:
             return False
-        self.engine.abort([request_id])
         self.fail(req, ErrorCode.CANCELLED.value, "cancelled by the requester")
         return True
 
     def withdraw(self, request_id: str) -> bool:
         """An admitted request turned out to be answered already (by a worker that died
         before acking): abort it in the engine and ack its entry without a second answer."""
-        req = self.admission.admitted.get(request_id)
-        if req is None or req.finished:
+        req = self._abort(request_id)
+        if req is None:
             return False
-        self.engine.abort([request_id])
         self._finish(req)
         self.writer.final(req.entry, request_id, _ALREADY, 0)
         self._ack_duplicates(req)
         return True
+
+    def _abort(self, request_id: str) -> InflightRequest | None:
+        """Abort an admitted, unfinished request in the engine; the request, else None."""
+        req = self.admission.admitted.get(request_id)
+        if req is None or req.finished:
+            return None
+        self.engine.abort([request_id])
+        return req
 
     def _finish(self, req: InflightRequest) -> None:
         req.finished = True

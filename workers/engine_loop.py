@@ -125,9 +125,14 @@ class LoopTrace:
 
         runner.collect = timed
 
-    def turn(self, seconds: float) -> None:
+    def turn(self, adds: int, apply_s: float, step_s: float, send_s: float, turn_s: float) -> None:
+        """One stepping loop turn; prints a line once ``interval_s`` has passed."""
+        self.adds += adds
+        self.add("apply", apply_s)
+        self.add("step", step_s)
+        self.add("send", send_s)
         self.turns += 1
-        self.worst_turn = max(self.worst_turn, seconds)
+        self.worst_turn = max(self.worst_turn, turn_s)
         now = time.perf_counter()
         if now - self._last < self.interval_s:
             return
@@ -282,22 +287,15 @@ def engine_main(
                 send(["rej", rejected])
             if not running:
                 break
-            if trace is None:
-                if engine.has_unfinished():
-                    send_outputs(step())
-                elif applied:
-                    send(["cap", _capacity_wire(engine)])
-                continue
-            t_step = time.perf_counter()
-            trace.adds += applied
-            trace.add("apply", t_step - t_apply)
             if engine.has_unfinished():
+                t_step = time.perf_counter()
                 outs = step()
                 t_send = time.perf_counter()
-                trace.add("step", t_send - t_step)
                 send_outputs(outs)
-                trace.add("send", time.perf_counter() - t_send)
-                trace.turn(time.perf_counter() - t_turn)
+                if trace is not None:
+                    t_end = time.perf_counter()
+                    trace.turn(applied, t_step - t_apply, t_send - t_step, t_end - t_send,
+                               t_end - t_turn)  # fmt: skip
             elif applied:
                 send(["cap", _capacity_wire(engine)])
         if finish is not None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from gpu_engine.block_manager import BlockAllocationError, BlockManager
-from gpu_engine.sequence import SamplingParams, Sequence
+from gpu_engine.sequence import SamplingParams, Sequence, pending_token
 
 BS = 4
 
@@ -73,7 +73,7 @@ def test_blocks_holding_a_pending_token_are_registered_once_it_lands() -> None:
     a = seq("a", list(range(7)))
     bm.allocate(a)
     computed(bm, a)
-    a.token_ids.append(-1)  # pending_token(0): the 8th token, completing block 2
+    a.token_ids.append(pending_token(0))  # the 8th token, completing block 2
     a.num_pending = 1
     bm.try_append(a, cache=True)
     assert bm.num_cached_blocks == 1
