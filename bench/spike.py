@@ -149,11 +149,15 @@ def engine_alone(model_dir: Path, reqs: list[ChatRequest], args: argparse.Namesp
     steps0 = engine.stats()["steps"]
     gpu = GpuSampler()
     util: list[float] = []
+    util_avg: list[float] = []
     sampling = threading.Event()
 
     def sample_gpu() -> None:
         while not sampling.wait(0.5):
-            util.append(gpu.read().get("gpu_util", float("nan")))
+            reading = gpu.read()
+            util.append(reading.get("gpu_util", float("nan")))
+            if "gpu_util_avg" in reading:
+                util_avg.append(reading["gpu_util_avg"])
 
     sampler = threading.Thread(target=sample_gpu, daemon=True)
     sampler.start()
@@ -171,6 +175,7 @@ def engine_alone(model_dir: Path, reqs: list[ChatRequest], args: argparse.Namesp
         tok_s_saturated=saturated.get("tokens", tokens) / saturated.get("seconds", elapsed),
         steps=stats["steps"] - steps0,
         gpu_util_mean=sum(util) / len(util) if util else float("nan"),
+        gpu_util_avg_mean=sum(util_avg) / len(util_avg) if util_avg else float("nan"),
         mixed_graphs=runner.mixed_graphs is not None,
         mixed_replays=runner.mixed_graphs.num_replays if runner.mixed_graphs else 0,
         decode_replays=runner.graphs.num_replays if runner.graphs else 0,

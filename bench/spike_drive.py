@@ -27,6 +27,7 @@ SWEEP_INTERVAL_S = 0.005
 class GpuSampler:
     def __init__(self) -> None:
         self.handle: Any = None
+        self.last_sample_us = 0
         try:
             import pynvml
 
@@ -37,15 +38,40 @@ class GpuSampler:
             self.handle = None
 
     def read(self) -> dict[str, float]:
+        """One reading: ``gpu_util`` is NVML's current utilisation (the share of its latest
+        sample period, well under a second, with a kernel running); ``gpu_util_avg`` the mean
+        of all the utilisation samples NVML took since the previous reading (absent when the
+        driver keeps none)."""
         if self.handle is None:
             return {}
         n = self.nvml
         mem = n.nvmlDeviceGetMemoryInfo(self.handle)
-        return dict(
+        out = dict(
             gpu_util=float(n.nvmlDeviceGetUtilizationRates(self.handle).gpu),
             gpu_mem_gib=mem.used / 2**30,
             gpu_temp_c=float(n.nvmlDeviceGetTemperature(self.handle, 0)),
         )
+        avg = self._util_since_last()
+        if avg is not None:
+            out["gpu_util_avg"] = avg
+        return out
+
+    def _util_since_last(self) -> float | None:
+        n = self.nvml
+        try:
+            _, samples = n.nvmlDeviceGetSamples(
+                self.handle, n.NVML_GPU_UTILIZATION_SAMPLES, self.last_sample_us
+            )
+        except Exception:  # not supported, or no sample since the last reading
+            return None
+        fresh = [s for s in samples if s.timeStamp > self.last_sample_us]
+        if not fresh:
+            return None
+        first = self.last_sample_us == 0
+        self.last_sample_us = max(s.timeStamp for s in fresh)
+        if first:  # the driver's whole buffer, from before this run: only sets the mark
+            return None
+        return sum(float(s.sampleValue.uiVal) for s in fresh) / len(fresh)
 
 
 async def wait_ready(redis: Any, keys: Keys, worker: Any, timeout_s: float = 600.0) -> None:

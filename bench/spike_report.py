@@ -31,9 +31,17 @@ def summarize(
     span = max(window[1] - window[0], 1e-9)
     sat_tok_s = sum(r["tokens"] for r in in_window) / span if in_window else float("nan")
     burst_end = burst_start + run["burst_s"]
-    util = [
-        s["gpu_util"] for s in samples if "gpu_util" in s and window[0] <= s["t_s"] <= window[1]
-    ]
+
+    def util_in(key: str, start: float, end: float) -> list[float]:
+        return [s[key] for s in samples if key in s and start <= s["t_s"] <= end]
+
+    util = util_in("gpu_util", *window)
+    # NVML's own samples (several a second) averaged per reading: the single current value
+    # read once a second swings by tens of points from one second to the next while the
+    # throughput holds, so the mean over the window is the figure, and this one checks it.
+    util_avg = util_in("gpu_util_avg", *window)
+    util_burst = util_in("gpu_util", window[0], burst_start + run["burst_s"])
+    util_avg_burst = util_in("gpu_util_avg", window[0], burst_start + run["burst_s"])
     prompt = sum(r["prompt_tokens"] for r in recs)
     cached = sum(r["cached_tokens"] for r in recs)
     added_calm = [r["e2e_ms"] - r["engine_ms"] for r in calm if r.get("engine_ms")]
@@ -71,6 +79,12 @@ def summarize(
         "ttft_prefix_miss_ms": statistics.median(alone["ttft_miss_ms"]),
         "gpu_util_burst_mean": statistics.mean(util) if util else float("nan"),
         "gpu_util_burst_min": min(util) if util else float("nan"),
+        "gpu_util_burst_median": statistics.median(util) if util else float("nan"),
+        "gpu_util_burst_only_mean": statistics.mean(util_burst) if util_burst else float("nan"),
+        "gpu_util_avg_mean": statistics.mean(util_avg) if util_avg else float("nan"),
+        "gpu_util_avg_burst_only_mean": (
+            statistics.mean(util_avg_burst) if util_avg_burst else float("nan")
+        ),
     }
     t = f["ttft_ms"]
     e = f["e2e_ms"]
@@ -99,7 +113,14 @@ def summarize(
         f"{f['ttft_prefix_miss_ms']:.1f} ms |",
         f"| GPU utilisation during burst+drain, mean (min) | {f['gpu_util_burst_mean']:.1f}% "
         f"({f['gpu_util_burst_min']:.0f}%) |",
+        f"| GPU utilisation during burst+drain, median | {f['gpu_util_burst_median']:.0f}% |",
+        f"| GPU utilisation during the burst, mean | {f['gpu_util_burst_only_mean']:.1f}% |",
     ]
+    if util_avg:
+        f["table"].append(
+            f"| GPU utilisation, NVML samples averaged: burst+drain / burst, mean | "
+            f"{f['gpu_util_avg_mean']:.1f}% / {f['gpu_util_avg_burst_only_mean']:.1f}% |"
+        )
     return f
 
 

@@ -103,7 +103,7 @@ async def test_loop_trace_reports_where_the_engine_loop_spends_time(
             assert lines, err[-2000:]
             first = lines[0]
             assert "adds=1" in first and "turns=" in first
-            for part in ("apply=", "step=", "send=", "gc="):
+            for part in ("apply=", "step=", "send=", "gc=", "full_gcs="):
                 assert part in first
         else:
             assert not lines
