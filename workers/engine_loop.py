@@ -134,6 +134,8 @@ class LoopTrace:
         self.turns = 0
         self.adds = 0
         self.full_gcs = 0
+        self.gc_collected = 0  # objects the collections found unreachable (garbage cycles)
+        self.gc_worst = (0, 0)  # generation, collected of the longest pause
         self.total = dict.fromkeys(self.PARTS, 0.0)
         self.worst = dict.fromkeys(self.PARTS, 0.0)
         self.worst_turn = 0.0
@@ -142,8 +144,13 @@ class LoopTrace:
         if phase == "start":
             self._gc_start = time.perf_counter()
         else:
-            self.add("gc", time.perf_counter() - self._gc_start)
-            self.full_gcs += info.get("generation") == 2
+            pause = time.perf_counter() - self._gc_start
+            gen, collected = info.get("generation", -1), info.get("collected", 0)
+            if pause > self.worst["gc"]:
+                self.gc_worst = (gen, collected)
+            self.add("gc", pause)
+            self.full_gcs += gen == 2
+            self.gc_collected += collected
 
     def add(self, part: str, seconds: float) -> None:
         self.total[part] += seconds
@@ -182,7 +189,9 @@ class LoopTrace:
         )
         print(
             f"[engine-trace t={now - self._t0:.0f}s] turns={self.turns} adds={self.adds} "
-            f"max_turn={self.worst_turn * 1e3:.1f}ms {parts} full_gcs={self.full_gcs}",
+            f"max_turn={self.worst_turn * 1e3:.1f}ms {parts} full_gcs={self.full_gcs} "
+            f"gc_collected={self.gc_collected} gc_worst=gen{self.gc_worst[0]}/"
+            f"{self.gc_worst[1]}",
             file=sys.stderr,
             flush=True,
         )
