@@ -106,7 +106,10 @@ def engine_alone(model_dir: Path, reqs: list[ChatRequest], args: argparse.Namesp
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     engine = LLMEngine.from_options(str(model_dir), **engine_options(args))
-    gc.freeze()  # as the worker's engine process does after startup
+    # As the worker's engine process does after startup (it collects when it chooses, see
+    # workers/engine_loop.py); switched back on when this returns.
+    gc.freeze()
+    gc.disable()
 
     def ids(r: ChatRequest) -> list[int]:
         out = tok.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=True)
@@ -164,6 +167,7 @@ def engine_alone(model_dir: Path, reqs: list[ChatRequest], args: argparse.Namesp
     elapsed, tokens, _ = run(reqs, "alone")
     sampling.set()
     sampler.join()
+    gc.enable()
     stats = engine.stats()
     runner = engine.model_runner
     return dict(
