@@ -16,6 +16,10 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
 
 
+def _mean(values: list[float]) -> float:
+    return statistics.mean(values) if values else float("nan")
+
+
 def summarize(
     run: dict[str, Any], alone: dict[str, Any], args: Any, capacity_rps: float
 ) -> Figures:
@@ -40,8 +44,8 @@ def summarize(
     # read once a second swings by tens of points from one second to the next while the
     # throughput holds, so the mean over the window is the figure, and this one checks it.
     util_avg = util_in("gpu_util_avg", *window)
-    util_burst = util_in("gpu_util", window[0], burst_start + run["burst_s"])
-    util_avg_burst = util_in("gpu_util_avg", window[0], burst_start + run["burst_s"])
+    util_burst = util_in("gpu_util", window[0], burst_end)
+    util_avg_burst = util_in("gpu_util_avg", window[0], burst_end)
     prompt = sum(r["prompt_tokens"] for r in recs)
     cached = sum(r["cached_tokens"] for r in recs)
     added_calm = [r["e2e_ms"] - r["engine_ms"] for r in calm if r.get("engine_ms")]
@@ -77,14 +81,12 @@ def summarize(
         "prefix_hit_rate": cached / prompt if prompt else float("nan"),
         "ttft_prefix_hit_ms": statistics.median(alone["ttft_hit_ms"]),
         "ttft_prefix_miss_ms": statistics.median(alone["ttft_miss_ms"]),
-        "gpu_util_burst_mean": statistics.mean(util) if util else float("nan"),
+        "gpu_util_burst_mean": _mean(util),
         "gpu_util_burst_min": min(util) if util else float("nan"),
         "gpu_util_burst_median": statistics.median(util) if util else float("nan"),
-        "gpu_util_burst_only_mean": statistics.mean(util_burst) if util_burst else float("nan"),
-        "gpu_util_avg_mean": statistics.mean(util_avg) if util_avg else float("nan"),
-        "gpu_util_avg_burst_only_mean": (
-            statistics.mean(util_avg_burst) if util_avg_burst else float("nan")
-        ),
+        "gpu_util_burst_only_mean": _mean(util_burst),
+        "gpu_util_avg_mean": _mean(util_avg),
+        "gpu_util_avg_burst_only_mean": _mean(util_avg_burst),
     }
     t = f["ttft_ms"]
     e = f["e2e_ms"]

@@ -587,7 +587,6 @@ def _fast_envelope(obj: object, limits: Limits) -> Envelope | None:
     messages: list[Message] = []
     total = 0
     max_content_chars = limits.max_content_chars
-    new = object.__new__
     for m in raw_messages:
         if type(m) is not dict or len(m) != 2:
             return None
@@ -601,9 +600,7 @@ def _fast_envelope(obj: object, limits: Limits) -> Envelope | None:
         ):
             return None
         total += len(content)
-        message = new(Message)
-        message.__dict__.update(role=role, content=content)  # = _frozen(Message, ...)
-        messages.append(message)
+        messages.append(_frozen(Message, {"role": role, "content": content}))
     if total > limits.max_total_chars:
         return None
     params = _fast_params(get("params"), limits)

@@ -75,12 +75,8 @@ class IncrementalDetokenizer:
         self._read_offset = len(context)
         # For the first token's prefix decode (None: decode it like any other).
         self._context_texts = context_texts if context_texts is not None and context else None
-        if stop:
-            self._stop = tuple(s for s in stop if s)
-            self._holdback = max((len(s) for s in self._stop), default=1) - 1
-        else:
-            self._stop = ()
-            self._holdback = 0
+        self._stop = tuple(s for s in stop if s) if stop else ()
+        self._holdback = max(map(len, self._stop), default=1) - 1
         self.text = ""  # the answer so far (cut at a stop string)
         self.num_tokens = 0  # generated tokens seen
         self.stopped = False  # a stop string matched

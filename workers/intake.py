@@ -219,7 +219,6 @@ class Intake:
             await self.process(lost)
 
     async def process(self, entries: Sequence[Entry]) -> None:
-        now_ms = time.time_ns() // 1_000_000
         candidates: list[tuple[Entry, Envelope]] = []
         for e in entries:
             c = self._decode(e)
@@ -234,25 +233,7 @@ class Intake:
                     # trip hidden behind the tokenizing. A small one (calm) does not yield
                     # here: the loop's other callbacks would run first, on its latency.
                     await asyncio.sleep(0)
-                token_ids = await self._tokenize(envs)
-                ready: list[tuple[Entry, Envelope]] = []
-                ready_ids: list[list[int] | Exception] = []
-                recent_cancels = self.recent_cancels
-                for i, (entry, env) in enumerate(candidates):
-                    if env.id in recent_cancels:
-                        self._reject(entry, env, ErrorCode.CANCELLED, "cancelled by the requester")
-                    elif env.deadline_ms is not None and env.expired(now_ms):
-                        self._reject(
-                            entry,
-                            env,
-                            ErrorCode.DEADLINE_EXCEEDED,
-                            "the deadline passed while the request was queued",
-                        )
-                    else:
-                        ready.append((entry, env))
-                        ready_ids.append(token_ids[i])
-                if ready:
-                    self._admit(ready, ready_ids)
+                self._admit(candidates, await self._tokenize(envs))
                 # Markers after admission, off a request's path to the engine: a request
                 # cancelled while queued, or answered already (by a worker that died before
                 # acking), is withdrawn from the engine at once, milliseconds before its
@@ -346,6 +327,18 @@ class Intake:
         aging_s = self.aging_s
         commands: list[AddCommand] = []
         for (entry, env), ids in zip(ready, token_ids, strict=True):
+            rid = env.id
+            if rid in recent_cancels:  # cancelled since it was pulled
+                self._reject(entry, env, ErrorCode.CANCELLED, "cancelled by the requester")
+                continue
+            if env.deadline_ms is not None and env.expired(now_ms):
+                self._reject(
+                    entry,
+                    env,
+                    ErrorCode.DEADLINE_EXCEEDED,
+                    "the deadline passed while the request was queued",
+                )
+                continue
             if isinstance(ids, Exception):
                 self._reject(
                     entry,
@@ -365,10 +358,6 @@ class Intake:
                     f"this worker's KV cache ({admission.capacity.total_kv_tokens}"
                     " tokens)",
                 )
-                continue
-            rid = env.id
-            if rid in recent_cancels:  # cancelled while it was being tokenized
-                self._reject(entry, env, ErrorCode.CANCELLED, "cancelled by the requester")
                 continue
             held = admitted.get(rid)
             if held is not None:

@@ -175,8 +175,7 @@ class Lanes:
         out = []
         for lane_index, entry_id, flat in res[1:]:
             stream, priority = lanes[int(lane_index) - 1]
-            eid = entry_id.decode() if type(entry_id) is bytes else str(entry_id)
-            out.append(Entry(stream, eid, _fields(flat), priority))
+            out.append(Entry(stream, _s(entry_id), _fields(flat), priority))
         return out
 
     async def wait(self, block_ms: int) -> list[Entry]:

@@ -90,23 +90,19 @@ def result_body(entry: Chunk | Done | Error) -> bytes:
     body: dict[str, Any]
     if isinstance(entry, Done):
         u, t = entry.usage, entry.timings
-        body = {
-            "text": entry.text,
-            "finish_reason": entry.finish_reason,
-            "usage": {
-                "prompt_tokens": u.prompt_tokens,
-                "completion_tokens": u.completion_tokens,
-                "cached_tokens": u.cached_tokens,
-            },
-            "timings": {
-                "queued_ms": t.queued_ms,
-                "first_token_ms": t.first_token_ms,
-                "total_ms": t.total_ms,
-                "engine_ms": t.engine_ms,
-            },
-            "worker": entry.worker,
-        }
-    elif isinstance(entry, Chunk):
+        return done_body(
+            entry.text,
+            entry.finish_reason,
+            u.prompt_tokens,
+            u.completion_tokens,
+            u.cached_tokens,
+            t.queued_ms,
+            t.first_token_ms,
+            t.total_ms,
+            t.engine_ms,
+            entry.worker,
+        )
+    if isinstance(entry, Chunk):
         body = {"index": entry.index, "delta": entry.delta}
     else:
         body = {"code": entry.code, "message": entry.message, "worker": entry.worker}
@@ -126,7 +122,8 @@ def done_body(
     engine_ms: float,
     worker: str,
 ) -> bytes:
-    """``result_body(Done(...))`` of these fields (same bytes), without the three objects."""
+    """The msgpack body of a ``done`` result from its fields (``encode_result``'s bytes):
+    the aggregator's path builds no Done / Usage / Timings objects."""
     packed: bytes = _pack(
         {
             "text": text,
