@@ -20,6 +20,13 @@ same chats for both systems. Measurements:
 - added latency: ``--latency-requests`` chats one at a time, submit → result received, on an
   idle worker (the engine costs nothing, so all of it is queue).
 
+- ``--host-processes 1,2`` runs the chatq rows once per count of worker host processes
+  (``chatq worker --host-processes K``: K host processes sharing the one engine process);
+  ``--arq-workers 1,2`` runs the arq rows once per count of arq worker processes on the
+  same queue (so a chatq worker using K host cores can also be read against arq with K
+  worker processes); ``--producers P`` submits the end-to-end rows from P producer
+  processes (both systems), so that one producer process is not what is measured.
+
 - ``--baseline-repo DIR`` (older code, e.g. ``git archive <commit> | tar -x -C DIR``): the
   chatq rows run a second time with that checkout's worker (same producer, same Redis),
   labelled ``chatq@baseline``, before the current code's rows in each repeat.
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import multiprocessing as mp
 import os
 import statistics
 import subprocess
@@ -60,6 +68,7 @@ def messages(i: int) -> list[dict[str, str]]:
 
 
 ARQ_QUEUE = "bench:arq"
+PRODUCER_SETTLE_S = 3.0  # producer processes import, connect and warm up before the clock
 
 
 # --- arq side ---------------------------------------------------------------------------------
@@ -110,6 +119,7 @@ class Row:
     requests: int
     seconds: float
     latencies_ms: list[float]
+    procs: int = 1  # chatq: worker host processes; arq: worker processes
 
     @property
     def rps(self) -> float:
@@ -157,58 +167,109 @@ async def _all_exist(redis: Any, keys: list[str], poll_s: float = 0.002) -> floa
     return first_s
 
 
-async def chatq_end_to_end(url: str, n: int, concurrency: int, n_lat: int) -> Row:
-    """Producers (``ChatClient.submit``, ``concurrency`` calls in flight) and the worker run
-    together; then ``n_lat`` chats one at a time (``ChatClient.chat``)."""
+def _produce(url: str, system: str, mode: str, first: int, n: int, args: Any, go: Any,
+             out: Any) -> None:  # fmt: skip
+    """One producer process: connect and warm up, wait for ``go``, submit chats
+    ``first .. first + n - 1``; put their ids (chatq) or result keys (arq) on ``out``."""
+    out.put(asyncio.run(_produce_async(url, system, mode, first, n, args, go)))
+
+
+async def _produce_async(url: str, system: str, mode: str, first: int, n: int, args: Any,
+                         go: Any) -> list[str]:  # fmt: skip
+    loop = asyncio.get_running_loop()
+    if system == "arq":
+        from arq.constants import result_key_prefix
+
+        pool = await _arq_pool(url)
+        try:
+
+            async def submit(i: int) -> str:
+                job = await pool.enqueue_job("noop", messages(first + i))
+                assert job is not None
+                return result_key_prefix + str(job.job_id)
+
+            await loop.run_in_executor(None, go.wait)
+            return await _bounded(n, args.concurrency, submit)
+        finally:
+            await pool.aclose()
     from producer.client import ChatClient
-    from producer.keys import Keys
 
-    keys = Keys()
     async with ChatClient(url) as client:
-        await client.chat(messages(-1), model=MODEL, max_tokens=1, timeout_s=60)  # warm-up
-        t0 = time.perf_counter()
-        ids = await _bounded(
-            n, concurrency, lambda i: client.submit(messages(i), model=MODEL, max_tokens=1)
-        )
-        await _all_exist(client.redis, [keys.final(rid) for rid in ids])
-        seconds = time.perf_counter() - t0
-        await _spot_check(client, ids)
-        latencies = []
-        for i in range(n_lat):
-            t = time.perf_counter()
-            await client.chat(messages(2 * n + i), model=MODEL, max_tokens=1, timeout_s=10)
-            latencies.append((time.perf_counter() - t) * 1000)
-    return Row("chatq (submit)", "end to end", n, seconds, latencies)
-
-
-async def chatq_end_to_end_many(url: str, n: int, batch: int, in_flight: int) -> Row:
-    """Producers call ``ChatClient.submit_many`` with ``batch`` requests each, ``in_flight``
-    calls at a time, while the worker runs (requests numbered after the submit row's, so
-    no prompt text repeats)."""
-    from producer.client import ChatClient
-    from producer.keys import Keys
-
-    keys = Keys()
-    async with ChatClient(url) as client:
-        await client.chat(messages(-2), model=MODEL, max_tokens=1, timeout_s=60)  # warm-up
-        starts = list(range(0, n, batch))
+        await client.submit(messages(first - 1), model=MODEL, max_tokens=1)  # connections up
+        await loop.run_in_executor(None, go.wait)
+        if mode == "submit":
+            return await _bounded(
+                n,
+                args.concurrency,
+                lambda i: client.submit(messages(first + i), model=MODEL, max_tokens=1),
+            )
+        starts = list(range(0, n, args.batch))
 
         async def one(b: int) -> list[str]:
-            first = n + starts[b]
-            chats = [messages(first + i) for i in range(min(batch, n - starts[b]))]
+            chats = [messages(first + starts[b] + i)
+                     for i in range(min(args.batch, n - starts[b]))]  # fmt: skip
             return await client.submit_many(chats, model=MODEL, max_tokens=1)
 
-        t0 = time.perf_counter()
-        ids = [rid for part in await _bounded(len(starts), in_flight, one) for rid in part]
-        await _all_exist(client.redis, [keys.final(rid) for rid in ids])
-        seconds = time.perf_counter() - t0
-        await _spot_check(client, ids)
-    return Row("chatq (submit_many)", "end to end", n, seconds, [])
+        parts = await _bounded(len(starts), args.batches_in_flight, one)
+        return [rid for part in parts for rid in part]
 
 
-async def _spot_check(client: Any, ids: list[str]) -> None:
-    results = await client.results_many(ids[:: max(1, len(ids) // 50)], timeout_s=10)
-    assert all(r.usage.completion_tokens == 1 and r.finish_reason == "length" for r in results)
+async def end_to_end(url: str, system: str, mode: str, first: int, args: Any) -> Row:
+    """``args.requests`` chats from ``args.producers`` producer processes (started, connected
+    and warmed up before the clock starts) while the worker runs; the clock runs from the go
+    signal to the last result. chatq: every 50th answer is checked (one token, ``length``)."""
+    ctx = mp.get_context("spawn")
+    go, out = ctx.Event(), ctx.Queue()
+    n, p = args.requests, args.producers
+    shares = [n // p + (k < n % p) for k in range(p)]
+    firsts = [first + sum(shares[:k]) for k in range(p)]
+    procs = [ctx.Process(target=_produce, args=(url, system, mode, f, c, args, go, out))
+             for f, c in zip(firsts, shares, strict=True)]  # fmt: skip
+    for proc in procs:
+        proc.start()
+    await asyncio.sleep(PRODUCER_SETTLE_S)  # imports, connections, warm-up
+    t0 = time.perf_counter()
+    go.set()
+    loop = asyncio.get_running_loop()
+    got: list[str] = []
+    for _ in procs:
+        got += await loop.run_in_executor(None, out.get)
+    for proc in procs:
+        proc.join()
+    from redis.asyncio import Redis
+
+    from producer.keys import Keys
+
+    keys = got if system == "arq" else [Keys().final(rid) for rid in got]
+    redis = Redis.from_url(url)
+    try:
+        await _all_exist(redis, keys)
+    finally:
+        await redis.aclose()
+    seconds = time.perf_counter() - t0
+    if system == "chatq":
+        from producer.client import ChatClient
+
+        async with ChatClient(url) as client:
+            results = await client.results_many(got[:: max(1, n // 50)], timeout_s=10)
+        assert all(r.usage.completion_tokens == 1 and r.finish_reason == "length" for r in results)
+    label = f"chatq ({mode})" if system == "chatq" else "arq (no-op job)"
+    return Row(label, "end to end", n, seconds, [])
+
+
+async def chatq_latency(url: str, n_lat: int, first: int) -> list[float]:
+    """``n_lat`` chats one at a time (``ChatClient.chat``) on an idle worker: submit → result."""
+    from producer.client import ChatClient
+
+    latencies = []
+    async with ChatClient(url) as client:
+        await client.chat(messages(first - 1), model=MODEL, max_tokens=1, timeout_s=60)
+        for i in range(n_lat):
+            t = time.perf_counter()
+            res = await client.chat(messages(first + i), model=MODEL, max_tokens=1, timeout_s=10)
+            latencies.append((time.perf_counter() - t) * 1000)
+            assert res.usage.completion_tokens == 1
+    return latencies
 
 
 async def chatq_fill(url: str, n: int) -> list[str]:
@@ -245,36 +306,23 @@ async def _arq_pool(url: str) -> Any:
     )
 
 
-async def arq_end_to_end(
-    url: str, n: int, concurrency: int, n_lat: int, poll_delay_s: float
-) -> Row:
-    from arq.constants import result_key_prefix
-
+async def arq_latency(url: str, n_lat: int, first: int, poll_delay_s: float) -> list[float]:
+    """``n_lat`` no-op jobs one at a time: enqueue → result."""
     pool = await _arq_pool(url)
+    latencies = []
     try:
-        warm = await pool.enqueue_job("noop", messages(-1))
+        warm = await pool.enqueue_job("noop", messages(first - 1))
         assert warm is not None
         await _arq_result(warm, poll_delay_s)
-
-        async def submit(i: int) -> str:
-            job = await pool.enqueue_job("noop", messages(i))
-            assert job is not None
-            return str(job.job_id)
-
-        t0 = time.perf_counter()
-        ids = await _bounded(n, concurrency, submit)
-        await _all_exist(pool, [result_key_prefix + jid for jid in ids])
-        seconds = time.perf_counter() - t0
-        latencies = []
         for i in range(n_lat):
             t = time.perf_counter()
-            job = await pool.enqueue_job("noop", messages(2 * n + i))
+            job = await pool.enqueue_job("noop", messages(first + i))
             assert job is not None
             assert (await _arq_result(job, poll_delay_s)).result == "ok"
             latencies.append((time.perf_counter() - t) * 1000)
     finally:
         await pool.aclose()
-    return Row("arq (no-op job)", "end to end", n, seconds, latencies)
+    return latencies
 
 
 async def arq_fill(url: str, n: int, concurrency: int) -> list[str]:
@@ -325,19 +373,26 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
-async def _wait_heartbeat(url: str, name: str, proc: subprocess.Popen[bytes]) -> None:
+async def _wait_heartbeat(url: str, names: str | list[str], proc: subprocess.Popen[bytes]) -> None:
+    """Until every named worker (host process) beats."""
     from redis.asyncio import Redis
 
     from producer.keys import Keys
 
+    wanted = [Keys().heartbeat(n) for n in ([names] if isinstance(names, str) else names)]
     redis = Redis.from_url(url)
     try:
-        while not await redis.exists(Keys().heartbeat(name)):
+        while await redis.exists(*wanted) < len(wanted):
             if proc.poll() is not None:
                 raise RuntimeError("chatq worker exited; see its log")
             await asyncio.sleep(0.1)
     finally:
         await redis.aclose()
+
+
+def _label(system: str, procs: int, unit: str) -> str:
+    """``chatq`` / ``arq`` with the process count when it is more than one."""
+    return system if procs == 1 else f"{system} ×{procs} {unit}"
 
 
 def run(args: argparse.Namespace, url: str, workdir: Path) -> list[Row]:
@@ -346,54 +401,72 @@ def run(args: argparse.Namespace, url: str, workdir: Path) -> list[Row]:
     tok_dir = workdir / "tokenizer"
     if not tok_dir.exists():
         build_tokenizer(tok_dir)  # the worker applies a real chat template and tokenizes
-    chatq_cmd = [
-        sys.executable, "-m", "workers.cli", "--log-level", "WARNING", "worker",
-        "--model", str(tok_dir), "--served-model-name", MODEL, "--redis", url,
-        "--name", "bench-worker", "--max-num-seqs", str(args.max_num_seqs),
-        "--engine-factory", "bench.zero_cost_engine:ZeroCostEngine.from_options",
-    ]  # fmt: skip
-    arq_cmd = [
-        sys.executable, str(Path(__file__).resolve()), "--arq-worker", "--redis", url,
-        "--arq-max-jobs", str(args.arq_max_jobs), "--arq-poll-delay-s", str(args.arq_poll_delay_s),
-    ]  # fmt: skip
-    n, conc, n_lat = args.requests, args.concurrency, args.latency_requests
+    n, n_lat = args.requests, args.latency_requests
     rows: list[Row] = []
     sides = [("", REPO)]
     if args.baseline_repo is not None:
         sides.insert(0, ("@baseline", args.baseline_repo.resolve()))
     for label, repo in sides:
-        side: list[Row] = []
-        worker = _spawn(chatq_cmd, workdir / "chatq-worker.log", repo)
-        try:
-            asyncio.run(_wait_heartbeat(url, "bench-worker", worker))
-            side.append(asyncio.run(chatq_end_to_end(url, n, conc, n_lat)))
-            side.append(
-                asyncio.run(chatq_end_to_end_many(url, n, args.batch, args.batches_in_flight))
-            )
-        finally:
-            _stop(worker)
-        finals = asyncio.run(chatq_fill(url, n))
-        worker = _spawn(chatq_cmd, workdir / "chatq-worker.log", repo)
-        try:
-            side.append(asyncio.run(drain_rate(url, "chatq", finals)))
-        finally:
-            _stop(worker)
-        for r in side:
-            r.system = r.system.replace("chatq", "chatq" + label, 1)
-        rows += side
+        for hosts in args.host_processes:
+            chatq_cmd = [
+                sys.executable, "-m", "workers.cli", "--log-level", "WARNING", "worker",
+                "--model", str(tok_dir), "--served-model-name", MODEL, "--redis", url,
+                "--name", "bench-worker", "--max-num-seqs", str(args.max_num_seqs),
+                "--engine-factory", "bench.zero_cost_engine:ZeroCostEngine.from_options",
+            ]  # fmt: skip
+            if hosts > 1:  # an older checkout may not know the option
+                chatq_cmd += ["--host-processes", str(hosts)]
+            names = ["bench-worker"] + [f"bench-worker.{k}" for k in range(1, hosts)]
+            side: list[Row] = []
+            worker = _spawn(chatq_cmd, workdir / "chatq-worker.log", repo)
+            try:
+                asyncio.run(_wait_heartbeat(url, names, worker))
+                row = asyncio.run(end_to_end(url, "chatq", "submit", 0, args))
+                row.latencies_ms = asyncio.run(chatq_latency(url, n_lat, 2 * n))
+                side.append(row)
+                side.append(asyncio.run(end_to_end(url, "chatq", "submit_many", n, args)))
+            finally:
+                _stop(worker)
+            finals = asyncio.run(chatq_fill(url, n))
+            worker = _spawn(chatq_cmd, workdir / "chatq-worker.log", repo)
+            try:
+                side.append(asyncio.run(drain_rate(url, "chatq", finals)))
+            finally:
+                _stop(worker)
+            for r in side:
+                r.procs = hosts
+                r.system = r.system.replace(
+                    "chatq", _label("chatq" + label, hosts, "host procs"), 1
+                )
+            rows += side
 
-    arq_worker = _spawn(arq_cmd, workdir / "arq-worker.log")
-    try:
-        time.sleep(1.0)
-        rows.append(asyncio.run(arq_end_to_end(url, n, conc, n_lat, args.arq_poll_delay_s)))
-    finally:
-        _stop(arq_worker)
-    results = asyncio.run(arq_fill(url, n, conc))
-    arq_worker = _spawn(arq_cmd, workdir / "arq-worker.log")
-    try:
-        rows.append(asyncio.run(drain_rate(url, "arq (no-op job)", results)))
-    finally:
-        _stop(arq_worker)
+    for workers in args.arq_workers:
+        arq_cmd = [
+            sys.executable, str(Path(__file__).resolve()), "--arq-worker", "--redis", url,
+            "--arq-max-jobs", str(args.arq_max_jobs),
+            "--arq-poll-delay-s", str(args.arq_poll_delay_s),
+        ]  # fmt: skip
+        side = []
+        procs = [_spawn(arq_cmd, workdir / "arq-worker.log") for _ in range(workers)]
+        try:
+            time.sleep(1.0 + 0.2 * workers)
+            row = asyncio.run(end_to_end(url, "arq", "enqueue_job", 0, args))
+            row.latencies_ms = asyncio.run(arq_latency(url, n_lat, 2 * n, args.arq_poll_delay_s))
+            side.append(row)
+        finally:
+            for proc in procs:
+                _stop(proc)
+        results = asyncio.run(arq_fill(url, n, args.concurrency))
+        procs = [_spawn(arq_cmd, workdir / "arq-worker.log") for _ in range(workers)]
+        try:
+            side.append(asyncio.run(drain_rate(url, "arq (no-op job)", results)))
+        finally:
+            for proc in procs:
+                _stop(proc)
+        for r in side:
+            r.procs = workers
+            r.system = r.system.replace("arq", _label("arq", workers, "workers"), 1)
+        rows += side
     return rows
 
 
@@ -412,19 +485,35 @@ def table(rows: list[Row]) -> str:
         lines.append(
             f"| {r.system} | {r.mode} | {r.requests} | {r.seconds:.2f} | {r.rps:,.0f} | {lat} |"
         )
-    arq = {r.mode: r for r in rows if r.system.startswith("arq")}
+    arq = {(r.mode, r.procs): r for r in rows if r.system.startswith("arq")}
     lines.append("")
     for r in rows:
-        if r.system.startswith("chatq") and r.mode in arq:
-            ratio = r.rps / arq[r.mode].rps
-            lines.append(f"- {r.system} / arq requests/s, {r.mode}: {ratio:.1f}x")
-    for e2e in (r for r in rows if r.system.startswith("chatq") and r.latencies_ms):
+        if not r.system.startswith("chatq"):
+            continue
+        for procs in sorted({1, r.procs}):
+            base = arq.get((r.mode, procs))
+            if base is not None:
+                lines.append(
+                    f"- {r.system} / {base.system.split(' (')[0]} requests/s, {r.mode}: "
+                    f"{r.rps / base.rps:.1f}x"
+                )
+    for e2e in (r for r in rows if r.latencies_ms):
         lines.append(
-            f"- {e2e.system.split()[0]} latency added by the queue, one request at a time: "
+            f"- {e2e.system.split(' (')[0]} latency added by the queue, one request at a time: "
             f"p50 {e2e.pct(0.5):.2f} ms, p99 {e2e.pct(0.99):.2f} ms "
             f"(mean {statistics.fmean(e2e.latencies_ms):.2f} ms)"
         )
     return "\n".join(lines)
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected counts like 1,2: {text!r}") from err
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive counts: {text!r}")
+    return counts
 
 
 def main() -> int:
@@ -440,6 +529,11 @@ def main() -> int:
     p.add_argument("--arq-max-jobs", type=int, default=512)
     p.add_argument("--arq-poll-delay-s", type=float, default=0.005)
     p.add_argument("--baseline-repo", type=Path, help="older checkout: its chatq rows too")
+    p.add_argument("--host-processes", type=_counts, default=[1],
+                   help="chatq rows per count of worker host processes, e.g. 1,2")  # fmt: skip
+    p.add_argument("--arq-workers", type=_counts, default=[1],
+                   help="arq rows per count of arq worker processes, e.g. 1,2")  # fmt: skip
+    p.add_argument("--producers", type=int, default=1, help="producer processes (both systems)")
     p.add_argument("--arq-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.arq_worker:

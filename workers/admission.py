@@ -12,7 +12,8 @@ after a few completions, follows an EWMA of the fraction of ``max_tokens`` answe
 use (×1.5, never above ``max_tokens``): chat answers usually end well before the cap, and
 the engine preempts if the estimate was low. The live snapshot also pauses pulls while the
 engine's own waiting queue holds more than the headroom (it is behind, e.g. after
-preemptions). ``admitted`` is the registry of everything this worker holds.
+preemptions). ``admitted`` is the registry of everything this worker holds. A worker with
+several host processes gives each an equal ``share`` of both bounds.
 """
 
 from __future__ import annotations
@@ -31,10 +32,17 @@ DEFAULT_AVG_COST_TOKENS = 256
 
 class Admission:
     def __init__(
-        self, capacity: Capacity, *, max_num_seqs: int, inflight_factor: float, headroom_tokens: int
+        self,
+        capacity: Capacity,
+        *,
+        max_num_seqs: int,
+        inflight_factor: float,
+        headroom_tokens: int,
+        share: float = 1.0,
     ) -> None:
         self.capacity = capacity
-        self.max_requests = max(1, math.floor(max_num_seqs * inflight_factor))
+        self.share = share  # of the engine: 1 / the worker's host processes
+        self.max_requests = max(1, math.floor(max_num_seqs * inflight_factor * share))
         self.headroom_tokens = headroom_tokens
         self.admitted: dict[str, InflightRequest] = {}
         self.committed_tokens = 0
@@ -56,7 +64,7 @@ class Admission:
 
     @property
     def budget_tokens(self) -> int:
-        return self.capacity.total_kv_tokens + self.headroom_tokens
+        return int((self.capacity.total_kv_tokens + self.headroom_tokens) * self.share)
 
     # --- decisions ---
 

@@ -32,7 +32,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import msgpack
@@ -197,19 +197,110 @@ class LoopTrace:
         self._reset()
 
 
-def _sender(conn: Connection, outbox: queue.SimpleQueue[bytes | None]) -> None:
+def _sender(conns: list[Connection], outbox: queue.SimpleQueue[tuple[int, bytes] | None]) -> None:
+    gone: set[int] = set()  # hosts whose pipe broke (their command pipe reports it)
     while True:
-        data = outbox.get()
-        if data is None:
+        item = outbox.get()
+        if item is None:
             return
+        front, data = item
+        if front in gone:
+            continue
         try:
-            conn.send_bytes(data)
+            conns[front].send_bytes(data)
         except (BrokenPipeError, OSError):
+            gone.add(front)
+
+
+class Fronts:
+    """The host processes this engine serves (``--host-processes``): their command pipes,
+    which of them owns each request, and which are still open.
+
+    With one host process everything goes to it, as before. With several, each host tags
+    its request ids (so two hosts holding the same request never collide here), and a
+    step's outputs are split by owner. A host that sends ``stop`` is done: its requests
+    are aborted and its pipe is no longer read; the loop ends when every host is done. A
+    pipe that closes without ``stop`` means its host died: the loop ends (EOFError), every
+    other host sees the engine go and exits, and the queue's reclaim takes over.
+    """
+
+    def __init__(self, conns: list[Connection]) -> None:
+        self.conns = conns
+        self.reading = list(range(len(conns)))  # hosts whose ``stop`` has not arrived
+        self.serving = set(range(len(conns)))  # hosts whose ``stop`` has not been applied
+        self.owner: dict[str, int] = {}  # request id → host index (several hosts only)
+        self.many = len(conns) > 1
+
+    def receive(self, block_s: float, backlog: deque[tuple[int, list[Any]]]) -> None:
+        """Append every command waiting on the pipes; wait up to ``block_s`` for one. A
+        pipe is not read past its ``stop`` (its host may close it right after)."""
+        conns = self.conns
+        if not self.many:
+            conn = conns[0]
+            got = conn.poll(block_s)
+            while got:
+                batch = msgpack.unpackb(conn.recv_bytes(), raw=False)
+                backlog.extend([(0, c) for c in batch])
+                got = not _has_stop(batch) and conn.poll(0)
             return
+        if not self.reading:
+            return
+        ready = wait([conns[k] for k in self.reading], block_s)
+        for k in list(self.reading):
+            conn = conns[k]
+            got = conn in ready
+            while got:
+                batch = msgpack.unpackb(conn.recv_bytes(), raw=False)
+                backlog.extend([(k, c) for c in batch])
+                if _has_stop(batch):
+                    self.reading.remove(k)
+                    break
+                got = conn.poll(0)
+
+    def added(self, front: int, request_id: str) -> None:
+        if self.many:
+            self.owner[request_id] = front
+
+    def forget(self, request_id: str) -> None:
+        if self.many:
+            self.owner.pop(request_id, None)
+
+    def close(self, front: int, engine: Any) -> bool:
+        """Host ``front`` is done: abort what it still owns; True when no host is left."""
+        self.serving.discard(front)
+        if self.many:
+            for rid in [r for r, k in self.owner.items() if k == front]:
+                engine.abort(rid)
+                del self.owner[rid]
+        return not self.serving
+
+    def split(self, rows: list[Any]) -> list[list[Any]]:
+        """One step's output rows (request id first, finished third) per host."""
+        if not self.many:
+            return [rows]
+        parts: list[list[Any]] = [[] for _ in self.conns]
+        owner = self.owner
+        for row in rows:
+            rid = row[0]
+            k = owner.get(rid)
+            if k is None:
+                continue  # aborted by its host, which answered it already
+            parts[k].append(row)
+            if row[2]:
+                del owner[rid]
+        return parts
 
 
-def _apply(engine: Any, params_cls: Any, cmd: list[Any], rejected: list[list[Any]]) -> bool:
-    """Apply one command; False on ``stop``. A refused ``add`` goes to ``rejected``."""
+def _has_stop(batch: list[list[Any]]) -> bool:
+    return bool(batch) and batch[-1][0] == "stop"  # a host's last command
+
+
+def _apply(
+    engine: Any, params_cls: Any, fronts: Fronts, front: int, cmd: list[Any],
+    rejected: list[list[Any]],
+) -> bool:  # fmt: skip
+    """Apply one command of host ``front``; False once every host has sent ``stop``. A
+    refused ``add`` goes to ``rejected``."""
     op = cmd[0]
     if op == "add":
         (
@@ -237,31 +328,40 @@ def _apply(engine: Any, params_cls: Any, cmd: list[Any], rejected: list[list[Any
             engine.add_request(
                 rid, prompt_from_wire(prompt), params, priority=prio, deadline=deadline
             )
+            fronts.added(front, rid)
         except Exception as err:  # one bad request (too long, bad params) never stops the loop
             rejected.append([rid, f"{type(err).__name__}: {err}"])
     elif op == "abort":
         engine.abort(cmd[1])
+        fronts.forget(cmd[1])
     elif op == "stop":
-        return False
+        return not fronts.close(front, engine)
     return True
 
 
 def engine_main(
-    cmd_conn: Connection,
-    out_conn: Connection,
+    cmd_conns: list[Connection],
+    out_conns: list[Connection],
     factory_spec: str,
     model_path: str,
     options: dict[str, Any],
     torch_threads: int | None,
 ) -> None:
-    """Entry point of the engine process (spawn context)."""
+    """Entry point of the engine process (spawn context): one command and one output pipe
+    per host process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the host decides when the engine stops
-    outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-    sender = threading.Thread(target=_sender, args=(out_conn, outbox), daemon=True)
+    outbox: queue.SimpleQueue[tuple[int, bytes] | None] = queue.SimpleQueue()
+    sender = threading.Thread(target=_sender, args=(out_conns, outbox), daemon=True)
     sender.start()
+    fronts = Fronts(cmd_conns)
 
-    def send(doc: list[Any]) -> None:
-        outbox.put(msgpack.packb(doc, use_bin_type=True))
+    def send(doc: list[Any], front: int = 0) -> None:
+        outbox.put((front, msgpack.packb(doc, use_bin_type=True)))
+
+    def send_all(doc: list[Any]) -> None:
+        data = msgpack.packb(doc, use_bin_type=True)
+        for k in range(len(out_conns)):
+            outbox.put((k, data))
 
     try:
         if torch_threads:
@@ -275,7 +375,7 @@ def engine_main(
         # loop only needs its own short-lived objects looked at.
         gc.freeze()
         gc.disable()
-        send(
+        send_all(
             [
                 "ready",
                 {
@@ -292,24 +392,31 @@ def engine_main(
         if trace is not None:
             trace.wrap_wait(engine)
 
-        def send_outputs(outs: list[Any]) -> None:
+        def send_outputs(outs: list[Any], also: set[int] | None = None) -> None:
+            """Each host's rows with the capacity; ``also``: hosts that get the capacity
+            even without rows (their commands were applied this turn)."""
             if outs and type(outs[0]) is StepOutput:  # the wire row already (a tuple)
-                send(["out", outs, _capacity_wire(engine)])
-                return
-            wire = [
-                [
-                    o.request_id,
-                    list(o.new_token_ids),
-                    bool(o.finished),
-                    o.finish_reason,
-                    int(o.num_prompt_tokens),
-                    int(o.num_cached_tokens),
+                rows = outs
+            else:
+                rows = [
+                    [
+                        o.request_id,
+                        list(o.new_token_ids),
+                        bool(o.finished),
+                        o.finish_reason,
+                        int(o.num_prompt_tokens),
+                        int(o.num_cached_tokens),
+                    ]
+                    for o in outs
                 ]
-                for o in outs
-            ]
-            send(["out", wire, _capacity_wire(engine)])
+            capacity = _capacity_wire(engine)
+            for k, part in enumerate(fronts.split(rows)):
+                if part or not fronts.many:
+                    send(["out", part, capacity], k)
+                elif also and k in also:
+                    send(["cap", capacity], k)
 
-        backlog: deque[list[Any]] = deque()  # commands received, not applied yet
+        backlog: deque[tuple[int, list[Any]]] = deque()  # commands received, not applied yet
         collections = FullCollections()
         running = True
         while running:
@@ -317,44 +424,48 @@ def engine_main(
             busy = engine.has_unfinished()
             collections.turn(busy or bool(backlog))
             # Idle: block (briefly, so a vanished host is noticed); busy: take what is there.
-            got = cmd_conn.poll(0 if busy or backlog else 0.5)
+            fronts.receive(0 if busy or backlog else 0.5, backlog)
             t_apply = time.perf_counter()
-            while got:
-                backlog.extend(msgpack.unpackb(cmd_conn.recv_bytes(), raw=False))
-                got = cmd_conn.poll(0)
             applied = 0
-            rejected: list[list[Any]] = []
+            applied_from: set[int] = set()
+            rejected: dict[int, list[list[Any]]] = {}
             budget_end = time.perf_counter() + APPLY_BUDGET_S
             while backlog:
                 applied += 1
-                if not _apply(engine, params_cls, backlog.popleft(), rejected):
+                front, cmd = backlog.popleft()
+                applied_from.add(front)
+                refused = rejected.setdefault(front, [])
+                if not _apply(engine, params_cls, fronts, front, cmd, refused):
                     running = False
                     break
                 if busy and time.perf_counter() > budget_end:
                     break
-            if rejected:
-                send(["rej", rejected])
+            for front, refused in rejected.items():
+                if refused:
+                    send(["rej", refused], front)
             if not running:
                 break
             if engine.has_unfinished():
                 t_step = time.perf_counter()
                 outs = step()
                 t_send = time.perf_counter()
-                send_outputs(outs)
+                send_outputs(outs, applied_from if fronts.many else None)
                 if trace is not None:
                     t_end = time.perf_counter()
                     trace.turn(applied, t_step - t_apply, t_send - t_step, t_end - t_send,
                                t_end - t_turn)  # fmt: skip
             elif applied:
-                send(["cap", _capacity_wire(engine)])
+                capacity = ["cap", _capacity_wire(engine)]
+                for front in applied_from:
+                    send(capacity, front)
         if finish is not None:
             outs = finish()
             if outs:
                 send_outputs(outs)
     except (EOFError, BrokenPipeError):
-        pass  # the host is gone: nothing to report to
-    except BaseException as err:  # report every failure to the host, then exit non-zero
-        send(["fatal", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"])
+        pass  # a host is gone: the others see this process go
+    except BaseException as err:  # report every failure to the hosts, then exit non-zero
+        send_all(["fatal", f"{type(err).__name__}: {err}\n{traceback.format_exc()}"])
         outbox.put(None)
         sender.join(5)
         os._exit(1)

@@ -45,6 +45,14 @@ class EngineProcessError(WorkerError):
     """The engine process failed to start or died."""
 
 
+class HostChannel(NamedTuple):
+    """Host number ``host``'s ends of its two pipes to a shared engine process."""
+
+    host: int
+    cmd_send: Connection
+    out_recv: Connection
+
+
 class Output(NamedTuple):
     """One request's part of a step (``StepOutput``); a tuple: one per sequence per step."""
 
@@ -112,6 +120,11 @@ class EngineProcess:
 
     ``on_outputs(outputs, capacity)`` is called on the loop for each step batch;
     ``on_fatal(message)`` once if the child fails or vanishes.
+
+    ``host_processes`` > 1 gives the child one command and one output pipe per worker host
+    process: this object uses the first pair, ``host_channels()`` hands out the others, and
+    each other host talks to the same child through :meth:`attach`. Each host then tags its
+    request ids (``@k``) on the way in and strips the tag on the way out.
     """
 
     def __init__(
@@ -123,13 +136,17 @@ class EngineProcess:
         torch_threads: int | None = None,
         on_outputs: Callable[[list[Output], Capacity], None],
         on_fatal: Callable[[str], None],
+        host_processes: int = 1,
     ) -> None:
         self._spec = (factory_spec, model_path, options, torch_threads)
+        self._host_processes = host_processes
         self._on_outputs = on_outputs
         self._on_fatal = on_fatal
         self._proc: Any = None
         self._cmd_send: Connection | None = None
         self._out_recv: Connection | None = None
+        self._channels: list[HostChannel] = []  # the other hosts' pipe ends, until handed out
+        self._tag = "@0" if host_processes > 1 else ""
         # Commands of this loop turn (all of them, until the pipe is there), and framed
         # bytes the pipe did not take yet.
         self._pending: list[list[Any]] = []
@@ -139,25 +156,41 @@ class EngineProcess:
         self._ready: asyncio.Future[dict[str, Any]] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dead = False
+        self._pid: int | None = None
         self.capacity = Capacity(0, 0, 0, 0, 0, 1)  # until the engine reports
         self.eos_token_ids: list[int] = []
 
-    async def start(self, timeout_s: float = 600.0) -> None:
-        self._loop = asyncio.get_running_loop()
-        ctx = mp.get_context("spawn")
-        cmd_recv, self._cmd_send = ctx.Pipe(duplex=False)
-        self._out_recv, out_send = ctx.Pipe(duplex=False)
-        from workers.engine_loop import engine_main
+    @classmethod
+    def attach(
+        cls,
+        channel: HostChannel,
+        *,
+        on_outputs: Callable[[list[Output], Capacity], None],
+        on_fatal: Callable[[str], None],
+    ) -> EngineProcess:
+        """This host's side of an engine process another host started (``host_channels``)."""
+        self = cls("", "", {}, on_outputs=on_outputs, on_fatal=on_fatal)
+        self._cmd_send, self._out_recv = channel.cmd_send, channel.out_recv
+        self._tag = f"@{channel.host}"
+        return self
 
-        self._proc = ctx.Process(
-            target=engine_main,
-            args=(cmd_recv, out_send, *self._spec),
-            name="chatq-engine",
-            daemon=True,
-        )
-        self._proc.start()
-        cmd_recv.close()
-        out_send.close()
+    def host_channels(self) -> list[HostChannel]:
+        """The pipe ends of hosts 1..n-1, to pass to their processes once (then
+        ``close_host_channels`` here, so a host that dies closes its pipes for good)."""
+        return list(self._channels)
+
+    def close_host_channels(self) -> None:
+        for ch in self._channels:
+            ch.cmd_send.close()
+            ch.out_recv.close()
+        self._channels = []
+
+    async def start(self, timeout_s: float = 600.0) -> None:
+        """Start the child (or, attached, wait for the running one's ``ready``)."""
+        self._loop = asyncio.get_running_loop()
+        if self._cmd_send is None:
+            self._spawn()
+        assert self._cmd_send is not None and self._out_recv is not None
         os.set_blocking(self._cmd_send.fileno(), False)
         self._schedule_flush()  # commands queued before the start
         self._ready = self._loop.create_future()
@@ -169,10 +202,34 @@ class EngineProcess:
             raise
         self.eos_token_ids = [int(t) for t in info["eos_token_ids"]]
         self.capacity = Capacity(*info["capacity"])
+        self._pid = int(info["pid"])
+
+    def _spawn(self) -> None:
+        ctx = mp.get_context("spawn")
+        pipes = [(ctx.Pipe(duplex=False), ctx.Pipe(duplex=False))
+                 for _ in range(self._host_processes)]  # fmt: skip
+        from workers.engine_loop import engine_main
+
+        self._proc = ctx.Process(
+            target=engine_main,
+            args=([c[0] for c, _ in pipes], [o[1] for _, o in pipes], *self._spec),
+            name="chatq-engine",
+            daemon=True,
+        )
+        self._proc.start()
+        for (cmd_recv, _), (_, out_send) in pipes:
+            cmd_recv.close()
+            out_send.close()
+        (_, self._cmd_send), (self._out_recv, _) = pipes[0]
+        self._channels = [
+            HostChannel(k, cmd_send, out_recv)
+            for k, ((_, cmd_send), (out_recv, _)) in enumerate(pipes)
+            if k > 0
+        ]
 
     @property
     def pid(self) -> int | None:
-        return None if self._proc is None else int(self._proc.pid)
+        return self._pid
 
     @property
     def alive(self) -> bool:
@@ -183,7 +240,11 @@ class EngineProcess:
         is one call, and a request's time to the engine should not wait for the loop's
         other ready callbacks."""
         if commands:
-            self._pending.extend([c.to_wire() for c in commands])
+            wire = [c.to_wire() for c in commands]
+            if self._tag:
+                for w in wire:
+                    w[1] += self._tag
+            self._pending.extend(wire)
             if self._cmd_send is not None:
                 self._flush()
             else:
@@ -191,13 +252,24 @@ class EngineProcess:
 
     def abort(self, request_ids: Sequence[str]) -> None:
         if request_ids:
-            self._pending.extend([["abort", rid] for rid in request_ids])
+            tag = self._tag
+            self._pending.extend([["abort", rid + tag] for rid in request_ids])
             self._schedule_flush()
 
     async def stop(self, timeout_s: float = 10.0) -> None:
-        """Ask the child to stop, wait for it, kill it if it does not."""
+        """Ask the child to stop, wait for it, kill it if it does not. Attached (or with
+        several hosts), ``stop`` says this host is done; the child stops once all are."""
         self._pending.append(["stop"])
         self._flush()
+        if self._unsent and self._cmd_send is not None and not self._dead:
+            # The rest, ``stop`` last, must arrive: a host pipe that closes without it
+            # means a dead host to the child.
+            self._stop_writing()
+            with contextlib.suppress(OSError):
+                os.set_blocking(self._cmd_send.fileno(), True)
+                while self._unsent:
+                    del self._unsent[: os.write(self._cmd_send.fileno(), self._unsent)]
+            self._unsent.clear()
         if self._loop is not None and self._out_recv is not None:
             with contextlib.suppress(Exception):
                 self._loop.remove_reader(self._out_recv.fileno())
@@ -270,10 +342,15 @@ class EngineProcess:
         kind = doc[0]
         if kind == "out":
             self.capacity = Capacity(*doc[2])
-            outs = [Output(*row) for row in doc[1]]
+            if self._tag:
+                n = -len(self._tag)
+                outs = [Output(row[0][:n], *row[1:]) for row in doc[1]]
+            else:
+                outs = [Output(*row) for row in doc[1]]
             self._on_outputs(outs, self.capacity)
         elif kind == "rej":
-            outs = [Output(rid, [], True, "error", 0, 0, error=msg) for rid, msg in doc[1]]
+            end = -len(self._tag) or None
+            outs = [Output(rid[:end], [], True, "error", 0, 0, error=msg) for rid, msg in doc[1]]
             self._on_outputs(outs, self.capacity)
         elif kind == "cap":
             self.capacity = Capacity(*doc[1])

@@ -20,6 +20,7 @@ from workers.errors import ConfigError
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_ENGINE_FACTORY = "gpu_engine:LLMEngine.from_options"
+MAX_HOST_PROCESSES = 32
 
 
 def default_worker_name() -> str:
@@ -55,6 +56,10 @@ class WorkerSettings:
     headroom_tokens: int | None = None  # cost budget above the KV cache; default: batch tokens
     aging_s: float = 2.0  # one priority level is worth this many seconds of waiting
     read_block_ms: int = 500  # longest blocking XREADGROUP (bounds shutdown latency)
+    # Host processes sharing the one engine process, each pulling, tokenizing and
+    # aggregating on its own core (one is plenty for a GPU generating long answers; more for
+    # small models with short answers, where one host core cannot keep up with the engine).
+    host_processes: int = 1
     # --- reliability ---
     max_deliveries: int = 3
     grace_period_s: float = 30.0
@@ -79,6 +84,7 @@ class WorkerSettings:
             "max_deliveries",
             "read_block_ms",
             "tensor_parallel_size",
+            "host_processes",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -91,6 +97,8 @@ class WorkerSettings:
             raise ConfigError("max_inflight_factor must be ≥ 1")
         if self.aging_s <= 0 or self.grace_period_s < 0 or self.heartbeat_interval_s <= 0:
             raise ConfigError("aging_s and heartbeat_interval_s must be > 0, grace_period_s ≥ 0")
+        if self.host_processes > MAX_HOST_PROCESSES:
+            raise ConfigError(f"host_processes must be at most {MAX_HOST_PROCESSES}")
         if ":" not in self.engine_factory:
             raise ConfigError("engine_factory must look like 'module:attr'")
 
@@ -167,6 +175,7 @@ _TYPES: dict[str, type] = {
     "headroom_tokens": int,
     "aging_s": float,
     "read_block_ms": int,
+    "host_processes": int,
     "max_deliveries": int,
     "grace_period_s": float,
     "heartbeat_interval_s": float,

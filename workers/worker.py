@@ -24,6 +24,14 @@ authoritative answer (resuming partial generations is a later issue).
 If the engine process dies, the worker exits at once without requeueing: the heartbeat is
 deleted and other workers claim the pending entries with their delivery count raised, so
 a request that crashes engines ends in the dead-letter stream after ``max_deliveries``.
+
+With ``host_processes`` = n > 1 this process (host 0) starts the engine process with a
+pair of pipes per host, then n - 1 more host processes (``host_main``), each a Worker of
+its own (consumer ``<name>.<k>``, its own heartbeat, intake, aggregator and reclaim) with an
+equal share of the engine's capacity, attached to the same engine. A stop reaches them
+all (host 0 forwards SIGTERM); host 0 stops the engine after they have left. Any of the
+processes dying ends them all, like an engine crash (the engine sees that host's pipe
+close): their entries are reclaimed by the queue.
 """
 
 from __future__ import annotations
@@ -32,9 +40,11 @@ import asyncio
 import contextlib
 import gc
 import logging
+import multiprocessing as mp
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,8 +59,8 @@ from producer.connection import connect
 from producer.keys import Keys
 from workers.admission import Admission
 from workers.aggregator import Aggregator
-from workers.engine_process import EngineProcess, Output
-from workers.errors import ConfigError
+from workers.engine_process import EngineProcess, HostChannel, Output
+from workers.errors import ConfigError, WorkerError
 from workers.intake import Intake, being_cancelled
 from workers.lanes import Entry, Lanes
 from workers.metrics import Metrics
@@ -62,13 +72,24 @@ from workers.settings import WorkerSettings
 log = logging.getLogger(__name__)
 
 CANCEL_BLOCK_MS = 500
+HOST_START_TIMEOUT_S = 300.0
+HOST_EXIT_MARGIN_S = 15.0  # past the grace period, before host 0 kills a host that hangs
 GC_YOUNG_THRESHOLD = 20_000  # allocations between young collections (Python's default: 700)
 TASK_EXIT_TIMEOUT_S = 5.0
 
 
 class Worker:
-    def __init__(self, settings: WorkerSettings) -> None:
+    def __init__(
+        self, settings: WorkerSettings, *, host: HostChannel | None = None, started: Any = None
+    ) -> None:
+        """``host``: this process is host number ``host.host`` of a worker whose host 0
+        started the engine process (see ``host_main``); it sets ``started`` (an event of
+        host 0's) once it serves."""
         self.settings = settings
+        self._host = host
+        self._started_flag = started
+        self._hosts: list[Any] = []  # host 0: the other host processes
+        self._hosts_started: list[Any] = []  # host 0: their ``started`` events
         self.name = settings.name
         self.model = settings.model_name
         self.keys = Keys(settings.prefix)
@@ -105,21 +126,35 @@ class Worker:
             tokenizer = await loop.run_in_executor(None, _load_tokenizer, s.model_path)
             prompts = PromptBuilder(tokenizer)
             writer = ResultWriter(redis, self.keys, self.model, self.name)
-            engine = EngineProcess(
-                s.engine_factory,
-                s.model_path,
-                s.engine_options(),
-                torch_threads=s.torch_threads,
-                on_outputs=self._on_outputs,
-                on_fatal=self._on_fatal,
-            )
+            if self._host is None:
+                engine = EngineProcess(
+                    s.engine_factory,
+                    s.model_path,
+                    s.engine_options(),
+                    torch_threads=s.torch_threads,
+                    on_outputs=self._on_outputs,
+                    on_fatal=self._on_fatal,
+                    host_processes=s.host_processes,
+                )
+            else:
+                engine = EngineProcess.attach(
+                    self._host, on_outputs=self._on_outputs, on_fatal=self._on_fatal
+                )
             self.engine = engine
             await engine.start()
+            if self._host is None and s.host_processes > 1:
+                self._hosts, self._hosts_started = _start_hosts(s, engine.host_channels())
+                engine.close_host_channels()
+                # All hosts start pulling together (a full queue is not pulled by host 0
+                # alone, with its share of the engine, while the others load), and host 0's
+                # heartbeat starts only now, beating from then on.
+                await self._hosts_serving()
             admission = Admission(
                 engine.capacity,
                 max_num_seqs=s.max_num_seqs,
                 inflight_factor=s.max_inflight_factor,
                 headroom_tokens=s.admission_headroom_tokens,
+                share=1.0 / s.host_processes,
             )
             aggregator = Aggregator(writer, admission, engine, self.metrics, self.name)
             self.aggregator = aggregator
@@ -164,8 +199,11 @@ class Worker:
             gc_thresholds = gc.get_threshold()
             gc.set_threshold(GC_YOUNG_THRESHOLD, *gc_thresholds[1:])
             self.ready.set()
+            if self._started_flag is not None:
+                self._started_flag.set()
             log.info("worker %s serving %s (engine pid %s)", self.name, self.model, engine.pid)
             await self._until_stopped(tasks)
+            self._signal_hosts()
             if self._fatal is not None:
                 log.error("%s: %s", self.name, self._fatal)
                 return 1
@@ -179,6 +217,7 @@ class Worker:
             await self._end_tasks(tasks)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(redis.delete(self.keys.heartbeat(self.name)), 5.0)
+            await self._join_hosts()
             if engine is not None:
                 await engine.stop()
             log.info("%s: stopped", self.name)
@@ -190,6 +229,50 @@ class Worker:
                     loop.remove_signal_handler(sig)
 
     # --- lifecycle ---
+
+    def _signal_hosts(self) -> None:
+        """Host 0: pass the stop on to the other host processes (they drain on their own)."""
+        for proc in self._hosts:
+            if proc.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGTERM)
+
+    async def _hosts_serving(self) -> None:
+        """Host 0: wait until every other host process serves (one that exits first is an
+        error: the worker does not start)."""
+        deadline = time.monotonic() + HOST_START_TIMEOUT_S
+        while not all(flag.is_set() for flag in self._hosts_started):
+            for proc in self._hosts:
+                if not proc.is_alive():
+                    raise WorkerError(f"host process {proc.name} exited ({proc.exitcode}) "
+                                      "while starting; see its log above")  # fmt: skip
+            if time.monotonic() > deadline:
+                raise WorkerError(f"host processes not serving after {HOST_START_TIMEOUT_S} s")
+            if self._stop.is_set():
+                return
+            await asyncio.sleep(0.05)
+
+    async def _join_hosts(self) -> None:
+        """Host 0: wait for the other hosts to leave (the engine stops only after them)."""
+        if not self._hosts:
+            return
+        self._signal_hosts()
+        timeout_s = self.settings.grace_period_s + HOST_EXIT_MARGIN_S
+
+        def join() -> None:
+            deadline = time.monotonic() + timeout_s
+            for proc in self._hosts:
+                proc.join(max(0.0, deadline - time.monotonic()))
+
+        await asyncio.get_running_loop().run_in_executor(None, join)
+        for proc in self._hosts:
+            if proc.is_alive():
+                log.error("%s: host process %s did not stop; killing it", self.name, proc.pid)
+                proc.kill()
+                proc.join(2)
+            elif proc.exitcode:
+                log.warning("%s: host process %s exited with %s", self.name, proc.pid,
+                            proc.exitcode)  # fmt: skip
 
     def _on_outputs(self, outputs: list[Output], capacity: Capacity) -> None:
         if self.aggregator is not None:  # engine outputs only follow requests it was sent
@@ -333,6 +416,39 @@ class Worker:
                     any_hit |= aggregator.cancel(rid_s)
             if any_hit:
                 await aggregator.writer.flush()
+
+
+def _start_hosts(
+    settings: WorkerSettings, channels: list[HostChannel]
+) -> tuple[list[Any], list[Any]]:
+    """Hosts 1..n-1 of this worker, as spawned processes running ``host_main``, and the
+    events they set once serving."""
+    ctx = mp.get_context("spawn")
+    procs: list[Any] = []
+    started: list[Any] = []
+    for ch in channels:
+        host = settings.with_(
+            name=f"{settings.name}.{ch.host}",
+            served_model_name=settings.model_name,
+            metrics_port=None,
+        )
+        flag = ctx.Event()
+        proc = ctx.Process(
+            target=host_main,
+            args=(host, ch, flag, logging.getLogger().getEffectiveLevel()),
+            name=f"chatq-host-{ch.host}",
+            daemon=True,
+        )
+        proc.start()
+        procs.append(proc)
+        started.append(flag)
+    return procs, started
+
+
+def host_main(settings: WorkerSettings, channel: HostChannel, started: Any, log_level: int) -> None:
+    """Entry point of host process ``channel.host`` (spawn context)."""
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(asyncio.run(Worker(settings, host=channel, started=started).run()))
 
 
 def _load_tokenizer(model_path: str) -> Any:

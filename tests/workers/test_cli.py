@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import time
@@ -156,6 +157,84 @@ def test_sigterm_past_the_grace_period_hands_work_back_to_another_worker(
     assert all(res.usage.completion_tokens == 1800 for res in results)
     for rid in ids:
         assert len(_finals(r, rid)) == 1
+
+
+def test_two_host_processes_share_one_engine_and_drain_together_on_sigterm(
+    redis_url: str, spawn_worker: Callable[..., WorkerProcess]
+) -> None:
+    """``--host-processes 2``: two consumers (``wm``, ``wm.1``) in two processes, each with
+    half of the worker's in-flight bound (8 seqs x 1.5 / 2 = 6), one engine process between
+    them. Twelve requests fill both; SIGTERM drains both and the worker exits clean."""
+    r = redis.Redis.from_url(redis_url)
+    w = spawn_worker(redis_url, "wm", "--host-processes", "2", "--grace-period-s", "60")
+    _wait(lambda: _ready(r, "wm", "wm.1"), 120, "both host processes", w)
+    beats = [_heartbeat(r, "wm") or {}, _heartbeat(r, "wm.1") or {}]
+    assert beats[0]["pid"] == w.proc.pid and beats[1]["pid"] != w.proc.pid
+    with SyncChatClient(redis_url) as client:
+        ids = [
+            client.submit(USER, model=MODEL, max_tokens=200, ignore_eos=True, seed=i)
+            for i in range(12)
+        ]
+        _wait(lambda: _pending_by_consumer(r) == {"wm": 6, "wm.1": 6}, 60, "both hosts full", w)
+        w.signal(signal.SIGTERM)
+        assert w.wait(60) == 0, w.log()[-3000:]
+        results = [client.result(rid, timeout_s=5) for rid in ids]
+    assert sorted(res.worker for res in results) == ["wm"] * 6 + ["wm.1"] * 6
+    assert all(res.usage.completion_tokens == 200 for res in results)
+    for rid in ids:
+        assert len(_finals(r, rid)) == 1
+    assert r.get(KEYS.heartbeat("wm")) is None and r.get(KEYS.heartbeat("wm.1")) is None
+    assert _pending_by_consumer(r) == {}
+    assert "grace period over" not in w.log()
+
+
+def test_kill_9_of_one_host_process_ends_its_worker_and_another_answers_everything_once(
+    redis_url: str, spawn_worker: Callable[..., WorkerProcess]
+) -> None:
+    """A host process killed mid-batch closes its pipe to the shared engine: the engine
+    and the worker's other host leave too (like an engine crash), and the other worker
+    claims every entry they held."""
+    r = redis.Redis.from_url(redis_url)
+    wa = spawn_worker(redis_url, "wa", "--host-processes", "2")
+    wb = spawn_worker(redis_url, "wb")
+    _wait(lambda: _ready(r, "wa", "wa.1", "wb"), 120, "all workers", wa, wb)
+    with SyncChatClient(redis_url) as client:
+        ids = [
+            client.submit(USER, model=MODEL, max_tokens=600, ignore_eos=True, seed=i)
+            for i in range(12)
+        ]
+        _wait(
+            lambda: (
+                (_heartbeat(r, "wa.1") or {}).get("tokens_generated", 0) > 0
+                and _pending_by_consumer(r).get("wa.1", 0) > 0
+            ),
+            60,
+            "wa.1 running",
+            wa,
+            wb,
+        )
+        pid = int((_heartbeat(r, "wa.1") or {})["pid"])
+        os.kill(pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        _wait(
+            lambda: not {"wa", "wa.1"} & set(_pending_by_consumer(r)),
+            15,
+            "wa's entries claimed",
+            wb,
+        )
+        claim_s = time.monotonic() - killed_at
+        assert wa.wait(30) == 1, wa.log()[-3000:]
+        results = [client.result(rid, timeout_s=120) for rid in ids]
+    print(f"\nkill -9 of a host process → all of its worker's entries claimed: {claim_s:.2f} s")
+    assert claim_s <= 3.0, f"claim took {claim_s:.2f} s"
+    assert all(
+        res.finish_reason == "length" and res.usage.completion_tokens == 600 for res in results
+    )
+    for rid in ids:
+        finals = _finals(r, rid)
+        assert len(finals) == 1 and isinstance(finals[0], Done), (rid, finals)
+    assert _pending_by_consumer(r) == {}
+    assert r.xlen(KEYS.dead) == 0
 
 
 def test_enqueue_and_status_commands(

@@ -117,3 +117,64 @@ def test_prompts_travel_as_int32_bytes_and_come_back_equal() -> None:
     # An id that does not fit stays a list: the engine refuses it with its own message.
     assert prompt_from_wire(prompt_wire([1, 2**40])) == [1, 2**40]
     assert prompt_from_wire(prompt_wire([1, 2.5])) == [1, 2.5]  # type: ignore[list-item]
+
+
+async def test_two_hosts_share_one_engine_and_each_gets_only_its_own_outputs() -> None:
+    """``host_processes=2``: the second host attaches to the same child through its channel.
+    Both hold requests with the same ids (one request queued twice, taken by both hosts):
+    each sees only its own copies, under its own ids; an abort from host 1 ends only host
+    1's copy; a refused add comes back to the host that sent it; and the child stops only
+    after both hosts have said ``stop``."""
+    seen: list[dict[str, list[int]]] = [{}, {}]
+    finished: list[dict[str, str | None]] = [{}, {}]
+    errors: list[dict[str, str | None]] = [{}, {}]
+    both_done = asyncio.Event()
+
+    def collector(k: int) -> Any:
+        def on_outputs(outs: list[Output], capacity: Capacity) -> None:
+            for o in outs:
+                seen[k].setdefault(o.request_id, []).extend(o.new_token_ids)
+                if o.finished:
+                    finished[k][o.request_id] = o.finish_reason
+                    errors[k][o.request_id] = o.error
+            if len(finished[0]) == 3 and len(finished[1]) == 3:
+                both_done.set()
+
+        return on_outputs
+
+    host0 = EngineProcess(
+        ZERO_COST, "", {}, on_outputs=collector(0), on_fatal=lambda m: None, host_processes=2
+    )
+    await host0.start(timeout_s=60)
+    fatal1: list[str] = []
+    try:
+        (channel,) = host0.host_channels()
+        host1 = EngineProcess.attach(channel, on_outputs=collector(1), on_fatal=fatal1.append)
+        await host1.start(timeout_s=60)
+        assert host1.pid == host0.pid and host1.capacity.total_kv_tokens > 0
+        host0.add([_add(0, 5, 3), _add(1, 5, 4), _add(2, 5, 5)])
+        host1.add([_add(0, 5, 6), _add(1, 5, 30_000), _add(3, 5, 2)])
+        host1.abort(["r1"])
+        host1.add([_add(4, 5, 0)])  # max_tokens 0: the engine refuses it
+        try:
+            await asyncio.wait_for(both_done.wait(), 20)
+        except TimeoutError:
+            raise AssertionError(f"{finished} {errors}") from None
+        assert {rid: len(t) for rid, t in seen[0].items()} == {"r0": 3, "r1": 4, "r2": 5}
+        assert finished[0] == {"r0": "length", "r1": "length", "r2": "length"}
+        assert len(seen[1]["r0"]) == 6 and len(seen[1]["r3"]) == 2
+        # The aborted copy says nothing more (its host answered it when it aborted).
+        assert "r1" not in finished[1] and len(seen[1].get("r1", [])) < 10
+        assert finished[1]["r4"] == "error" and errors[1]["r4"]
+        await host1.stop()
+        assert host0.alive  # host 1 leaving (with ``stop``) does not end the engine
+        host0.add([_add(5, 5, 2)])
+        for _ in range(100):
+            if "r5" in finished[0]:
+                break
+            await asyncio.sleep(0.05)
+        assert finished[0].get("r5") == "length", (finished, seen[0].get("r5"), host0.alive)
+        assert not fatal1
+    finally:
+        await host0.stop()
+    assert not host0.alive
