@@ -61,6 +61,19 @@ def test_budget_is_kv_cache_plus_headroom_and_count_is_bounded() -> None:
     assert adm.changed.is_set()
 
 
+def test_a_host_process_gets_its_share_of_both_bounds() -> None:
+    """One of two host processes: half of (KV cache + headroom) and half of the count."""
+    adm = Admission(_cap(1000), max_num_seqs=8, inflight_factor=1.5, headroom_tokens=200, share=0.5)
+    assert adm.max_requests == 6 and adm.budget_tokens == 600
+    admitted = 0
+    while adm.pull_count() > 0:
+        adm.admit(_req(adm, f"r{admitted}", prompt=100, max_tokens=100))
+        admitted += 1
+    assert admitted == 3  # 200 tokens each in 600
+    # A request that fits the whole KV cache is still accepted by this host.
+    assert adm.fits_alone(500, 500)
+
+
 def test_count_limit_binds_for_small_requests() -> None:
     adm = Admission(_cap(100_000), max_num_seqs=4, inflight_factor=1.0, headroom_tokens=0)
     for i in range(4):

@@ -67,6 +67,8 @@ def test_defaults_give_unique_names() -> None:
         {"max_inflight_factor": 0.5},
         {"aging_s": 0},
         {"engine_factory": "no_colon"},
+        {"host_processes": 0},
+        {"host_processes": 33},
     ],
 )
 def test_invalid_settings_are_refused(bad: dict[str, object]) -> None:
