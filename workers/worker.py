@@ -28,7 +28,8 @@ a request that crashes engines ends in the dead-letter stream after ``max_delive
 With ``host_processes`` = n > 1 this process (host 0) starts the engine process with a
 pair of pipes per host, then n - 1 more host processes (``host_main``), each a Worker of
 its own (consumer ``<name>.<k>``, its own heartbeat, intake, aggregator and reclaim) with an
-equal share of the engine's capacity, attached to the same engine. A stop reaches them
+equal share of the engine's capacity, attached to the same engine. They start pulling
+together, once all are set up (host 0 waits for each, then lets them go). A stop reaches them
 all (host 0 forwards SIGTERM); host 0 stops the engine after they have left. Any of the
 processes dying ends them all, like an engine crash (the engine sees that host's pipe
 close): their entries are reclaimed by the queue.
@@ -80,14 +81,20 @@ TASK_EXIT_TIMEOUT_S = 5.0
 
 class Worker:
     def __init__(
-        self, settings: WorkerSettings, *, host: HostChannel | None = None, started: Any = None
+        self,
+        settings: WorkerSettings,
+        *,
+        host: HostChannel | None = None,
+        started: Any = None,
+        go: Any = None,
     ) -> None:
         """``host``: this process is host number ``host.host`` of a worker whose host 0
-        started the engine process (see ``host_main``); it sets ``started`` (an event of
-        host 0's) once it serves."""
+        started the engine process (see ``host_main``); it sets the event ``started`` once
+        set up, and starts pulling when host 0 sets ``go`` (all hosts are set up)."""
         self.settings = settings
         self._host = host
         self._started_flag = started
+        self._go = go
         self._hosts: list[Any] = []  # host 0: the other host processes
         self._hosts_started: list[Any] = []  # host 0: their ``started`` events
         self.name = settings.name
@@ -143,12 +150,9 @@ class Worker:
             self.engine = engine
             await engine.start()
             if self._host is None and s.host_processes > 1:
-                self._hosts, self._hosts_started = _start_hosts(s, engine.host_channels())
+                self._go = mp.get_context("spawn").Event()
+                self._hosts, self._hosts_started = _start_hosts(s, engine.host_channels(), self._go)
                 engine.close_host_channels()
-                # All hosts start pulling together (a full queue is not pulled by host 0
-                # alone, with its share of the engine, while the others load), and host 0's
-                # heartbeat starts only now, beating from then on.
-                await self._hosts_serving()
             admission = Admission(
                 engine.capacity,
                 max_num_seqs=s.max_num_seqs,
@@ -177,6 +181,13 @@ class Worker:
             if s.metrics_port:
                 self.metrics.serve(s.metrics_port)
 
+            # All hosts start pulling together (a full queue is not pulled by a few hosts,
+            # each with its share of the engine, while the others load), each heartbeat
+            # only from then on, beating without pause.
+            if self._hosts:
+                await self._hosts_set_up()
+            elif self._host is not None:
+                await self._await_go()
             beat = self._beat_info(engine, admission)
             await reclaimer.register(beat())
             own = await reclaimer.claim_own(self.model)
@@ -199,8 +210,6 @@ class Worker:
             gc_thresholds = gc.get_threshold()
             gc.set_threshold(GC_YOUNG_THRESHOLD, *gc_thresholds[1:])
             self.ready.set()
-            if self._started_flag is not None:
-                self._started_flag.set()
             log.info("worker %s serving %s (engine pid %s)", self.name, self.model, engine.pid)
             await self._until_stopped(tasks)
             self._signal_hosts()
@@ -237,9 +246,16 @@ class Worker:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc.pid, signal.SIGTERM)
 
-    async def _hosts_serving(self) -> None:
-        """Host 0: wait until every other host process serves (one that exits first is an
-        error: the worker does not start)."""
+    async def _await_go(self) -> None:
+        """Host k > 0: say this host is set up, then wait for host 0's go (or a stop: the
+        engine gone, a signal)."""
+        self._started_flag.set()
+        while not self._go.is_set() and not self._stop.is_set():
+            await asyncio.sleep(0.01)
+
+    async def _hosts_set_up(self) -> None:
+        """Host 0: wait until every other host process is set up, then let all of them go
+        (one that exits first is an error: the worker does not start)."""
         deadline = time.monotonic() + HOST_START_TIMEOUT_S
         while not all(flag.is_set() for flag in self._hosts_started):
             for proc in self._hosts:
@@ -247,10 +263,11 @@ class Worker:
                     raise WorkerError(f"host process {proc.name} exited ({proc.exitcode}) "
                                       "while starting; see its log above")  # fmt: skip
             if time.monotonic() > deadline:
-                raise WorkerError(f"host processes not serving after {HOST_START_TIMEOUT_S} s")
+                raise WorkerError(f"host processes not set up after {HOST_START_TIMEOUT_S} s")
             if self._stop.is_set():
                 return
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.01)
+        self._go.set()
 
     async def _join_hosts(self) -> None:
         """Host 0: wait for the other hosts to leave (the engine stops only after them)."""
@@ -419,10 +436,10 @@ class Worker:
 
 
 def _start_hosts(
-    settings: WorkerSettings, channels: list[HostChannel]
+    settings: WorkerSettings, channels: list[HostChannel], go: Any
 ) -> tuple[list[Any], list[Any]]:
     """Hosts 1..n-1 of this worker, as spawned processes running ``host_main``, and the
-    events they set once serving."""
+    events they set once set up; they start pulling on ``go``."""
     ctx = mp.get_context("spawn")
     procs: list[Any] = []
     started: list[Any] = []
@@ -435,7 +452,7 @@ def _start_hosts(
         flag = ctx.Event()
         proc = ctx.Process(
             target=host_main,
-            args=(host, ch, flag, logging.getLogger().getEffectiveLevel()),
+            args=(host, ch, flag, go, logging.getLogger().getEffectiveLevel()),
             name=f"chatq-host-{ch.host}",
             daemon=True,
         )
@@ -445,10 +462,12 @@ def _start_hosts(
     return procs, started
 
 
-def host_main(settings: WorkerSettings, channel: HostChannel, started: Any, log_level: int) -> None:
+def host_main(
+    settings: WorkerSettings, channel: HostChannel, started: Any, go: Any, log_level: int
+) -> None:
     """Entry point of host process ``channel.host`` (spawn context)."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sys.exit(asyncio.run(Worker(settings, host=channel, started=started).run()))
+    sys.exit(asyncio.run(Worker(settings, host=channel, started=started, go=go).run()))
 
 
 def _load_tokenizer(model_path: str) -> Any:

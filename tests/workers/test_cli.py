@@ -67,6 +67,39 @@ def _ready(r: redis.Redis, *names: str) -> bool:
     return all(_heartbeat(r, n) is not None for n in names)
 
 
+def _submit_long(client: SyncChatClient, n: int = 12, max_tokens: int = 600) -> list[str]:
+    return [
+        client.submit(USER, model=MODEL, max_tokens=max_tokens, ignore_eos=True, seed=i)
+        for i in range(n)
+    ]
+
+
+def _wait_generating(r: redis.Redis, name: str, *procs: WorkerProcess) -> None:
+    """Until ``name`` holds entries and its engine has produced tokens: mid-batch."""
+    _wait(
+        lambda: (
+            (_heartbeat(r, name) or {}).get("tokens_generated", 0) > 0
+            and _pending_by_consumer(r).get(name, 0) > 0
+        ),
+        60,
+        f"{name} running",
+        *procs,
+    )
+
+
+def _assert_answered_once(r: redis.Redis, ids: list[str], results: list[Any], tokens: int) -> None:
+    """Every request complete (``length`` at ``tokens``), one final each, nothing pending
+    or dead-lettered."""
+    assert all(
+        res.finish_reason == "length" and res.usage.completion_tokens == tokens for res in results
+    )
+    for rid in ids:
+        finals = _finals(r, rid)
+        assert len(finals) == 1 and isinstance(finals[0], Done), (rid, finals)
+    assert _pending_by_consumer(r) == {}
+    assert r.xlen(KEYS.dead) == 0
+
+
 def test_kill_9_mid_batch_every_request_completes_once_on_the_other_worker(
     redis_url: str, spawn_worker: Callable[..., WorkerProcess]
 ) -> None:
@@ -74,21 +107,8 @@ def test_kill_9_mid_batch_every_request_completes_once_on_the_other_worker(
     wa, wb = spawn_worker(redis_url, "wa"), spawn_worker(redis_url, "wb")
     _wait(lambda: _ready(r, "wa", "wb"), 120, "both workers", wa, wb)
     with SyncChatClient(redis_url) as client:
-        ids = [
-            client.submit(USER, model=MODEL, max_tokens=600, ignore_eos=True, seed=i)
-            for i in range(12)
-        ]
-        # wa holds requests and its engine is generating: mid-batch.
-        _wait(
-            lambda: (
-                (_heartbeat(r, "wa") or {}).get("tokens_generated", 0) > 0
-                and _pending_by_consumer(r).get("wa", 0) > 0
-            ),
-            60,
-            "wa running",
-            wa,
-            wb,
-        )
+        ids = _submit_long(client)
+        _wait_generating(r, "wa", wa, wb)
         held_by_wa = _pending_by_consumer(r)["wa"]
         wa.proc.kill()  # SIGKILL: no drain, no requeue, heartbeat left to expire
         killed_at = time.monotonic()
@@ -99,15 +119,8 @@ def test_kill_9_mid_batch_every_request_completes_once_on_the_other_worker(
     assert wa.wait(10) == -signal.SIGKILL
     assert claim_s <= 3.0, f"claim took {claim_s:.2f} s"
     assert sum(res.worker == "wb" for res in results) >= held_by_wa
-    assert all(
-        res.finish_reason == "length" and res.usage.completion_tokens == 600 for res in results
-    )
-    for rid in ids:
-        finals = _finals(r, rid)
-        assert len(finals) == 1 and isinstance(finals[0], Done), (rid, finals)
-    assert _pending_by_consumer(r) == {}
+    _assert_answered_once(r, ids, results, 600)
     assert sum(r.xlen(lane) for lane in KEYS.request_lanes(MODEL)) == 0
-    assert r.xlen(KEYS.dead) == 0
 
 
 def test_sigterm_drains_running_requests_and_exits_clean(
@@ -171,10 +184,7 @@ def test_two_host_processes_share_one_engine_and_drain_together_on_sigterm(
     beats = [_heartbeat(r, "wm") or {}, _heartbeat(r, "wm.1") or {}]
     assert beats[0]["pid"] == w.proc.pid and beats[1]["pid"] != w.proc.pid
     with SyncChatClient(redis_url) as client:
-        ids = [
-            client.submit(USER, model=MODEL, max_tokens=200, ignore_eos=True, seed=i)
-            for i in range(12)
-        ]
+        ids = _submit_long(client, max_tokens=200)
         _wait(lambda: _pending_by_consumer(r) == {"wm": 6, "wm.1": 6}, 60, "both hosts full", w)
         w.signal(signal.SIGTERM)
         assert w.wait(60) == 0, w.log()[-3000:]
@@ -199,20 +209,8 @@ def test_kill_9_of_one_host_process_ends_its_worker_and_another_answers_everythi
     wb = spawn_worker(redis_url, "wb")
     _wait(lambda: _ready(r, "wa", "wa.1", "wb"), 120, "all workers", wa, wb)
     with SyncChatClient(redis_url) as client:
-        ids = [
-            client.submit(USER, model=MODEL, max_tokens=600, ignore_eos=True, seed=i)
-            for i in range(12)
-        ]
-        _wait(
-            lambda: (
-                (_heartbeat(r, "wa.1") or {}).get("tokens_generated", 0) > 0
-                and _pending_by_consumer(r).get("wa.1", 0) > 0
-            ),
-            60,
-            "wa.1 running",
-            wa,
-            wb,
-        )
+        ids = _submit_long(client)
+        _wait_generating(r, "wa.1", wa, wb)
         pid = int((_heartbeat(r, "wa.1") or {})["pid"])
         os.kill(pid, signal.SIGKILL)
         killed_at = time.monotonic()
@@ -227,14 +225,7 @@ def test_kill_9_of_one_host_process_ends_its_worker_and_another_answers_everythi
         results = [client.result(rid, timeout_s=120) for rid in ids]
     print(f"\nkill -9 of a host process → all of its worker's entries claimed: {claim_s:.2f} s")
     assert claim_s <= 3.0, f"claim took {claim_s:.2f} s"
-    assert all(
-        res.finish_reason == "length" and res.usage.completion_tokens == 600 for res in results
-    )
-    for rid in ids:
-        finals = _finals(r, rid)
-        assert len(finals) == 1 and isinstance(finals[0], Done), (rid, finals)
-    assert _pending_by_consumer(r) == {}
-    assert r.xlen(KEYS.dead) == 0
+    _assert_answered_once(r, ids, results, 600)
 
 
 def test_enqueue_and_status_commands(
