@@ -439,6 +439,7 @@ def run(args: argparse.Namespace, url: str, workdir: Path) -> list[Row]:
                     "chatq", _label("chatq" + label, hosts, "host procs"), 1
                 )
             rows += side
+            _progress(side)
 
     for workers in args.arq_workers:
         arq_cmd = [
@@ -467,7 +468,16 @@ def run(args: argparse.Namespace, url: str, workdir: Path) -> list[Row]:
             r.procs = workers
             r.system = r.system.replace("arq", _label("arq", workers, "workers"), 1)
         rows += side
+        _progress(side)
     return rows
+
+
+def _progress(rows: list[Row]) -> None:
+    """Each system's rows as soon as they are measured (stderr), so that a run cut short
+    still leaves its figures in the log."""
+    for r in rows:
+        print(f"[row] {r.system} | {r.mode} | {r.requests} | {r.seconds:.2f} s | {r.rps:,.0f} "
+              f"req/s", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def best(runs: list[list[Row]]) -> list[Row]:
