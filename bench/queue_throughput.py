@@ -178,20 +178,7 @@ async def _produce_async(url: str, system: str, mode: str, first: int, n: int, a
                          go: Any) -> list[str]:  # fmt: skip
     loop = asyncio.get_running_loop()
     if system == "arq":
-        from arq.constants import result_key_prefix
-
-        pool = await _arq_pool(url)
-        try:
-
-            async def submit(i: int) -> str:
-                job = await pool.enqueue_job("noop", messages(first + i))
-                assert job is not None
-                return result_key_prefix + str(job.job_id)
-
-            await loop.run_in_executor(None, go.wait)
-            return await _bounded(n, args.concurrency, submit)
-        finally:
-            await pool.aclose()
+        return await arq_enqueue(url, first, n, args.concurrency, go)
     from producer.client import ChatClient
 
     async with ChatClient(url) as client:
@@ -325,17 +312,21 @@ async def arq_latency(url: str, n_lat: int, first: int, poll_delay_s: float) -> 
     return latencies
 
 
-async def arq_fill(url: str, n: int, concurrency: int) -> list[str]:
+async def arq_enqueue(url: str, first: int, n: int, concurrency: int, go: Any = None) -> list[str]:
+    """No-op jobs for chats ``first .. first + n - 1`` (``concurrency`` calls in flight,
+    after ``go`` when given); their result keys."""
     from arq.constants import result_key_prefix
 
     pool = await _arq_pool(url)
     try:
 
         async def submit(i: int) -> str:
-            job = await pool.enqueue_job("noop", messages(3 * n + i))
+            job = await pool.enqueue_job("noop", messages(first + i))
             assert job is not None
             return result_key_prefix + str(job.job_id)
 
+        if go is not None:
+            await asyncio.get_running_loop().run_in_executor(None, go.wait)
         return await _bounded(n, concurrency, submit)
     finally:
         await pool.aclose()
@@ -457,7 +448,7 @@ def run(args: argparse.Namespace, url: str, workdir: Path) -> list[Row]:
         finally:
             for proc in procs:
                 _stop(proc)
-        results = asyncio.run(arq_fill(url, n, args.concurrency))
+        results = asyncio.run(arq_enqueue(url, 3 * n, n, args.concurrency))
         procs = [_spawn(arq_cmd, workdir / "arq-worker.log") for _ in range(workers)]
         try:
             side.append(asyncio.run(drain_rate(url, "arq (no-op job)", results)))

@@ -27,7 +27,7 @@ from gpu_engine.errors import EngineError
 from producer.errors import ChatqError
 from producer.settings import DEFAULT_REDIS_URL
 from workers.errors import WorkerError
-from workers.settings import WorkerSettings, add_worker_arguments
+from workers.settings import LOG_FORMAT, WorkerSettings, add_worker_arguments
 
 
 def _redis_default() -> str:
@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=LOG_FORMAT,
     )
     try:
         if args.command == "worker":

@@ -31,7 +31,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -237,24 +237,20 @@ class Fronts:
         """Append every command waiting on the pipes; wait up to ``block_s`` for one. A
         pipe is not read past its ``stop`` (its host may close it right after)."""
         conns = self.conns
-        if not self.many:
-            conn = conns[0]
-            got = conn.poll(block_s)
-            while got:
-                batch = msgpack.unpackb(conn.recv_bytes(), raw=False)
-                backlog.extend([(0, c) for c in batch])
-                got = not _has_stop(batch) and conn.poll(0)
+        ready: list[Any]
+        if not self.many:  # one pipe: a poll, no select
+            ready = [conns[0]] if self.reading and conns[0].poll(block_s) else []
+        elif self.reading:
+            ready = wait([conns[k] for k in self.reading], block_s)
+        else:
             return
-        if not self.reading:
-            return
-        ready = wait([conns[k] for k in self.reading], block_s)
         for k in list(self.reading):
             conn = conns[k]
             got = conn in ready
             while got:
                 batch = msgpack.unpackb(conn.recv_bytes(), raw=False)
                 backlog.extend([(k, c) for c in batch])
-                if _has_stop(batch):
+                if batch and batch[-1][0] == "stop":  # a host's last command
                     self.reading.remove(k)
                     break
                 got = conn.poll(0)
@@ -293,16 +289,12 @@ class Fronts:
         return parts
 
 
-def _has_stop(batch: list[list[Any]]) -> bool:
-    return bool(batch) and batch[-1][0] == "stop"  # a host's last command
-
-
 def _apply(
     engine: Any, params_cls: Any, fronts: Fronts, front: int, cmd: list[Any],
     rejected: list[list[Any]],
 ) -> bool:  # fmt: skip
     """Apply one command of host ``front``; False once every host has sent ``stop``. A
-    refused ``add`` goes to ``rejected``."""
+    refused ``add`` goes to ``rejected`` as ``[front, request id, message]``."""
     op = cmd[0]
     if op == "add":
         (
@@ -332,7 +324,7 @@ def _apply(
             )
             fronts.added(front, rid)
         except Exception as err:  # one bad request (too long, bad params) never stops the loop
-            rejected.append([rid, f"{type(err).__name__}: {err}"])
+            rejected.append([front, rid, f"{type(err).__name__}: {err}"])
     elif op == "abort":
         engine.abort(cmd[1])
         fronts.forget(cmd[1])
@@ -394,7 +386,7 @@ def engine_main(
         if trace is not None:
             trace.wrap_wait(engine)
 
-        def send_outputs(outs: list[Any], also: set[int] | None = None) -> None:
+        def send_outputs(outs: list[Any], also: Collection[int] = ()) -> None:
             """Each host's rows with the capacity; ``also``: hosts that get the capacity
             even without rows (their commands were applied this turn)."""
             if outs and type(outs[0]) is StepOutput:  # the wire row already (a tuple)
@@ -415,7 +407,7 @@ def engine_main(
             for k, part in enumerate(fronts.split(rows)):
                 if part or not fronts.many:
                     send(["out", part, capacity], k)
-                elif also and k in also:
+                elif k in also:
                     send(["cap", capacity], k)
 
         backlog: deque[tuple[int, list[Any]]] = deque()  # commands received, not applied yet
@@ -430,28 +422,26 @@ def engine_main(
             t_apply = time.perf_counter()
             applied = 0
             applied_from: set[int] = set()
-            rejected: dict[int, list[list[Any]]] = {}
+            rejected: list[list[Any]] = []
             budget_end = time.perf_counter() + APPLY_BUDGET_S
             while backlog:
                 applied += 1
                 front, cmd = backlog.popleft()
                 applied_from.add(front)
-                refused = rejected.setdefault(front, [])
-                if not _apply(engine, params_cls, fronts, front, cmd, refused):
+                if not _apply(engine, params_cls, fronts, front, cmd, rejected):
                     running = False
                     break
                 if busy and time.perf_counter() > budget_end:
                     break
-            for front, refused in rejected.items():
-                if refused:
-                    send(["rej", refused], front)
+            for front in {r[0] for r in rejected}:
+                send(["rej", [r[1:] for r in rejected if r[0] == front]], front)
             if not running:
                 break
             if engine.has_unfinished():
                 t_step = time.perf_counter()
                 outs = step()
                 t_send = time.perf_counter()
-                send_outputs(outs, applied_from if fronts.many else None)
+                send_outputs(outs, applied_from)
                 if trace is not None:
                     t_end = time.perf_counter()
                     trace.turn(applied, t_step - t_apply, t_send - t_step, t_end - t_send,

@@ -78,10 +78,11 @@ class AddCommand:
     priority: int  # 2 = high, 1 = normal, 0 = low
     deadline_s: float | None  # Unix seconds
 
-    def to_wire(self) -> list[Any]:
+    def to_wire(self, tag: str = "") -> list[Any]:
+        """The ``add`` command; ``tag`` marks the request id as one host's (several hosts)."""
         return [
             "add",
-            self.request_id,
+            self.request_id + tag,
             prompt_wire(self.prompt_token_ids),
             self.max_tokens,
             self.temperature,
@@ -240,11 +241,8 @@ class EngineProcess:
         is one call, and a request's time to the engine should not wait for the loop's
         other ready callbacks."""
         if commands:
-            wire = [c.to_wire() for c in commands]
-            if self._tag:
-                for w in wire:
-                    w[1] += self._tag
-            self._pending.extend(wire)
+            tag = self._tag
+            self._pending.extend([c.to_wire(tag) for c in commands])
             if self._cmd_send is not None:
                 self._flush()
             else:
@@ -342,9 +340,9 @@ class EngineProcess:
         kind = doc[0]
         if kind == "out":
             self.capacity = Capacity(*doc[2])
-            if self._tag:
-                n = -len(self._tag)
-                outs = [Output(row[0][:n], *row[1:]) for row in doc[1]]
+            if self._tag:  # several hosts: this host's ids come back tagged
+                cut = -len(self._tag)
+                outs = [Output(row[0][:cut], *row[1:]) for row in doc[1]]
             else:
                 outs = [Output(*row) for row in doc[1]]
             self._on_outputs(outs, self.capacity)

@@ -21,6 +21,7 @@ from workers.errors import ConfigError
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 DEFAULT_ENGINE_FACTORY = "gpu_engine:LLMEngine.from_options"
 MAX_HOST_PROCESSES = 32
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # every chatq process's log
 
 
 def default_worker_name() -> str:

@@ -68,7 +68,7 @@ from workers.metrics import Metrics
 from workers.prompts import PromptBuilder
 from workers.reclaim import ClaimedEntry, Reclaimer
 from workers.results import ResultWriter
-from workers.settings import WorkerSettings
+from workers.settings import LOG_FORMAT, WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -466,7 +466,7 @@ def host_main(
     settings: WorkerSettings, channel: HostChannel, started: Any, go: Any, log_level: int
 ) -> None:
     """Entry point of host process ``channel.host`` (spawn context)."""
-    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=log_level, format=LOG_FORMAT)
     sys.exit(asyncio.run(Worker(settings, host=channel, started=started, go=go).run()))
 
 
