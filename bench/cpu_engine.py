@@ -16,6 +16,7 @@ process's CPU time during the run: far below ``seconds`` means other processes t
 
     .venv/bin/python bench/cpu_engine.py --repeats 2     # prints one table (best of 2 each)
     .venv/bin/python bench/cpu_engine.py --methods hf-single,hf-batched   # baselines only
+    .venv/bin/python bench/cpu_engine.py --smoke     # the tiny test checkpoint, 4 tokens
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ import argparse
 import gc
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench import smoke
 
 SYSTEM_PROMPT = (
     "You are Sam, the customer-service assistant of NorthPeak Outdoor, an online shop for "
@@ -214,6 +218,9 @@ def print_table(results: list[Result], reference: Result | None) -> None:
     print("\n".join(lines))
 
 
+SMOKE = {"max_tokens": 4, "kv_cache_tokens": 4096}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="HF checkpoint dir (default: embedded SmolLM2-135M)")
@@ -222,7 +229,17 @@ def main() -> None:
     parser.add_argument("--methods", default="hf-single,hf-batched,chatq")
     parser.add_argument("--kv-cache-tokens", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=1, help="runs per method; best is kept")
-    args = parser.parse_args()
+    smoke.add_smoke_flag(parser, f"the tiny test checkpoint (unless --model), {SMOKE}")
+    args = smoke.parse_args(parser, SMOKE, None)
+    with tempfile.TemporaryDirectory(prefix="chatq-cpu-engine-") as tmp:
+        if args.smoke and args.model is None:
+            from testkit.checkpoints import build_checkpoint
+
+            args.model = str(build_checkpoint(Path(tmp) / "tiny"))
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     methods = args.methods.split(",")
 
     import torch

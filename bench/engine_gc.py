@@ -13,6 +13,7 @@ tokens, ``pipelined_step``) under each collector setting, one after the other, `
 times, and reports collections, full collections, total and worst pause, and host time.
 
     .venv/bin/python bench/engine_gc.py [--rounds 2]
+    .venv/bin/python bench/engine_gc.py --smoke    # one round of a 24-request workload
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.host_overhead import spike_engine
+from bench.host_overhead import FULL, SMOKE, Size, spike_engine
 
 MODES: dict[str, tuple[int, int, int] | None] = {
     "python default": None,
@@ -35,8 +36,8 @@ MODES: dict[str, tuple[int, int, int] | None] = {
 }
 
 
-def run(root: Path, threshold: tuple[int, int, int] | None) -> dict[str, float]:
-    engine = spike_engine(root)
+def run(root: Path, threshold: tuple[int, int, int] | None, size: Size) -> dict[str, float]:
+    engine = spike_engine(root, size)
     gc.collect()
     gc.freeze()  # what the engine process does after start-up
     saved = gc.get_threshold()
@@ -80,7 +81,11 @@ def run(root: Path, threshold: tuple[int, int, int] | None) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--smoke", action="store_true", help="one round, 24 short requests")
     args = ap.parse_args()
+    size = SMOKE if args.smoke else FULL
+    if args.smoke:
+        args.rounds = 1
     print(
         "| collector | round | steps | host ms/step | collections | full | GC ms | worst ms "
         "| GC share |"
@@ -92,7 +97,7 @@ def main() -> None:
             if r % 2:
                 order.reverse()
             for name, threshold in order:
-                res = run(Path(tmp), threshold)
+                res = run(Path(tmp), threshold, size)
                 label = name if threshold is None else f"{name} {threshold}"
                 print(
                     f"| {label} | {r + 1} | {res['steps']} | {res['host_ms_per_step']:.3f} | "

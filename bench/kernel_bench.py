@@ -1,4 +1,4 @@
-"""Kernel micro-benchmarks on the model's shapes (CUDA only), median times by do_bench.
+"""Kernel micro-benchmarks on the model's shapes (CUDA; --smoke: tiny shapes anywhere), medians.
 
 1. Fused RMSNorm+residual, SiLU-and-mul and RoPE: Triton vs eager torch vs torch.compile,
    with effective bandwidth (minimal bytes: inputs read once, outputs written once).
@@ -7,12 +7,16 @@
    causal) in TFLOP/s next to torch SDPA on the same data laid out contiguously.
 
     python bench/kernel_bench.py [--no-compile]
+    python bench/kernel_bench.py --smoke   # tiny shapes on any device (Triton's interpreter
+                                           # on a CPU), wall-clock medians, no torch.compile
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from gpu_engine.kernels.activation import silu_and_mul
 from gpu_engine.kernels.decode_attention import choose_num_splits, paged_decode_attention
@@ -51,17 +54,43 @@ def eager_rope(pos, q, k, cos, sin):  # cos/sin [max_pos, D] (duplicated halves)
     return q * c + rot(q) * s, k * c + rot(k) * s
 
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+# (tokens, hidden, intermediate, query heads, KV heads) of the fused element-wise kernels.
+SHAPES = ((256, 1024, 3072, 16, 8), (4096, 3584, 18944, 28, 4))
+SMOKE_SHAPES = ((8, 64, 128, 2, 1),)
+# Paged decode attention (sequences, context) and paged prefill (sequences, tokens each).
+DECODE = ((256, 1024), (64, 4096), (8, 512))
+SMOKE_DECODE = ((2, 64),)
+PREFILL, SMOKE_PREFILL = (4, 2048), (1, 32)
+
+
 def bench(fn: Callable[[], object]) -> float:
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    """Median milliseconds of ``fn``: do_bench on CUDA; off CUDA (the smoke run) a
+    wall-clock median of a few calls."""
+    if DEV == "cuda":
+        # Imported here, after gpu_engine.kernels chose compiled or interpreted kernels.
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, any device")
     args = ap.parse_args()
-    dev, dt = "cuda", torch.bfloat16
+    if not args.smoke and DEV != "cuda":
+        sys.exit("needs a CUDA device (--smoke runs tiny shapes anywhere)")
+    dev, dt = DEV, torch.bfloat16
     rows = []
-    for tokens, hidden, inter, hq, hk in ((256, 1024, 3072, 16, 8), (4096, 3584, 18944, 28, 4)):
+    for tokens, hidden, inter, hq, hk in SMOKE_SHAPES if args.smoke else SHAPES:
         x = torch.randn(tokens, hidden, device=dev, dtype=dt)
         r = torch.randn_like(x)
         w = torch.randn(hidden, device=dev, dtype=dt)
@@ -86,7 +115,7 @@ def main() -> int:
             t_eager = bench(lambda f=fn, a=eager_args: f(*a))
             t_fused = bench(lambda f=fused, a=fused_args: f(*a))
             t_comp = float("nan")
-            if not args.no_compile and tokens == 256:
+            if not (args.no_compile or args.smoke) and tokens == 256:
                 compiled = torch.compile(fn, dynamic=False)
                 compiled(*eager_args)
                 t_comp = bench(lambda c=compiled, a=eager_args: c(*a))
@@ -99,16 +128,19 @@ def main() -> int:
             f"| {name} | {tokens}x{hidden} | {te * 1e3:.1f} | {tf * 1e3:.1f} | {comp} | "
             f"{nb / (tf * 1e-3) / 1e9:.0f} |"
         )
-    attention_table()
+    attention_table(args.smoke)
     return 0
 
 
-def attention_table() -> None:
-    dev, dt = "cuda", torch.bfloat16
+def attention_table(smoke: bool) -> None:
+    dev, dt = DEV, torch.bfloat16
     hq, hk, d, page = 16, 8, 128, 16
+    if smoke:
+        hq, hk = 2, 1
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if dev == "cuda" else 4
     print("\n| attention kernel | shape | time us | achieved |")
     print("|---|---|---|---|")
-    for bs, ctx in ((256, 1024), (64, 4096), (8, 512)):
+    for bs, ctx in SMOKE_DECODE if smoke else DECODE:
         nblk = bs * ctx // page
         kc = torch.randn(nblk, page, hk, d, device=dev, dtype=dt)
         vc = torch.randn_like(kc)
@@ -116,16 +148,14 @@ def attention_table() -> None:
         sl = torch.full((bs,), ctx, device=dev, dtype=torch.int32)
         q = torch.randn(bs, hq, d, device=dev, dtype=dt)
 
-        sp = choose_num_splits(
-            bs, hk, ctx, torch.cuda.get_device_properties(0).multi_processor_count
-        )
+        sp = choose_num_splits(bs, hk, ctx, sms)
         t = bench(lambda q=q, kc=kc, vc=vc, bt=bt, sl=sl, sp=sp: paged_decode_attention(
             q, kc, vc, bt, sl, d**-0.5, num_splits=sp))  # fmt: skip
         nbytes = 2 * kc.numel() * kc.element_size()
         print(f"| paged decode (split-K {sp}) | {bs} seqs x {ctx} ctx | {t * 1e3:.1f} | "
               f"{nbytes / (t * 1e-3) / 1e12:.2f} TB/s K/V read |")  # fmt: skip
         del kc, vc
-    nseq, n = 4, 2048
+    nseq, n = SMOKE_PREFILL if smoke else PREFILL
     kc = torch.randn(nseq * n // page, page, hk, d, device=dev, dtype=dt)
     vc = torch.randn_like(kc)
     bt = torch.arange(nseq * n // page, device=dev, dtype=torch.int32).view(nseq, -1)

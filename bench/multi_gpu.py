@@ -5,7 +5,7 @@ Run on a machine with >= N CUDA GPUs (nvidia-h200-x2 for N=2); prints ONE table 
     python bench/multi_gpu.py [--tp 2] [--dtypes bfloat16,float32] [--requests 32]
                               [--max-tokens 64] [--shapes qwen3-0.6b,qwen2-1.5b,llama-mqa]
                               [--enforce-eager] [--out DIR]
-    python bench/multi_gpu.py --smoke    # tiny shapes on CPU (gloo): the same code paths
+    python bench/multi_gpu.py --smoke    # tiny shapes on CPU (gloo), fp32: the same code paths
 
 For each shape a random checkpoint in HF layout (safetensors, HF tensor names, bf16) is
 written once, so TP=1 and TP=N load the very same weights (TP=N through the sharded loader:
@@ -236,11 +236,11 @@ def compare(ref: dict, got: dict) -> dict[str, float]:
     return dict(identical=identical, n=n, prefix=prefix_share / n, top1=agree / compared, err=err)
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--shapes", default=",".join(SHAPES))
-    ap.add_argument("--dtypes", default="bfloat16,float32")
+    ap.add_argument("--dtypes", default=None, help="default bfloat16,float32 (--smoke: float32)")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--logit-steps", type=int, default=8)
@@ -248,6 +248,8 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU with gloo")
     ap.add_argument("--out", type=Path, default=None, help="write results.json here")
     args = ap.parse_args()
+    if args.dtypes is None:  # bf16 takes the same code paths: the smoke run checks fp32 parity
+        args.dtypes = "float32" if args.smoke else "bfloat16,float32"
     if args.smoke:
         torch.set_num_threads(1)
         args.requests, args.max_tokens = min(args.requests, 6), min(args.max_tokens, 8)
@@ -327,7 +329,11 @@ def main() -> None:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "multi_gpu.json").write_text(json.dumps(results, indent=2))
+    if any(row[-1] == "MISMATCH" for row in rows):
+        print("fp32 TP outputs differ from TP=1", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,7 +3,7 @@
 The spike's calm phase on the GPU: ~48 requests/s arrive, each a ~1,000-token shared system
 prompt plus a user turn of 20-200 tokens, answers of 50-400 tokens, so ~130 sequences run
 and the same worker host process aggregates ~10k output tokens/s. This reproduces that
-shape on the CPU with ``chatq worker`` and ``bench.zero_cost_engine`` paced to
+shape on the CPU with ``chatq worker`` and ``testkit.zero_cost_engine`` paced to
 ``--step-ms`` per step (one token per running sequence a step, like a decode step), and
 reports ``Timings.queued_ms`` (created → handed to the engine) of every request after
 ``--warmup-s``.
@@ -12,10 +12,11 @@ reports ``Timings.queued_ms`` (created → handed to the engine) of every reques
 DIR``) runs the same load against that code's worker too, so the two distributions come
 from one run on the same machine: one side after the other, ``--rounds`` times, the order
 flipped every round (``--together``: both at once, each with its own Redis). The current
-``bench/zero_cost_engine.py`` is copied into DIR first (the benchmark tool must be the same
-on both sides).
+``testkit/`` (the zero-cost engine) is copied into DIR first (the benchmark tool must be the
+same on both sides).
 
     .venv/bin/python bench/queue_busy_latency.py --baseline-repo /tmp/chatq-base
+    .venv/bin/python bench/queue_busy_latency.py --smoke    # 2 s of arrivals, one round
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 MODEL = "zero"
+SMOKE: dict[str, Any] = dict(rate=20.0, seconds=2.0, warmup_s=0.5, system_tokens=100, rounds=1)
 _POLICY = (
     "orders ship within two business days refunds go back to the original payment method "
     "customers may change the delivery address until the parcel leaves our warehouse "
@@ -61,7 +63,7 @@ async def load(url: str, system: str, args: argparse.Namespace) -> list[tuple[fl
 
     rng = random.Random(11)
     out: list[tuple[float, float]] = []
-    async with ChatClient(url) as client:
+    async with ChatClient(url, allow_unserved=True) as client:
 
         async def one(i: int, offset_s: float) -> None:
             user = " ".join(rng.choices(WORDS, k=rng.randint(10, 100)))
@@ -93,7 +95,7 @@ def _spawn_worker(repo: Path, url: str, tok_dir: Path, step_s: float, log: Path)
         sys.executable, "-m", "workers.cli", "--log-level", "WARNING", "worker",
         "--model", str(tok_dir), "--served-model-name", MODEL, "--redis", url,
         "--name", "busy-worker", "--max-num-seqs", "256",
-        "--engine-factory", "bench.zero_cost_engine:ZeroCostEngine.from_options",
+        "--engine-factory", "testkit.zero_cost_engine:ZeroCostEngine.from_options",
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "CHATQ_ZERO_COST_STEP_S": str(step_s)}
     return subprocess.Popen(cmd, cwd=repo, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env)
@@ -108,7 +110,8 @@ def one_round(
 ) -> list[list[float]]:
     """Every side at once (own Redis, own worker, same load): the machine's slow and fast
     moments hit both sides alike."""
-    from bench.queue_throughput import _stop, _wait_heartbeat
+    from bench.procs import stop
+    from bench.queue_throughput import _wait_heartbeat
     from workers.redis_server import RedisServer
 
     with contextlib.ExitStack() as stack:
@@ -117,7 +120,7 @@ def one_round(
         for i, (repo, url) in enumerate(zip(repos, urls, strict=True)):
             log = tok_dir.parent / f"worker-{i}.log"
             workers.append(_spawn_worker(repo, url, tok_dir, args.step_ms / 1000, log))
-            stack.callback(_stop, workers[-1])
+            stack.callback(stop, workers[-1])
         for url, w in zip(urls, workers, strict=True):
             asyncio.run(_wait_heartbeat(url, "busy-worker", w))
         per_side = asyncio.run(_sides_at_once(urls, system, args))
@@ -130,6 +133,8 @@ def pct(xs: list[float], q: float) -> float:
 
 
 def main() -> int:
+    from bench import smoke
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--baseline-repo", type=Path, help="older checkout to compare against")
     p.add_argument("--rate", type=float, default=48.0, help="arrivals per second")
@@ -143,13 +148,14 @@ def main() -> int:
         action="store_true",
         help="run the sides at the same time (same noise; on 2 cores it overloads the machine)",
     )
-    args = p.parse_args()
-    from tests.checkpoints import build_tokenizer
+    smoke.add_smoke_flag(p, f"a short load, {SMOKE}")
+    args = smoke.parse_args(p, SMOKE, None)
+    from testkit.checkpoints import build_tokenizer
 
     sides: list[tuple[str, Path]] = [("current", REPO)]
     if args.baseline_repo is not None:
         base = args.baseline_repo.resolve()
-        shutil.copy(REPO / "bench" / "zero_cost_engine.py", base / "bench" / "zero_cost_engine.py")
+        shutil.copytree(REPO / "testkit", base / "testkit", dirs_exist_ok=True)
         sides.insert(0, ("baseline", base))
     got: dict[str, list[float]] = {name: [] for name, _ in sides}
     with tempfile.TemporaryDirectory(prefix="chatq-busy-") as tmp:

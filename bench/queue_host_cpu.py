@@ -10,6 +10,7 @@ from ``/proc``). Run it from a checkout's root to measure that checkout's worker
 
     .venv/bin/python bench/queue_host_cpu.py --requests 5000
     (cd /tmp/older && /work/main/.venv/bin/python /work/main/bench/queue_host_cpu.py --repo .)
+    .venv/bin/python bench/queue_host_cpu.py --smoke      # 200 requests, once
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = {"requests": 200, "repeats": 1}
 
 
 def _proc_cpu_s(pid: int | None) -> float | None:
@@ -38,7 +42,7 @@ async def drain(url: str, tok_dir: Path, n: int) -> dict[str, float | None]:
     from workers.settings import WorkerSettings
     from workers.worker import Worker
 
-    async with ChatClient(url) as client:
+    async with ChatClient(url, allow_unserved=True) as client:
         for start in range(0, n, 500):
             chats = [messages(i) for i in range(start, min(n, start + 500))]
             await client.submit_many(chats, model=MODEL, max_tokens=1)
@@ -49,7 +53,7 @@ async def drain(url: str, tok_dir: Path, n: int) -> dict[str, float | None]:
         served_model_name=MODEL,
         name="host-cpu",
         max_num_seqs=512,
-        engine_factory="bench.zero_cost_engine:ZeroCostEngine.from_options",
+        engine_factory="testkit.zero_cost_engine:ZeroCostEngine.from_options",
     )
     worker = Worker(settings)
     task = asyncio.create_task(worker.run(install_signals=False))
@@ -81,13 +85,21 @@ async def drain(url: str, tok_dir: Path, n: int) -> dict[str, float | None]:
 
 
 def main() -> int:
+    sys.path.insert(0, str(REPO))
+    from bench import smoke
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--requests", type=int, default=5000)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--repo", type=Path, default=Path(__file__).resolve().parents[1])
-    args = p.parse_args()
+    p.add_argument("--repo", type=Path, default=REPO)
+    smoke.add_smoke_flag(p, f"{SMOKE}")
+    args = smoke.parse_args(p, SMOKE, None)
+    sys.path.remove(str(REPO))
     sys.path.insert(0, str(args.repo.resolve()))
-    from tests.checkpoints import build_tokenizer
+    # testkit from this checkout when an older --repo has none (the benchmark tool must be
+    # the same on both sides).
+    sys.path.insert(1, str(REPO))
+    from testkit.checkpoints import build_tokenizer
     from workers.redis_server import RedisServer
 
     with tempfile.TemporaryDirectory(prefix="chatq-cpu-") as tmp:

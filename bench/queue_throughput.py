@@ -1,7 +1,7 @@
 """The queue layer alone: chatq (producer → Redis → worker → result) next to arq.
 
 chatq's worker runs unchanged (``chatq worker`` subprocess: intake, engine process and IPC,
-aggregator, FINALIZE) except that its engine is ``bench.zero_cost_engine.ZeroCostEngine``, a
+aggregator, FINALIZE) except that its engine is ``testkit.zero_cost_engine.ZeroCostEngine``, a
 benchmark tool that answers every request at once, so what is measured is the queue path.
 arq runs a no-op job on the same Redis (its own worker subprocess, msgpack serializer hooks,
 no pickle).
@@ -27,12 +27,19 @@ same chats for both systems. Measurements:
   worker processes); ``--producers P`` submits the end-to-end rows from P producer
   processes (both systems), so that one producer process is not what is measured.
 
+- ``--masters 1,3``: the chatq rows again on a local Redis Cluster of each count of masters
+  (``testkit.cluster``; arq has no cluster support), the queue split into ``--partitions``
+  partitions in every run (same keys, same work; only where the slots live differs), side
+  by side with the ratio of each row. ``--cluster-only`` skips the single-Redis rows.
+
 - ``--baseline-repo DIR`` (older code, e.g. ``git archive <commit> | tar -x -C DIR``): the
   chatq rows run a second time with that checkout's worker (same producer, same Redis),
   labelled ``chatq@baseline``, before the current code's rows in each repeat.
 
     .venv/bin/python bench/queue_throughput.py                       # private Redis
     .venv/bin/python bench/queue_throughput.py --redis redis://...   # an existing one
+    .venv/bin/python bench/queue_throughput.py --smoke     # every row on 100 requests
+    .venv/bin/python bench/queue_throughput.py --cluster-only --masters 1,3  # 1 vs 3 masters
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
-import os
+import re
 import statistics
 import subprocess
 import sys
@@ -54,7 +61,13 @@ from typing import Any, TypeVar
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.procs import spawn, stop  # noqa: E402
+
 MODEL = "zero"
+SMOKE: dict[str, Any] = dict(
+    requests=100, latency_requests=10, concurrency=16, batch=20, batches_in_flight=2,
+    max_num_seqs=64, arq_max_jobs=64, masters=[1, 3],
+)  # fmt: skip
 SYSTEM = "You are a helpful assistant for an online shop."
 
 
@@ -181,7 +194,7 @@ async def _produce_async(url: str, system: str, mode: str, first: int, n: int, a
         return await arq_enqueue(url, first, n, args.concurrency, go)
     from producer.client import ChatClient
 
-    async with ChatClient(url) as client:
+    async with ChatClient(url, allow_unserved=True, partitions=args.partitions) as client:
         await client.submit(messages(first - 1), model=MODEL, max_tokens=1)  # connections up
         await loop.run_in_executor(None, go.wait)
         if mode == "submit":
@@ -223,12 +236,12 @@ async def end_to_end(url: str, system: str, mode: str, first: int, args: Any) ->
         got += await loop.run_in_executor(None, out.get)
     for proc in procs:
         proc.join()
-    from redis.asyncio import Redis
+    from producer.connection import connect
+    from producer.contract.keys import Keys
 
-    from producer.keys import Keys
-
-    keys = got if system == "arq" else [Keys().final(rid) for rid in got]
-    redis = Redis.from_url(url)
+    names = Keys(partitions=args.partitions)
+    keys = got if system == "arq" else [names.final(rid) for rid in got]
+    redis = connect(url)
     try:
         await _all_exist(redis, keys)
     finally:
@@ -237,19 +250,19 @@ async def end_to_end(url: str, system: str, mode: str, first: int, args: Any) ->
     if system == "chatq":
         from producer.client import ChatClient
 
-        async with ChatClient(url) as client:
+        async with ChatClient(url, allow_unserved=True, partitions=args.partitions) as client:
             results = await client.results_many(got[:: max(1, n // 50)], timeout_s=10)
         assert all(r.usage.completion_tokens == 1 and r.finish_reason == "length" for r in results)
     label = f"chatq ({mode})" if system == "chatq" else "arq (no-op job)"
     return Row(label, "end to end", n, seconds, [])
 
 
-async def chatq_latency(url: str, n_lat: int, first: int) -> list[float]:
+async def chatq_latency(url: str, n_lat: int, first: int, partitions: int = 1) -> list[float]:
     """``n_lat`` chats one at a time (``ChatClient.chat``) on an idle worker: submit → result."""
     from producer.client import ChatClient
 
     latencies = []
-    async with ChatClient(url) as client:
+    async with ChatClient(url, allow_unserved=True, partitions=partitions) as client:
         await client.chat(messages(first - 1), model=MODEL, max_tokens=1, timeout_s=60)
         for i in range(n_lat):
             t = time.perf_counter()
@@ -259,12 +272,12 @@ async def chatq_latency(url: str, n_lat: int, first: int) -> list[float]:
     return latencies
 
 
-async def chatq_fill(url: str, n: int) -> list[str]:
+async def chatq_fill(url: str, n: int, partitions: int = 1) -> list[str]:
     """Queue ``n`` requests (``submit_many``, 500 a call, no worker running); their final
     keys."""
     from producer.client import ChatClient
 
-    async with ChatClient(url) as client:
+    async with ChatClient(url, allow_unserved=True, partitions=partitions) as client:
         ids: list[str] = []
         for start in range(0, n, 500):
             chats = [messages(3 * n + i) for i in range(start, min(n, start + 500))]
@@ -334,9 +347,9 @@ async def arq_enqueue(url: str, first: int, n: int, concurrency: int, go: Any = 
 
 async def drain_rate(url: str, system: str, result_keys: list[str]) -> Row:
     """Worker alone on a full queue: first result → last result."""
-    from redis.asyncio import Redis
+    from producer.connection import connect
 
-    redis = Redis.from_url(url)
+    redis = connect(url)
     try:
         first_s = await _all_exist(redis, result_keys)
         seconds = time.perf_counter() - first_s
@@ -345,35 +358,15 @@ async def drain_rate(url: str, system: str, result_keys: list[str]) -> Row:
     return Row(system, "drain a full queue", len(result_keys) - 1, seconds, [])
 
 
-def _spawn(args: list[str], log: Path, cwd: Path = REPO) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        args,
-        cwd=cwd,
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 async def _wait_heartbeat(url: str, names: str | list[str], proc: subprocess.Popen[bytes]) -> None:
     """Until every named worker (host process) beats."""
-    from redis.asyncio import Redis
-
-    from producer.keys import Keys
+    from producer.connection import connect
+    from producer.contract.keys import Keys
 
     wanted = [Keys().heartbeat(n) for n in ([names] if isinstance(names, str) else names)]
-    redis = Redis.from_url(url)
+    redis = connect(url)
     try:
-        while await redis.exists(*wanted) < len(wanted):
+        while sum([await redis.exists(name) for name in wanted]) < len(wanted):
             if proc.poll() is not None:
                 raise RuntimeError("chatq worker exited; see its log")
             await asyncio.sleep(0.1)
@@ -386,12 +379,77 @@ def _label(system: str, procs: int, unit: str) -> str:
     return system if procs == 1 else f"{system} ×{procs} {unit}"
 
 
-def run(args: argparse.Namespace, url: str, workdir: Path) -> list[Row]:
-    from tests.checkpoints import build_tokenizer
+def tokenizer_dir(workdir: Path) -> Path:
+    from testkit.checkpoints import build_tokenizer
 
     tok_dir = workdir / "tokenizer"
     if not tok_dir.exists():
         build_tokenizer(tok_dir)  # the worker applies a real chat template and tokenizes
+    return tok_dir
+
+
+def chatq_rows(
+    args: argparse.Namespace, url: str, workdir: Path, tok_dir: Path, repo: Path, hosts: int
+) -> list[Row]:
+    """chatq's rows (end to end with submit and submit_many, latency, drain) with one worker
+    of ``hosts`` host processes from ``repo``, on ``url`` split into ``args.partitions``."""
+    n, n_lat = args.requests, args.latency_requests
+    chatq_cmd = [
+        sys.executable, "-m", "workers.cli", "--log-level", "WARNING", "worker",
+        "--model", str(tok_dir), "--served-model-name", MODEL, "--redis", url,
+        "--name", "bench-worker", "--max-num-seqs", str(args.max_num_seqs),
+        "--engine-factory", "testkit.zero_cost_engine:ZeroCostEngine.from_options",
+    ]  # fmt: skip
+    if hosts > 1:  # an older checkout may not know the option
+        chatq_cmd += ["--host-processes", str(hosts)]
+    if args.partitions > 1:
+        chatq_cmd += ["--partitions", str(args.partitions)]
+    names = ["bench-worker"] + [f"bench-worker.{k}" for k in range(1, hosts)]
+    side: list[Row] = []
+    worker = spawn(chatq_cmd, workdir / "chatq-worker.log", repo)
+    try:
+        asyncio.run(_wait_heartbeat(url, names, worker))
+        row = asyncio.run(end_to_end(url, "chatq", "submit", 0, args))
+        row.latencies_ms = asyncio.run(chatq_latency(url, n_lat, 2 * n, args.partitions))
+        side.append(row)
+        side.append(asyncio.run(end_to_end(url, "chatq", "submit_many", n, args)))
+    finally:
+        stop(worker)
+    finals = asyncio.run(chatq_fill(url, n, args.partitions))
+    worker = spawn(chatq_cmd, workdir / "chatq-worker.log", repo)
+    try:
+        side.append(asyncio.run(drain_rate(url, "chatq", finals)))
+    finally:
+        stop(worker)
+    for r in side:
+        r.procs = hosts
+    return side
+
+
+def cluster_rows(args: argparse.Namespace, workdir: Path) -> list[Row]:
+    """chatq's rows on a local Redis Cluster of each count in ``args.masters``, the queue
+    split into ``args.partitions`` partitions every time."""
+    from testkit.cluster import LocalCluster
+
+    rows: list[Row] = []
+    tok_dir = tokenizer_dir(workdir)
+    for masters in args.masters:
+        with LocalCluster(masters) as cluster:
+            side = chatq_rows(args, cluster.url, workdir, tok_dir, REPO, 1)
+        for r in side:
+            r.system = r.system.replace("chatq", f"chatq, {_masters(masters)}", 1)
+        rows += side
+        _progress(side)
+    return rows
+
+
+def _masters(count: int) -> str:
+    return f"{count} master" + ("s" if count > 1 else "")
+
+
+def run(args: argparse.Namespace, url: str, workdir: Path) -> list[Row]:
+    args = argparse.Namespace(**{**vars(args), "partitions": 1})  # one Redis, one partition
+    tok_dir = tokenizer_dir(workdir)
     n, n_lat = args.requests, args.latency_requests
     rows: list[Row] = []
     sides = [("", REPO)]
@@ -399,33 +457,8 @@ def run(args: argparse.Namespace, url: str, workdir: Path) -> list[Row]:
         sides.insert(0, ("@baseline", args.baseline_repo.resolve()))
     for label, repo in sides:
         for hosts in args.host_processes:
-            chatq_cmd = [
-                sys.executable, "-m", "workers.cli", "--log-level", "WARNING", "worker",
-                "--model", str(tok_dir), "--served-model-name", MODEL, "--redis", url,
-                "--name", "bench-worker", "--max-num-seqs", str(args.max_num_seqs),
-                "--engine-factory", "bench.zero_cost_engine:ZeroCostEngine.from_options",
-            ]  # fmt: skip
-            if hosts > 1:  # an older checkout may not know the option
-                chatq_cmd += ["--host-processes", str(hosts)]
-            names = ["bench-worker"] + [f"bench-worker.{k}" for k in range(1, hosts)]
-            side: list[Row] = []
-            worker = _spawn(chatq_cmd, workdir / "chatq-worker.log", repo)
-            try:
-                asyncio.run(_wait_heartbeat(url, names, worker))
-                row = asyncio.run(end_to_end(url, "chatq", "submit", 0, args))
-                row.latencies_ms = asyncio.run(chatq_latency(url, n_lat, 2 * n))
-                side.append(row)
-                side.append(asyncio.run(end_to_end(url, "chatq", "submit_many", n, args)))
-            finally:
-                _stop(worker)
-            finals = asyncio.run(chatq_fill(url, n))
-            worker = _spawn(chatq_cmd, workdir / "chatq-worker.log", repo)
-            try:
-                side.append(asyncio.run(drain_rate(url, "chatq", finals)))
-            finally:
-                _stop(worker)
+            side = chatq_rows(args, url, workdir, tok_dir, repo, hosts)
             for r in side:
-                r.procs = hosts
                 r.system = r.system.replace(
                     "chatq", _label("chatq" + label, hosts, "host procs"), 1
                 )
@@ -439,7 +472,7 @@ def run(args: argparse.Namespace, url: str, workdir: Path) -> list[Row]:
             "--arq-poll-delay-s", str(args.arq_poll_delay_s),
         ]  # fmt: skip
         side = []
-        procs = [_spawn(arq_cmd, workdir / "arq-worker.log") for _ in range(workers)]
+        procs = [spawn(arq_cmd, workdir / "arq-worker.log") for _ in range(workers)]
         try:
             time.sleep(1.0 + 0.2 * workers)
             row = asyncio.run(end_to_end(url, "arq", "enqueue_job", 0, args))
@@ -447,14 +480,14 @@ def run(args: argparse.Namespace, url: str, workdir: Path) -> list[Row]:
             side.append(row)
         finally:
             for proc in procs:
-                _stop(proc)
+                stop(proc)
         results = asyncio.run(arq_enqueue(url, 3 * n, n, args.concurrency))
-        procs = [_spawn(arq_cmd, workdir / "arq-worker.log") for _ in range(workers)]
+        procs = [spawn(arq_cmd, workdir / "arq-worker.log") for _ in range(workers)]
         try:
             side.append(asyncio.run(drain_rate(url, "arq (no-op job)", results)))
         finally:
             for proc in procs:
-                _stop(proc)
+                stop(proc)
         for r in side:
             r.procs = workers
             r.system = r.system.replace("arq", _label("arq", workers, "workers"), 1)
@@ -488,6 +521,7 @@ def table(rows: list[Row]) -> str:
         )
     arq = {(r.mode, r.procs): r for r in rows if r.system.startswith("arq")}
     lines.append("")
+    lines += _masters_ratios(rows)
     for r in rows:
         if not r.system.startswith("chatq"):
             continue
@@ -507,6 +541,21 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _masters_ratios(rows: list[Row]) -> list[str]:
+    """Per mode, each cluster row's requests/s against the one of the fewest masters."""
+    out: list[str] = []
+    cluster = [r for r in rows if " master" in r.system]
+
+    def kind(r: Row) -> tuple[str, str]:  # the row but for its count of masters
+        return r.mode, re.sub(r"\d+ masters?", "", r.system)
+
+    for k in dict.fromkeys(kind(r) for r in cluster):
+        same = [r for r in cluster if kind(r) == k]
+        for r in same[1:]:
+            out.append(f"- {r.system} / {same[0].system}, {r.mode}: {r.rps / same[0].rps:.2f}x")
+    return out
+
+
 def _counts(text: str) -> list[int]:
     try:
         counts = [int(part) for part in text.split(",") if part.strip()]
@@ -518,6 +567,8 @@ def _counts(text: str) -> list[int]:
 
 
 def main() -> int:
+    from bench import smoke
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--redis", help="Redis URL (default: a private server)")
     p.add_argument("--requests", type=int, default=5000)
@@ -535,8 +586,14 @@ def main() -> int:
     p.add_argument("--arq-workers", type=_counts, default=[1],
                    help="arq rows per count of arq worker processes, e.g. 1,2")  # fmt: skip
     p.add_argument("--producers", type=int, default=1, help="producer processes (both systems)")
+    p.add_argument("--masters", type=_counts, default=[],
+                   help="chatq rows on a local Redis Cluster of each count of masters, e.g. "
+                   "1,3")  # fmt: skip
+    p.add_argument("--partitions", type=int, default=3, help="the cluster rows' partitions")
+    p.add_argument("--cluster-only", action="store_true", help="only the --masters rows")
     p.add_argument("--arq-worker", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    smoke.add_smoke_flag(p, f"every row on few requests, {SMOKE}")
+    args = smoke.parse_args(p, SMOKE, None)
     if args.arq_worker:
         run_arq_worker(args.redis, args.arq_max_jobs, args.arq_poll_delay_s)
         return 0
@@ -545,11 +602,15 @@ def main() -> int:
     runs: list[list[Row]] = []
     with tempfile.TemporaryDirectory(prefix="chatq-bench-") as tmp:
         for _ in range(args.repeats):
-            if args.redis:
-                runs.append(run(args, args.redis, Path(tmp)))
+            rows: list[Row] = []
+            if args.cluster_only:
+                pass
+            elif args.redis:
+                rows += run(args, args.redis, Path(tmp))
             else:
                 with RedisServer() as server:
-                    runs.append(run(args, server.url, Path(tmp)))
+                    rows += run(args, server.url, Path(tmp))
+            runs.append(rows + cluster_rows(args, Path(tmp)))
     print(table(best(runs)))
     return 0
 

@@ -9,7 +9,9 @@ is drained. A sampler records backlog, pending, throughput and GPU state once a 
 Writes ``spike.json`` and ``spike.png`` under ``--out`` and prints one table last.
 
     python bench/spike.py --out out/spike                      # on the GPU machine
-    python bench/spike.py --preset tiny --device cpu --out /tmp/spike   # smoke run on CPU
+    python bench/spike.py --smoke      # tiny model on the CPU, 1 s calm, 1 s burst, seconds
+
+The run fails (exit 1) if a request was lost, answered twice or errored.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,10 +31,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import smoke
 from bench.spike_drive import GpuSampler
 from bench.spike_report import Figures, plot, summarize
 from bench.workload import ChatRequest, make_requests
 
+SMOKE: dict[str, Any] = dict(
+    preset="tiny", device="cpu", system_tokens=50, calm_s=1.0, burst_s=1.0, burst_x=3.0,
+    alone_requests=12, max_num_seqs=4, max_num_batched_tokens=512, max_model_len=512,
+    drain_timeout_s=120.0, answer_tokens=(4, 12),
+)  # fmt: skip
 PRESETS: dict[str, dict[str, Any]] = {
     # DeepSeek-R1-Distill-Qwen-1.5B / Qwen2.5-1.5B shape.
     "qwen2.5-1.5b": dict(
@@ -95,16 +104,21 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         max_model_len=args.max_model_len,
         mixed_step_graphs=not args.eager_mixed,
         async_scheduling=not args.sync_steps,
+        kv_cache_dtype=args.kv_cache_dtype,
+        shared_prefix_attention=args.shared_prefix,
     )
 
 
 def engine_alone(model_dir: Path, reqs: list[ChatRequest], args: argparse.Namespace) -> dict:
     """The same requests straight into the engine: throughput and prefix-cache TTFT effect."""
+    import torch
     from transformers import AutoTokenizer
 
     from gpu_engine import LLMEngine, SamplingParams
 
     tok = AutoTokenizer.from_pretrained(model_dir)
+    if args.device == "cpu":  # as the worker runs (--torch-threads 1): a tiny model on the CPU
+        torch.set_num_threads(1)
     engine = LLMEngine.from_options(str(model_dir), **engine_options(args))
     # As the worker's engine process does after startup (it collects when it chooses, see
     # workers/engine_loop.py); switched back on when this returns.
@@ -142,7 +156,13 @@ def engine_alone(model_dir: Path, reqs: list[ChatRequest], args: argparse.Namesp
     run(reqs[:4], "warm")  # compile / capture outside the timed region
     # Prefix-cache effect on TTFT: requests one at a time, shared system prompt (cached after
     # the warm-up) versus a system prompt never seen before.
-    cold = make_requests(tok, 8, seed=12345, system_tokens=args.system_tokens)
+    cold = make_requests(
+        tok,
+        8,
+        seed=12345,
+        system_tokens=args.system_tokens,
+        answer_tokens=tuple(args.answer_tokens),
+    )
     ttft_hit = [run([r], f"hit{i}-")[2].popitem()[1] for i, r in enumerate(reqs[4:12])]
     ttft_miss = []
     for i, r in enumerate(cold):
@@ -175,18 +195,38 @@ def engine_alone(model_dir: Path, reqs: list[ChatRequest], args: argparse.Namesp
         seconds=elapsed,
         output_tokens=tokens,
         tok_s=tokens / elapsed,
-        # While requests still waited for a slot (the queue's saturated window is the same).
-        tok_s_saturated=saturated.get("tokens", tokens) / saturated.get("seconds", elapsed),
+        # While requests still waited for a slot (the queue's saturated window is the same);
+        # the whole run when every request got a slot at once.
+        tok_s_saturated=(
+            saturated["tokens"] / saturated["seconds"]
+            if saturated.get("tokens")
+            else tokens / elapsed
+        ),
         steps=stats["steps"] - steps0,
         gpu_util_mean=sum(util) / len(util) if util else float("nan"),
         gpu_util_avg_mean=sum(util_avg) / len(util_avg) if util_avg else float("nan"),
         mixed_graphs=runner.mixed_graphs is not None,
         mixed_replays=runner.mixed_graphs.num_replays if runner.mixed_graphs else 0,
         decode_replays=runner.graphs.num_replays if runner.graphs else 0,
+        shared_prefix_steps=runner.graphs.sharing.num_staged
+        if runner.graphs and runner.graphs.sharing
+        else 0,
+        kv_bytes_per_token=runner.kv_bytes_per_token,
         req_s=len(reqs) / elapsed,
         ttft_hit_ms=[t * 1000 for t in ttft_hit],
         ttft_miss_ms=[t * 1000 for t in ttft_miss],
         stats=stats,
+    )
+
+
+def add_engine_variant_arguments(p: argparse.ArgumentParser) -> None:
+    """The engine options ``engine_options`` and ``start_worker`` pass on (FP8 KV cache,
+    shared-prefix attention), for every benchmark that starts workers this way."""
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto | fp8")
+    p.add_argument(
+        "--shared-prefix",
+        action="store_true",
+        help="shared-prefix attention: the system prompt attended once per group and step",
     )
 
 
@@ -209,6 +249,9 @@ def start_worker(
         "--max-num-seqs", str(args.max_num_seqs),
         "--max-num-batched-tokens", str(args.max_num_batched_tokens),
         "--max-model-len", str(args.max_model_len),
+        "--kv-cache-dtype", args.kv_cache_dtype,
+        *(["--shared-prefix-attention"] if args.shared_prefix else []),
+        *(["--torch-threads", "1"] if args.device == "cpu" else []),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
@@ -220,15 +263,15 @@ def start_worker(
     )
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, help="results directory (required unless --smoke)")
     p.add_argument("--preset", choices=sorted(PRESETS), default="qwen2.5-1.5b")
     p.add_argument(
         "--tokenizer",
         type=Path,
         default=None,
-        help="tokenizer dir (default: the embedded SmolLM2 model's)",
+        help="tokenizer dir (default: the embedded SmolLM2 model's; --smoke: the test one)",
     )
     p.add_argument("--device", default="cuda")
     p.add_argument("--system-tokens", type=int, default=1000)
@@ -255,10 +298,31 @@ def main() -> None:
         action="store_true",
         help="engine-alone pass: no asynchronous scheduling (A/B of pipelined steps)",
     )
+    add_engine_variant_arguments(p)
     p.add_argument("--drain-timeout-s", type=float, default=900.0)
     p.add_argument("--answer-tokens", type=int, nargs=2, default=(50, 400))
     p.add_argument("--alone-json", type=Path, default=None, help=argparse.SUPPRESS)
-    args = p.parse_args()
+    smoke.add_smoke_flag(p, f"tiny model on the CPU, {SMOKE}")
+    args = smoke.parse_args(p, SMOKE, None)
+    if args.out is None and not args.smoke:
+        p.error("--out is required (or --smoke)")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
+    with tempfile.TemporaryDirectory(prefix="chatq-spike-") as tmp:
+        if args.out is None:
+            args.out = Path(tmp)
+        if args.tokenizer is None and args.smoke:
+            from testkit.checkpoints import build_tokenizer
+
+            args.tokenizer = args.out / "tokenizer"
+            build_tokenizer(args.tokenizer)
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
 
     from transformers import AutoTokenizer
@@ -282,11 +346,12 @@ def main() -> None:
     )
     if args.alone_json is not None:  # child mode: engine alone, result to a file, exit
         args.alone_json.write_text(json.dumps(engine_alone(model_dir, probe, args)))
-        return
+        return 0
     # The engine-alone pass runs in its own process so its GPU memory is surely returned
     # before the worker sizes its KV cache from free memory.
     alone_path = args.out / "alone.json"
-    subprocess.run([sys.executable, *sys.argv, "--alone-json", str(alone_path)], check=True)
+    child = ["--out", str(args.out), "--tokenizer", str(args.tokenizer)]  # the same model
+    subprocess.run([sys.executable, *sys.argv, *child, "--alone-json", str(alone_path)], check=True)
     alone = json.loads(alone_path.read_text())
     capacity_rps = alone["req_s"]
     print(
@@ -311,21 +376,25 @@ def main() -> None:
     with RedisServer() as server:
         worker = start_worker(server.url, model_dir, args, args.out / "worker.log")
         try:
-            run = asyncio.run(drive(server.url, "spike", reqs, schedule, args, worker))
+            result = asyncio.run(drive(server.url, "spike", reqs, schedule, args, worker))
         finally:
             worker.terminate()
             try:
                 worker.wait(30)
             except subprocess.TimeoutExpired:
                 worker.kill()
-    figures: Figures = summarize(run, alone, args, capacity_rps)
+    figures: Figures = summarize(result, alone, args, capacity_rps)
     (args.out / "spike.json").write_text(
-        json.dumps({"figures": figures, "run": run, "alone": alone}, default=str, indent=1)
+        json.dumps({"figures": figures, "run": result, "alone": alone}, default=str, indent=1)
     )
-    plot(run, args.out / "spike.png")
+    plot(result, args.out / "spike.png")
     for line in figures["table"]:
         print(line)
+    if figures["lost"] or figures["duplicated"] or figures["errored"]:
+        print("requests were lost, duplicated or errored", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

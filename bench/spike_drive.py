@@ -14,9 +14,11 @@ from typing import Any
 
 from bench.workload import ChatRequest
 from producer.client import ChatClient
+from producer.contract.bounds import QueueBounds, write_bounds
+from producer.contract.envelope import now_unix_ms
+from producer.contract.keys import Keys
+from producer.contract.results import Done, Error, decode_result
 from producer.errors import QueueFull
-from producer.keys import Keys
-from producer.protocol import Done, Error, decode_result, now_unix_ms
 from producer.settings import ClientSettings
 
 SWEEP_KEYS = 500
@@ -88,10 +90,12 @@ async def wait_ready(redis: Any, keys: Keys, worker: Any, timeout_s: float = 600
 async def drive(
     url: str, model: str, reqs: list[ChatRequest], schedule: list[float], args: Any, worker: Any
 ) -> dict[str, Any]:
-    settings = ClientSettings(redis_url=url, max_backlog_tokens=10**12)
+    settings = ClientSettings(redis_url=url, allow_unserved=True)
     keys = Keys(settings.prefix)
     client = ChatClient(settings=settings)
     redis = client.redis
+    # The spike is meant to queue without bound: the operator's bounds, set in Redis.
+    await write_bounds(redis, keys, QueueBounds(10**12, 10**12, 256))
     await wait_ready(redis, keys, worker)
     gpu = GpuSampler()
     outstanding: dict[str, dict[str, Any]] = {}

@@ -12,6 +12,7 @@ device spans summed ÷ wall time (the spans follow one another in stream order).
 table (means over decode-only and mixed steps of at least 200 sequences).
 
     python3 bench/step_phases.py --out /tmp/spike-ab --tokenizer .cache/tok-smollm2 [--sync]
+    python3 bench/step_phases.py --smoke [--sync]   # tiny preset, 8 short requests, CPU
 """
 
 from __future__ import annotations
@@ -19,19 +20,24 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench import smoke
+from bench.phase_timer import PhaseTimer
 from bench.spike import build_model
 from bench.workload import make_requests
 
+SMOKE = dict(preset="tiny", requests=8, device="cpu", min_seqs=1)
 
-def main() -> None:
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--tokenizer", type=Path, required=True)
+    p.add_argument("--out", type=Path, help="model directory (required unless --smoke)")
+    p.add_argument("--tokenizer", type=Path, help="required unless --smoke (the test tokenizer)")
     p.add_argument("--preset", default="qwen2.5-1.5b")
     p.add_argument("--requests", type=int, default=1024)
     p.add_argument("--device", default="cuda")
@@ -42,22 +48,47 @@ def main() -> None:
         help="engine option (default: the engine's choice); >1 groups admissions",
     )
     p.add_argument("--sync", action="store_true", help="step() instead of pipelined_step()")
-    args = p.parse_args()
+    p.add_argument("--min-seqs", type=int, default=200, help="table: steps with this many seqs")
+    smoke.add_smoke_flag(p, f"8 short requests, test tokenizer, {SMOKE}")
+    args = smoke.parse_args(p, SMOKE, None)
+    if not args.smoke and (args.out is None or args.tokenizer is None):
+        p.error("--out and --tokenizer are required (or --smoke)")
+    return args
 
+
+def main() -> None:
+    args = parse_args()
+    with tempfile.TemporaryDirectory(prefix="chatq-phases-") as tmp:
+        if args.out is None:
+            args.out = Path(tmp)
+        if args.tokenizer is None:
+            from testkit.checkpoints import build_tokenizer
+
+            args.tokenizer = args.out / "tokenizer"
+            build_tokenizer(args.tokenizer)
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoTokenizer
 
     from gpu_engine import LLMEngine, SamplingParams
 
+    if args.smoke:
+        torch.set_num_threads(1)  # a tiny model: more threads only contend on a shared CPU
     model_dir = build_model(args.out, args.preset, args.tokenizer, args.device)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    reqs = make_requests(tok, args.requests, seed=2)
+    sizes = dict(system_tokens=50, answer_tokens=(4, 12)) if args.smoke else {}
+    reqs = make_requests(tok, args.requests, seed=2, **sizes)
     prompts = []
     for r in reqs:
         out = tok.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=True)
         prompts.append(list(out["input_ids"] if hasattr(out, "keys") else out))
+    cuda = args.device.startswith("cuda")
     engine = LLMEngine.from_options(
-        str(model_dir), dtype="bfloat16", device=args.device, max_num_seqs=256,
+        str(model_dir), dtype="bfloat16" if cuda else "float32", device=args.device,
+        max_num_seqs=256,
         max_num_batched_tokens=8192, max_model_len=4096, admit_min_seqs=args.admit_min_seqs,
     )  # fmt: skip
     for i, (r, ids) in enumerate(zip(reqs[:8], prompts[:8], strict=True)):  # warm-up
@@ -67,30 +98,23 @@ def main() -> None:
 
     warm_tokens = engine.stats()["generated_tokens"]
     sched, runner = engine.scheduler, engine.model_runner
-    phases: dict[str, float] = {}
-    orig_schedule, orig_launch, orig_collect = sched.schedule, runner.launch, runner.collect
-    cuda = args.device.startswith("cuda")
+    orig_schedule, orig_launch = sched.schedule, runner.launch
     ev: list = []
 
-    def timed(name, fn):
-        def wrapper(*a, **kw):
-            t = time.perf_counter()
-            try:
-                return fn(*a, **kw)
-            finally:
-                phases[name] = phases.get(name, 0.0) + time.perf_counter() - t
+    def mark():  # a point in the device's stream (off CUDA the work is done by then)
+        if not cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
 
-        return wrapper
+    def span_s(start, end) -> float:
+        return start.elapsed_time(end) / 1000 if cuda else end - start
 
-    def launch(batch):
-        if cuda:
-            start = torch.cuda.Event(enable_timing=True)
-            start.record()
-        out = orig_launch(batch)
-        if cuda:
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            ev.append((start, end))
+    def launch(batch, defer=False):
+        start = mark()
+        out = orig_launch(batch, defer)
+        ev.append((start, mark()))
         return out
 
     scheduled: list = []  # the batch scheduled in this loop turn
@@ -100,9 +124,11 @@ def main() -> None:
         scheduled.append(batch)
         return batch
 
-    sched.schedule = timed("schedule", schedule)
-    runner.launch = timed("launch", launch)
-    runner.collect = timed("wait", orig_collect)
+    sched.schedule, runner.launch = schedule, launch
+    timer = PhaseTimer(
+        [(sched, "schedule", "schedule"), (runner, "launch", "launch"), (runner, "collect", "wait")]
+    )
+    phases = timer.current
 
     for i, (r, ids) in enumerate(zip(reqs, prompts, strict=True)):
         engine.add_request(f"r{i}", ids, SamplingParams(max_tokens=r.max_tokens, ignore_eos=True))
@@ -134,9 +160,9 @@ def main() -> None:
     if cuda:
         torch.cuda.synchronize()
     total = time.perf_counter() - t_all
+    timer.require_all_ran()
     for r in rows:
-        s, e = spans[int(r["event"])]
-        r["gpu"] = s.elapsed_time(e) / 1000
+        r["gpu"] = span_s(*spans[int(r["event"])])
     outputs = engine.stats()["generated_tokens"] - warm_tokens
     busy = sum(r["gpu"] for r in rows) / total
     print(
@@ -148,7 +174,7 @@ def main() -> None:
     print("| loop | steps | n | seqs | " + " | ".join(f"{c} ms" for c in cols) + " | post ms |")
     print("|---|---|---|---|" + "---|" * (len(cols) + 1))
     for label, sel in (("decode-only", 0.0), ("mixed", 1.0)):
-        rs = [r for r in rows if r["mixed"] == sel and r["seqs"] >= 200]
+        rs = [r for r in rows if r["mixed"] == sel and r["seqs"] >= args.min_seqs]
         if not rs:
             continue
         mean = {c: statistics.mean(r.get(c, 0.0) for r in rs) * 1000 for c in cols}

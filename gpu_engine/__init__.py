@@ -11,8 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 from gpu_engine.config import EngineConfig
 from gpu_engine.errors import EngineError
-from gpu_engine.outputs import EngineCapacity, RequestOutput, StepOutput
-from gpu_engine.sequence import InvalidRequestError, SamplingParams
+from gpu_engine.outputs import EngineCapacity, RequestOutput, StepOutput, TokenLogprobs
+from gpu_engine.sequence import (
+    InvalidRequestError,
+    RefusalReason,
+    SamplingParams,
+    StructuredOutput,
+)
 
 if TYPE_CHECKING:
     from gpu_engine.engine import LLM, LLMEngine
@@ -24,9 +29,12 @@ __all__ = [
     "EngineError",
     "InvalidRequestError",
     "LLMEngine",
+    "RefusalReason",
     "RequestOutput",
     "SamplingParams",
     "StepOutput",
+    "StructuredOutput",
+    "TokenLogprobs",
 ]
 
 

@@ -8,6 +8,9 @@ from typing import Any
 from gpu_engine.errors import EngineError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Kept in step with gpu_engine.fp8 (which imports torch; this module must not).
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+QUANTIZATIONS = ("none", "fp8")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
 LOAD_FORMATS = ("auto", "random")
 
@@ -71,20 +74,35 @@ class EngineConfig:
     # Shard the model over this many devices of one host (ranks 1..N-1 in processes the engine
     # spawns; see gpu_engine.tp_runner). 1 = no process group, the single-device path.
     tensor_parallel_size: int = 1
+    # "auto": the KV cache in the model dtype; "fp8" (= "fp8_e4m3"): e4m3 values with one fp32
+    # scale per token and KV head, quantized when stored and dequantized in the attention
+    # kernels' registers: about half the bytes per token (torch and Triton backends).
+    kv_cache_dtype: str = "auto"
+    # "fp8": the linear layers' weights quantized at load (e4m3, one scale per output channel),
+    # activations quantized per token, FP8 matmuls on CUDA; embedding, norms and LM head stay
+    # in the model dtype. "none": every weight in the model dtype.
+    quantization: str = "none"
+    # Decode steps whose sequences share cached prefix blocks (a common system prompt) attend
+    # to each shared prefix once per group and step, merged with each sequence's own suffix
+    # (captured decode graphs, Triton backend, prefix caching on). Off by default: on the
+    # H100 spike workload (with the FP8 KV cache) it measured slower, see benchmarks.md.
+    shared_prefix_attention: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise ConfigError("model must be a non-empty path")
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if self.attention_backend not in ATTENTION_BACKENDS:
+        for name, choices in (
+            ("dtype", DTYPES),
+            ("attention_backend", ATTENTION_BACKENDS),
+            ("kv_cache_dtype", KV_CACHE_DTYPES),
+            ("quantization", QUANTIZATIONS),
+            ("load_format", LOAD_FORMATS),
+        ):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
+        if self.kv_cache_dtype != "auto" and self.attention_backend == "flash_attn":
             raise ConfigError(
-                f"attention_backend must be one of {ATTENTION_BACKENDS}, "
-                f"got {self.attention_backend!r}"
-            )
-        if self.load_format not in LOAD_FORMATS:
-            raise ConfigError(
-                f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}"
+                "kv_cache_dtype='fp8' needs the triton or torch attention backend, not flash_attn"
             )
         for name in (
             "block_size",
@@ -116,6 +134,10 @@ class EngineConfig:
             raise ConfigError("admit_min_seqs must be a positive int or None")
         if self.admit_max_delay_s < 0:
             raise ConfigError("admit_max_delay_s must be >= 0")
+
+    @property
+    def fp8_kv_cache(self) -> bool:
+        return self.kv_cache_dtype != "auto"
 
     @classmethod
     def from_options(cls, model: str, **options: Any) -> EngineConfig:

@@ -16,6 +16,11 @@ rows; the prefill attention reads a tile table staged like the other inputs (see
 ``MixedGraphs``). Both kinds are captured by ``capture_graphs`` and share the block-table
 mirror.
 
+Shared-prefix attention (``shared_prefix_group`` given): decode graphs are captured a second
+time with the shared-prefix kernels (``kernels.shared_prefix``) reading static group buffers
+(``SharedPrefixStaging``); a step whose sequences form groups (``find_prefix_groups`` on the
+staged block tables) replays those, any other step the plain graphs.
+
 ``stage_and_run`` fills the static inputs straight from the scheduled sequences: two pinned
 host buffers (int64: token ids, positions, slots; int32: context lengths, block tables) whose
 layout mirrors the device buffers, so a decode step costs two host-to-device copies and one
@@ -38,8 +43,10 @@ from gpu_engine.block_tables import BlockTableMirror, slot_ids
 from gpu_engine.context import forward_context
 from gpu_engine.kernels.prefill_tiles import max_prefill_tiles, prefill_block_m, prefill_tiles
 from gpu_engine.layers.base import AttentionMetadata
+from gpu_engine.prefix_groups import find_prefix_groups, prefix_block_s
 from gpu_engine.sampling import resolve_pending
 from gpu_engine.sequence import Sequence
+from gpu_engine.shared_staging import SharedPrefixStaging
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +56,13 @@ def capture_graphs(
     sizes: list[int],
     meta: Callable[[int], AttentionMetadata],
     forward: Callable[[int], None],
+    pool: tuple[int, int] | None = None,
 ) -> dict[int, torch.cuda.CUDAGraph]:
     """One CUDA graph of ``forward(size)`` per size, largest first, sharing one memory pool
-    (a smaller graph reuses the largest one's activations); each is run once eagerly first
-    (Triton compiles, cuBLAS picks its kernels) with ``meta(size)`` as the step's metadata."""
+    (a smaller graph reuses the largest one's activations; ``pool``: another family's); each
+    is run once eagerly first (Triton compiles, cuBLAS picks its kernels) with ``meta(size)``
+    as the step's metadata."""
     graphs: dict[int, torch.cuda.CUDAGraph] = {}
-    pool: tuple[int, int] | None = None
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -89,6 +97,7 @@ class DecodeGraphs:
         dtype: torch.dtype,
         device: torch.device,
         last_tokens: torch.Tensor | None = None,
+        shared_prefix_group: int | None = None,
     ) -> None:
         self.model = model
         self.max_model_len = max_model_len
@@ -117,8 +126,14 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         # Room for this batch and the next few generations of requests before a rewrite.
         self.mirror = BlockTableMirror(4 * max_bs, max_blocks)
+        # Shared-prefix variants (GQA group size given): static group buffers, graphs.
+        self.sharing: SharedPrefixStaging | None = None
+        if shared_prefix_group is not None:
+            block_s = prefix_block_s(shared_prefix_group)
+            self.sharing = SharedPrefixStaging(max_bs, max_blocks, block_s, device)
+        self.shared_graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
-    def _meta(self, bs: int) -> AttentionMetadata:
+    def _meta(self, bs: int, shared: bool = False) -> AttentionMetadata:
         # Host fields describe the worst case the graph must serve (the Triton backend sizes
         # its split-K from max_seq_len); the kernels read the true lengths from seq_lens.
         return AttentionMetadata(
@@ -132,6 +147,7 @@ class DecodeGraphs:
             num_decode_seqs=bs,
             query_lens_host=[1] * bs,
             seq_lens_host=[self.max_model_len] * bs,
+            shared=self.sharing.shared(bs) if shared and self.sharing else None,
         )
 
     def _forward(self, bs: int) -> None:
@@ -143,6 +159,13 @@ class DecodeGraphs:
     def capture(self) -> None:
         self.graphs = capture_graphs(self.batch_sizes, self._meta, self._forward)
         log.info("captured decode CUDA graphs for batch sizes %s", self.batch_sizes)
+        if self.sharing is not None:
+            sizes = [b for b in self.batch_sizes if b >= 2]
+            pool = self.graphs[self.batch_sizes[-1]].pool()
+            self.shared_graphs = capture_graphs(
+                sizes, lambda bs: self._meta(bs, shared=True), self._forward, pool
+            )
+            log.info("captured shared-prefix decode CUDA graphs for batch sizes %s", sizes)
 
     def can_run(self, num_seqs: int, max_blocks: int) -> bool:
         return num_seqs <= self.batch_sizes[-1] and max_blocks <= self.block_tables.shape[1]
@@ -199,9 +222,23 @@ class DecodeGraphs:
         self._dev64.copy_(host64, non_blocking=True)
         used32 = m + bs * w  # lengths + the first bs table rows
         self._dev32[:used32].copy_(host32[:used32], non_blocking=True)
-        self.graphs[bs].replay()
+        self._graph_for(bs, row_idx, pos).replay()
         self.num_replays += 1
         return self.hidden[:n]
+
+    def _graph_for(self, bs: int, rows: np.ndarray, positions: np.ndarray) -> torch.cuda.CUDAGraph:
+        """The shared-prefix graph of ``bs`` rows with this step's groups staged, when the
+        sequences (mirror ``rows``, current tokens at ``positions``) form any; else the
+        plain graph."""
+        sharing = self.sharing
+        if sharing is not None and bs in self.shared_graphs:
+            groups = find_prefix_groups(
+                self.mirror.tables, rows, positions, self.block_size, sharing.block_s
+            )
+            if groups is not None:
+                sharing.stage(groups, len(rows), self.block_size)
+                return self.shared_graphs[bs]
+        return self.graphs[bs]
 
     def run(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata

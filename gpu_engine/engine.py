@@ -6,17 +6,26 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Sequence as SequenceABC
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from gpu_engine.block_manager import BlockManager
 from gpu_engine.config import EngineConfig
 from gpu_engine.errors import EngineError
+from gpu_engine.grammar import Grammars
 from gpu_engine.loader import load_tokenizer, read_eos_token_ids
 from gpu_engine.model_runner import LaunchedStep, ModelRunner
-from gpu_engine.outputs import EngineCapacity, RequestOutput, StepOutput
+from gpu_engine.outputs import EngineCapacity, RequestOutput, StepOutput, TokenLogprobs
+from gpu_engine.sampling import needs_history
 from gpu_engine.scheduler import ScheduledBatch, Scheduler
-from gpu_engine.sequence import SamplingParams, Sequence, SequenceStatus, check_prompt
+from gpu_engine.sequence import (
+    InvalidRequestError,
+    RefusalReason,
+    SamplingParams,
+    Sequence,
+    SequenceStatus,
+    check_prompt,
+)
 from gpu_engine.tp_runner import close_model_runner, make_model_runner
 
 
@@ -42,8 +51,8 @@ class LLMEngine:
     ``abort(request_id)`` frees the request's KV blocks at once (also with steps in flight:
     the device runs steps in order, so a block reused by a later step is written after the
     earlier step is done with it); the next step reports it as
-    ``StepOutput(finished=True, finish_reason="abort")``. Requests past their ``deadline``
-    (absolute ``time.time()`` seconds) are reported with ``"deadline"``.
+    ``StepOutput(finished=True, finish_reason="abort")``. Requests past their
+    ``deadline_unix_s`` (absolute ``time.time()`` seconds) are reported with ``"deadline"``.
     """
 
     def __init__(self, config: EngineConfig) -> None:
@@ -70,6 +79,18 @@ class LLMEngine:
         self._pipelined: PendingStep | None = None  # pipelined_step's step in flight
         self._num_generated_tokens = 0
         self._waste_sum = 0.0
+        self.grammars = Grammars(
+            self.tokenizer,
+            self.model_runner.arch.vocab_size,
+            self.eos_token_ids,
+            pin_memory=self.model_runner.device.type == "cuda",
+        )
+        # Requests whose sampling needs the host's view of their tokens (a grammar mask,
+        # penalties): while any is in flight, steps sample after the previous step lands.
+        self._host_sampled: set[str] = set()
+        # Logprobs of the tokens in the outputs ``end_step`` last returned, by request id
+        # (requests that asked for them only).
+        self.step_logprobs: dict[str, TokenLogprobs] = {}
 
     @classmethod
     def from_options(cls, model: str, **options: Any) -> LLMEngine:
@@ -94,29 +115,60 @@ class LLMEngine:
         sampling_params: SamplingParams | None = None,
         *,
         priority: int = 0,
-        deadline: float | None = None,
+        deadline_unix_s: float | None = None,
     ) -> None:
         """Queue a request. Raises ``InvalidRequestError`` (an ``EngineError``) for an empty
         or out-of-vocabulary prompt, a prompt of ``max_model_len`` tokens or more, or a
         request id already in flight. ``priority``: larger is more urgent."""
-        ids = check_prompt(prompt_token_ids, self.model_runner.arch.vocab_size)
-        self.scheduler.add(
-            Sequence(
-                request_id=str(request_id),
-                prompt_token_ids=ids,
-                sampling_params=sampling_params or SamplingParams(),
-                priority=int(priority),
-                deadline=deadline,
-                arrival_time=time.time(),
+        vocab_size = self.model_runner.arch.vocab_size
+        ids = check_prompt(prompt_token_ids, vocab_size)
+        params = sampling_params or SamplingParams()
+        _check_token_ids(params, vocab_size)
+        if params.n != 1:
+            raise InvalidRequestError(
+                "n > 1 is served by LLM.generate / LLM.chat; add_request takes n=1",
+                RefusalReason.INVALID_PARAMS,
             )
+        rid = str(request_id)
+        if rid in self.grammars or rid in self._host_sampled:
+            raise InvalidRequestError(
+                f"request {rid!r} is already in flight", RefusalReason.DUPLICATE_ID
+            )
+        if params.num_resumed_tokens >= len(ids):
+            raise InvalidRequestError(
+                "num_resumed_tokens must be below the prompt's length", RefusalReason.INVALID_PARAMS
+            )
+        if params.structured is not None:
+            resumed = ids[len(ids) - params.num_resumed_tokens :]
+            self.grammars.add(rid, params.structured, resumed)
+        seq = Sequence(
+            request_id=rid,
+            prompt_token_ids=ids,
+            sampling_params=params,
+            priority=int(priority),
+            deadline_unix_s=deadline_unix_s,
+            arrival_time=time.time(),
         )
+        try:
+            self.scheduler.add(seq)
+        except Exception:
+            self.grammars.release(rid)
+            raise
+        if params.structured is not None or needs_history(params):
+            self._host_sampled.add(rid)
 
     def abort(self, request_id: str) -> bool:
         """Finish a request now; False if it is unknown or already finished."""
         found = self.scheduler.abort(request_id)
         if found:
-            self.model_runner.sampler.release(request_id)
+            self._release(request_id)
         return found
+
+    def _release(self, request_id: str) -> None:
+        self.model_runner.sampler.release(request_id)
+        if self._host_sampled:
+            self.grammars.release(request_id)
+            self._host_sampled.discard(request_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._launched)
@@ -137,7 +189,11 @@ class LLMEngine:
         if not self.scheduler.has_unfinished():
             return self.finish_pipeline()
         prev, self._pipelined = self._pipelined, self.begin_step()
-        return self.end_step(prev) if prev is not None else []
+        outputs = self.end_step(prev) if prev is not None else []
+        # The new step's forward pass ran on the device meanwhile; its sampling (if
+        # deferred) waited for prev's tokens: masks and penalties are built from them now.
+        self._sample_deferred(self._pipelined)
+        return outputs
 
     def finish_pipeline(self) -> list[StepOutput]:
         """Outputs of the step ``pipelined_step`` left in flight ([] if none)."""
@@ -159,7 +215,7 @@ class LLMEngine:
             self._num_steps += 1
             waste, slots = self.block_manager.paging_waste(self.scheduler.running)
             self._waste_sum += waste / slots if slots else 0.0
-            launched = self.model_runner.launch(batch)
+            launched = self.model_runner.launch(batch, defer=bool(self._host_sampled))
             sampled = self.scheduler.commit(batch, launched.rows)
         pending = PendingStep(batch, finished, launched, sampled)
         self._launched.append(pending)
@@ -168,13 +224,17 @@ class LLMEngine:
     def end_step(self, pending: PendingStep) -> list[StepOutput]:
         if not self._launched or self._launched[0] is not pending:
             raise EngineError("end_step of a step that is not the oldest one in flight")
+        self._sample_deferred(pending)
         try:
             tokens = [] if pending.launched is None else self.model_runner.collect(pending.launched)
         finally:
             self._launched.popleft()
         outputs = pending.finished
+        self.step_logprobs = {}
         if pending.sampled:
+            assert pending.launched is not None
             new_tokens = self.scheduler.complete(pending.sampled, tokens)
+            self._after_sampling(pending.launched, pending.sampled, tokens)
             self._num_generated_tokens += len(new_tokens)
             # One StepOutput per running request per step: built inline (see _output).
             make, finished = StepOutput.make, SequenceStatus.FINISHED
@@ -189,11 +249,45 @@ class LLMEngine:
                 )
                 for seq, token in new_tokens
             ]
-        release = self.model_runner.sampler.release
+        release = self._release
         for out in outputs:
             if out.finished:
                 release(out.request_id)
         return outputs
+
+    def _sample_deferred(self, pending: PendingStep | None) -> None:
+        """Sample a step whose sampling waited for the host (grammar masks, penalties); every
+        earlier step's tokens are on the host by now."""
+        launched = pending.launched if pending is not None else None
+        if launched is None or not launched.deferred:
+            return
+        assert pending is not None and launched.seqs is not None
+        bitmask = (
+            self.grammars.bitmask([s.request_id for s in launched.seqs])
+            if len(self.grammars)
+            else None
+        )
+        pending.launched = self.model_runner.sample_deferred(launched, bitmask)
+
+    def _after_sampling(
+        self,
+        launched: LaunchedStep,
+        sampled: list[tuple[Sequence, int]],
+        tokens: list[int],
+    ) -> None:
+        """Advance grammar matchers by the step's tokens and keep the logprobs asked for."""
+        if len(self.grammars):
+            accept = self.grammars.accept
+            for (seq, _), token in zip(sampled, tokens, strict=True):
+                if not seq.is_finished or seq.finish_reason == "stop":
+                    accept(seq.request_id, token)
+        logprobs = self.model_runner.collect_logprobs(launched)
+        if logprobs is not None:
+            self.step_logprobs = {
+                seq.request_id: lp
+                for (seq, _), lp in zip(sampled, logprobs, strict=True)
+                if seq.sampling_params.logprobs is not None
+            }
 
     @staticmethod
     def _output(seq: Sequence, new_token_ids: list[int]) -> StepOutput:
@@ -216,6 +310,7 @@ class LLMEngine:
             running_seqs=sched.num_active,
             waiting_seqs=len(sched.waiting),
             max_num_seqs=self.config.max_num_seqs,
+            num_preemptions=sched.num_preemptions,
         )
 
     def stats(self) -> dict[str, float | int]:
@@ -239,7 +334,21 @@ class LLMEngine:
             "total_kv_tokens": bm.num_blocks * bm.block_size,
             "running_seqs": len(sched.running),
             "waiting_seqs": len(sched.waiting),
+            "grammar_masks": self.grammars.num_fills,
+            "grammar_mask_fill_s": self.grammars.fill_s,
         }
+
+
+def _check_token_ids(params: SamplingParams, vocab_size: int) -> None:
+    """logit_bias and stop_token_ids name tokens of this model's vocabulary."""
+    for name, ids in (
+        ("logit_bias", [t for t, _ in params.logit_bias]),
+        ("stop_token_ids", params.stop_token_ids),
+    ):
+        if ids and max(ids) >= vocab_size:
+            raise InvalidRequestError(
+                f"{name} token ids must be in [0, {vocab_size})", RefusalReason.INVALID_PARAMS
+            )
 
 
 class LLM:
@@ -336,6 +445,46 @@ class LLM:
         prompts: list[list[int]],
         sampling_params: SamplingParams | SequenceABC[SamplingParams] | None,
     ) -> list[RequestOutput]:
+        """Results in prompt order; a prompt with ``n`` > 1 gives ``n`` results in a row."""
+        params = self._params_per_prompt(prompts, sampling_params)
+        results: dict[str, RequestOutput] = {}
+        order: list[str] = []
+        stops: dict[str, SamplingParams] = {}
+        siblings: dict[str, list[str]] = {}  # first copy of an n > 1 prompt -> the others
+        for prompt, p in zip(prompts, params, strict=True):
+            ids = [f"llm-{next(self._ids)}" for _ in range(p.n)]
+            for i, rid in enumerate(ids):
+                results[rid] = RequestOutput(rid, prompt, [], "", None)
+                results[rid].logprobs = [] if p.logprobs is not None else None
+                # Each copy its own seed (seed + i): n copies of one seed would be equal.
+                seed = None if p.seed is None else (p.seed + i) % 2**63
+                stops[rid] = replace(p, n=1, seed=seed) if p.n != 1 else p
+            one = stops[ids[0]]
+            order += ids
+            self.engine.add_request(ids[0], prompt, one)
+            if len(ids) > 1:
+                siblings[ids[0]] = ids[1:]
+        while self.engine.has_unfinished():
+            outputs = self.engine.pipelined_step()
+            for out in outputs:
+                # n > 1: the other copies start once the first has computed the prompt, so
+                # they take its KV blocks from the prefix cache (one prefill, shared blocks).
+                for rid in siblings.pop(out.request_id, ()):
+                    self.engine.add_request(rid, results[rid].prompt_token_ids, stops[rid])
+                res = results.get(out.request_id)
+                if res is None:
+                    continue  # a request added to the engine directly, not by this call
+                self._take(res, out, stops[out.request_id])
+        for res in results.values():
+            if self.tokenizer is not None and not res.text:
+                res.text = self.tokenizer.decode(res.token_ids, skip_special_tokens=True)
+        return [results[rid] for rid in order]
+
+    def _params_per_prompt(
+        self,
+        prompts: list[list[int]],
+        sampling_params: SamplingParams | SequenceABC[SamplingParams] | None,
+    ) -> list[SamplingParams]:
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or SamplingParams()] * len(prompts)
         else:
@@ -344,30 +493,19 @@ class LLM:
                 raise EngineError(f"{len(params)} sampling params for {len(prompts)} prompts")
         if any(p.stop for p in params) and self.tokenizer is None:
             raise EngineError("stop strings need a tokenizer")
-        results: dict[str, RequestOutput] = {}
-        order = []
-        for prompt, p in zip(prompts, params, strict=True):
-            rid = f"llm-{next(self._ids)}"
-            self.engine.add_request(rid, prompt, p)
-            results[rid] = RequestOutput(rid, prompt, [], "", None)
-            order.append((rid, p))
-        stops = dict(order)
-        while self.engine.has_unfinished():
-            for out in self.engine.pipelined_step():
-                res = results.get(out.request_id)
-                if res is None:
-                    continue  # a request added to the engine directly, not by this call
-                if res.finish_reason is not None:
-                    continue  # already finished here by a stop string; this is its abort
-                res.token_ids.extend(out.new_token_ids)
-                if stops[out.request_id].stop and self._hit_stop(res, stops[out.request_id]):
-                    self.engine.abort(out.request_id)
-                elif out.finished:
-                    res.finish_reason = out.finish_reason
-        for res in results.values():
-            if self.tokenizer is not None and not res.text:
-                res.text = self.tokenizer.decode(res.token_ids, skip_special_tokens=True)
-        return [results[rid] for rid, _ in order]
+        return params
+
+    def _take(self, res: RequestOutput, out: StepOutput, params: SamplingParams) -> None:
+        """Add one step's output to its result (stop strings, logprobs)."""
+        if res.finish_reason is not None:
+            return  # already finished here by a stop string; this is its abort
+        res.token_ids.extend(out.new_token_ids)
+        if res.logprobs is not None and out.new_token_ids:
+            res.logprobs.append(self.engine.step_logprobs[out.request_id])
+        if params.stop and self._hit_stop(res, params):
+            self.engine.abort(out.request_id)
+        elif out.finished:
+            res.finish_reason = out.finish_reason
 
     def _hit_stop(self, res: RequestOutput, params: SamplingParams) -> bool:
         assert self.tokenizer is not None

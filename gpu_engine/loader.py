@@ -70,9 +70,11 @@ def build_model(
     backend: AttentionBackend,
     load_format: str = "auto",
     seed: int = 0,
+    quantization: str = "none",
 ) -> LlamaForCausalLM:
     """Construct directly in ``dtype`` on ``device`` and copy the checkpoint in
-    (``load_format="random"``: random weights instead, no checkpoint files read)."""
+    (``load_format="random"``: random weights instead, no checkpoint files read);
+    ``quantization="fp8"`` then quantizes the linear layers (``layers.fp8_linear``)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -91,6 +93,12 @@ def build_model(
         model.load_weights(iter_rank_shards(safetensors_files(path), arch.head_dim, tp))
     else:
         model.load_weights(iter_safetensors(path))
+    if quantization == "fp8":
+        from gpu_engine.layers.fp8_linear import quantize_linear_layers
+
+        quantize_linear_layers(model)
+    elif quantization != "none":
+        raise EngineError(f"unknown quantization {quantization!r}")
     return model.eval()
 
 

@@ -20,13 +20,16 @@ from gpu_engine.config import EngineConfig
 from gpu_engine.context import forward_context
 from gpu_engine.cuda_graphs import DecodeGraphs, MixedGraphs
 from gpu_engine.errors import EngineError
+from gpu_engine.fp8 import FP8_DTYPE
+from gpu_engine.grammar import bitmask_to_device
 from gpu_engine.layers import make_attention_backend
 from gpu_engine.layers.base import AttentionMetadata
 from gpu_engine.loader import build_model, load_hf_config, resolve_model_dir
 from gpu_engine.models import LlamaArchConfig
-from gpu_engine.sampling import Sampler, resolve_pending
+from gpu_engine.outputs import TokenLogprobs
+from gpu_engine.sampling import History, Sampler, needs_history, resolve_pending
 from gpu_engine.scheduler import ScheduledBatch
-from gpu_engine.sequence import SamplingParams
+from gpu_engine.sequence import SamplingParams, Sequence
 from gpu_engine.tp_group import current as current_tp_group
 from gpu_engine.tp_shards import local_arch
 
@@ -49,6 +52,32 @@ class LaunchedStep:
     tokens: torch.Tensor | None  # [S] sampled ids, host memory (None: nothing samples)
     rows: list[int]  # [S] index into batch.seqs of each sampled row
     ready: torch.cuda.Event | None = None  # recorded after the copy into ``tokens`` (CUDA)
+    # Sampled.logprobs / top_ids / top_logprobs in host memory, when a row asked for them.
+    logprobs: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None
+    # A deferred step (``launch(defer=True)``): its logits [S, vocab] and sampled sequences,
+    # until ``sample_deferred``.
+    logits: torch.Tensor | None = None
+    seqs: list[Sequence] | None = None
+
+    @property
+    def deferred(self) -> bool:
+        return self.logits is not None
+
+
+def _history(seq: Sequence) -> History:
+    """The tokens a sequence's penalties look at: its prompt, and its output without the
+    trailing placeholders of steps still being sampled (a resumed answer's earlier tokens,
+    the prompt's last ``num_resumed_tokens``, count as output)."""
+    start = len(seq.prompt_token_ids) - seq.sampling_params.num_resumed_tokens
+    tokens = seq.token_ids
+    return History(tokens[:start], tokens[start : len(tokens) - seq.num_pending])
+
+
+def _to_host(t: torch.Tensor | None) -> torch.Tensor | None:
+    if t is None:
+        return None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
 
 
 def _available_ram_bytes() -> int:
@@ -78,7 +107,10 @@ class ModelRunner:
         self.hf_config = load_hf_config(self.model_dir)
         # This rank's share of heads / KV heads / intermediate size (all of it for one rank).
         self.arch = local_arch(LlamaArchConfig.from_hf(self.hf_config), current_tp_group().size)
-        self.backend = make_attention_backend(config.attention_backend, self.device.type)
+        self.backend = make_attention_backend(
+            config.attention_backend, self.device.type, config.fp8_kv_cache
+        )
+        self.kv_dtype = FP8_DTYPE if config.fp8_kv_cache else self.dtype
         self.model = build_model(
             self.arch,
             self.model_dir,
@@ -87,6 +119,7 @@ class ModelRunner:
             self.backend,
             load_format=config.load_format,
             seed=config.seed,
+            quantization=config.quantization,
         )
         self.block_size = self._block_size()
         self.sampler = Sampler(self.device, config.seed)
@@ -111,13 +144,15 @@ class ModelRunner:
         self.graphs = self._capture_decode_graphs()
         self.mixed_graphs = self._capture_mixed_graphs()
         log.info(
-            "model %s on %s (%s), backend %s, %d KV blocks of %d tokens",
+            "model %s on %s (%s, weights %s), backend %s, %d KV blocks of %d tokens (%s)",
             self.model_dir,
             self.device,
             self.dtype,
+            config.quantization,
             self.backend.name,
             self.num_kv_blocks,
             self.block_size,
+            self.kv_dtype,
         )
 
     def _capture_decode_graphs(self) -> DecodeGraphs | None:
@@ -134,9 +169,23 @@ class ModelRunner:
             dtype=self.dtype,
             device=self.device,
             last_tokens=self.last_tokens,
+            shared_prefix_group=self._shared_prefix_group(),
         )
         graphs.capture()
         return graphs
+
+    def _shared_prefix_group(self) -> int | None:
+        """The GQA group size the shared-prefix kernels tile by, if they are used: Triton
+        backend, prefix caching on (else no blocks are ever shared), one device."""
+        cfg = self.config
+        if (
+            not cfg.shared_prefix_attention
+            or not cfg.enable_prefix_caching
+            or self.backend.name != "triton"
+            or current_tp_group().size > 1
+        ):
+            return None
+        return self.arch.num_heads // self.arch.num_kv_heads
 
     def _capture_mixed_graphs(self) -> MixedGraphs | None:
         """CUDA graphs of steps with prefill chunks (Triton backend, one device, with decode
@@ -183,8 +232,12 @@ class ModelRunner:
     # -- KV cache ------------------------------------------------------------------------
     @property
     def kv_bytes_per_token(self) -> int:
+        """K and V of one token over all layers (FP8: values plus an fp32 scale per head)."""
         a = self.arch
-        return 2 * a.num_layers * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+        per_head = a.head_dim * self.kv_dtype.itemsize
+        if self.kv_dtype == FP8_DTYPE:
+            per_head += 4
+        return 2 * a.num_layers * a.num_kv_heads * per_head
 
     def _num_kv_blocks(self) -> int:
         cfg = self.config
@@ -209,20 +262,20 @@ class ModelRunner:
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
         a = self.arch
+        shape = (a.num_layers, 2, num_blocks, self.block_size, a.num_kv_heads)
         # [layers, k/v, num_blocks, block_size, KVH, D]; zeroed so padded slots the reference
         # backend gathers are finite (masked, but NaN * 0 would still poison the output).
-        self.kv_cache = torch.zeros(
-            a.num_layers,
-            2,
-            num_blocks,
-            self.block_size,
-            a.num_kv_heads,
-            a.head_dim,
-            dtype=self.dtype,
-            device=self.device,
+        self.kv_cache = torch.zeros(*shape, a.head_dim, dtype=self.kv_dtype, device=self.device)
+        # FP8: one fp32 scale per (layer, k/v, slot, KV head); zeros read back as zeros.
+        self.kv_scales = (
+            torch.zeros(shape, dtype=torch.float32, device=self.device)
+            if self.kv_dtype == FP8_DTYPE
+            else None
         )
         for i, attn in enumerate(self.model.attention_layers()):
             attn.k_cache, attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
+            if self.kv_scales is not None:
+                attn.kv_scales = (self.kv_scales[i, 0], self.kv_scales[i, 1])
 
     @torch.inference_mode()
     def _profile_cuda_kv_tokens(self) -> int:
@@ -253,9 +306,10 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         stats = torch.cuda.memory_stats(self.device)
         peak, current = stats["allocated_bytes.all.peak"], stats["allocated_bytes.all.current"]
-        del self.kv_cache, hidden, logits
+        del self.kv_cache, self.kv_scales, hidden, logits
         for attn in self.model.attention_layers():
             attn.k_cache = attn.v_cache = torch.empty(0)
+            attn.kv_scales = None
         torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(self.device)
         used = total - free
@@ -383,6 +437,17 @@ class ModelRunner:
         return self._run_eager(input_ids, positions)
 
     @torch.inference_mode()
+    def prefill_logits(self, token_ids: list[int]) -> torch.Tensor:
+        """Logits [len, vocab] (fp32) at every position of one sequence, computed by one
+        prefill into KV blocks 0, 1, ...: teacher forcing for accuracy checks. It overwrites
+        those blocks, so no request may be running."""
+        blocks = -(-len(token_ids) // self.block_size)
+        if blocks > self.num_kv_blocks:
+            raise EngineError(f"{len(token_ids)} tokens do not fit the KV cache")
+        inputs = self._build_inputs([token_ids], [0], [list(range(blocks))], [True])
+        return self.model.compute_logits(self._execute(inputs)).float()
+
+    @torch.inference_mode()
     def forward_logits(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[int]]:
         """Logits [S, vocab] for the sequences that reach their last token this step, and
         their indices in ``batch.seqs``."""
@@ -415,30 +480,73 @@ class ModelRunner:
         return graphs.stage_and_run(batch.seqs, batch.query_lens, batch.num_prefill_seqs)
 
     @torch.inference_mode()
-    def launch(self, batch: ScheduledBatch) -> LaunchedStep:
+    def launch(self, batch: ScheduledBatch, defer: bool = False) -> LaunchedStep:
         """Queue one step's forward pass and sampling on the device without waiting for it;
         ``collect`` returns its tokens. The host is free in between: it may schedule and
         launch the next step, whose input ids may be placeholders of this step's samples
         (``pending_token``, resolved on the device from ``last_tokens``). Nothing may change
-        ``batch`` until this returns."""
+        ``batch`` until this returns.
+
+        ``defer``: queue the forward pass only; ``sample_deferred`` samples later, once the
+        host knows what the sampling depends on (grammar masks, penalties need the tokens
+        of the step before, which lands while this forward pass runs)."""
         logits, rows = self.forward_logits(batch)
         if not rows:
             return LaunchedStep(None, rows)
         # rows are increasing indices into batch.seqs: all of them on decode steps.
         seqs = batch.seqs if len(rows) == len(batch.seqs) else [batch.seqs[i] for i in rows]
-        tokens = self.sampler.sample_async(
-            logits, [s.sampling_params for s in seqs], [s.request_id for s in seqs]
+        if defer:
+            return LaunchedStep(None, rows, logits=logits, seqs=list(seqs))
+        return self._sample(rows, logits, seqs, None)
+
+    @torch.inference_mode()
+    def sample_deferred(self, step: LaunchedStep, bitmask: torch.Tensor | None) -> LaunchedStep:
+        """Sample a step launched with ``defer=True`` (``bitmask``: the host grammar mask of
+        its rows, or None); the returned step replaces it. Must run before the next step is
+        launched (that step reads these samples from ``last_tokens``)."""
+        assert step.logits is not None and step.seqs is not None
+        return self._sample(step.rows, step.logits, step.seqs, bitmask)
+
+    def _sample(
+        self,
+        rows: list[int],
+        logits: torch.Tensor,
+        seqs: list[Sequence],
+        bitmask: torch.Tensor | None,
+    ) -> LaunchedStep:
+        params = [s.sampling_params for s in seqs]
+        histories = [_history(s) for s in seqs] if any(needs_history(p) for p in params) else None
+        mask = None if bitmask is None else bitmask_to_device(bitmask, self.device)
+        sampled = self.sampler.sample_async(
+            logits, params, [s.request_id for s in seqs], histories, mask
         )
+        tokens = sampled.tokens
         self.last_tokens[: len(rows)].copy_(tokens)
+        extras = None if sampled.logprobs is None else sampled[1:]
         if self.device.type != "cuda":
-            return LaunchedStep(tokens, rows)
+            return LaunchedStep(tokens, rows, logprobs=extras)  # type: ignore[arg-type]
         # Copied to pinned memory in stream order, right after the sampling: waiting for this
         # step later does not wait for a step launched after it.
         host = torch.empty(len(rows), dtype=torch.int64, pin_memory=True)
         host.copy_(tokens, non_blocking=True)
+        host_extras = None if extras is None else tuple(_to_host(t) for t in extras)
         ready = torch.cuda.Event()
         ready.record()
-        return LaunchedStep(host, rows, ready)
+        return LaunchedStep(host, rows, ready, logprobs=host_extras)  # type: ignore[arg-type]
+
+    @staticmethod
+    def collect_logprobs(step: LaunchedStep) -> list[TokenLogprobs] | None:
+        """Each row's sampled-token logprob and its top alternatives (call after
+        ``collect``); None if no row of the step asked for logprobs."""
+        if step.logprobs is None:
+            return None
+        chosen, top_ids, top_lps = step.logprobs
+        ids = top_ids.tolist() if top_ids is not None else None
+        lps = top_lps.tolist() if top_lps is not None else None
+        return [
+            TokenLogprobs(lp, [] if ids is None else list(zip(ids[i], lps[i], strict=True)))  # type: ignore[index]
+            for i, lp in enumerate(chosen.tolist())
+        ]
 
     @staticmethod
     def collect(step: LaunchedStep) -> list[int]:

@@ -44,6 +44,14 @@ class StepOutput(NamedTuple):
         )
 
 
+class TokenLogprobs(NamedTuple):
+    """A sampled token's log probability under the model, and the ``top`` most likely
+    tokens of that step as (token id, log probability), best first."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 @dataclass(frozen=True)
 class EngineCapacity:
     """How much more work the engine can take: what a worker sizes its next pull by.
@@ -59,6 +67,7 @@ class EngineCapacity:
     running_seqs: int
     waiting_seqs: int
     max_num_seqs: int
+    num_preemptions: int = 0  # since the engine started (a counter, for metrics)
 
 
 @dataclass
@@ -70,3 +79,4 @@ class RequestOutput:
     token_ids: list[int]  # generated ids (a final eos / stop token included)
     text: str  # detokenized output without special tokens, cut before a matched stop string
     finish_reason: str | None  # "stop" | "length" | "abort" | "deadline"
+    logprobs: list[TokenLogprobs] | None = None  # one per token id, when asked for

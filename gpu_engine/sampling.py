@@ -1,4 +1,5 @@
-"""Token sampling in torch: greedy, temperature, top-k, top-p, per-request generators.
+"""Token sampling in torch: logit bias, penalties, grammar masks, greedy, temperature, top-k,
+top-p, min_p, logprobs, per-request generators.
 
 Random rows are drawn with the exponential race (argmax of p / E, E ~ Exp(1)), which equals a
 categorical draw from p. A request with a seed draws its E from its own ``torch.Generator``,
@@ -9,10 +10,31 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
+from gpu_engine.grammar import apply_bitmask
+from gpu_engine.penalties import apply_logit_bias, apply_penalties, logit_bias_tensors
 from gpu_engine.sequence import SamplingParams
+
+
+class Sampled(NamedTuple):
+    """One step's samples on the device: ``tokens`` [N] int64; with logprobs requested by
+    any row, ``logprobs`` [N] (each sampled token's), ``top_ids`` / ``top_logprobs`` [N, K]
+    (K = the largest ``logprobs`` of the batch), from the model's raw distribution."""
+
+    tokens: torch.Tensor
+    logprobs: torch.Tensor | None = None
+    top_ids: torch.Tensor | None = None
+    top_logprobs: torch.Tensor | None = None
+
+
+class History(NamedTuple):
+    """A row's tokens so far, for penalties: its prompt and what it generated."""
+
+    prompt: Sequence[int]
+    output: Sequence[int]
 
 
 @dataclass
@@ -26,10 +48,17 @@ class _BatchPlan:
     temperature: torch.Tensor | None = None  # [N] float32 (1.0 on greedy rows)
     top_k: torch.Tensor | None = None  # [N] int64, or None when no row filters by top-k
     top_p: torch.Tensor | None = None  # [N] float32, or None when no row filters by top-p
+    min_p: torch.Tensor | None = None  # [N] float32, or None when no row uses min_p
     seeded: tuple[tuple[int, str, int], ...] = ()  # (row, request id, seed)
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    penalties: bool = False  # some row has a repetition / presence / frequency penalty
+    num_logprobs: int | None = None  # the most top logprobs any row asks for
 
 
 class Sampler:
+    """Turns a step's logits into tokens: logit bias, penalties, the grammar mask, then
+    greedy or temperature / top-k / top-p / min_p sampling (see ``SamplingParams``)."""
+
     def __init__(self, device: torch.device, seed: int) -> None:
         self.device = device
         self.generator = torch.Generator(device=device)
@@ -50,24 +79,65 @@ class Sampler:
         self._request_generators.pop(request_id, None)
 
     def sample(
-        self, logits: torch.Tensor, params: Sequence[SamplingParams], request_ids: Sequence[str]
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        request_ids: Sequence[str],
+        histories: Sequence[History] | None = None,
+        bitmask: torch.Tensor | None = None,
     ) -> list[int]:
         """logits: [N, vocab] -> one token id per row."""
-        return self.sample_async(logits, params, request_ids).tolist()  # type: ignore[no-any-return]
+        sampled = self.sample_async(logits, params, request_ids, histories, bitmask)
+        return sampled.tokens.tolist()  # type: ignore[no-any-return]
 
     def sample_async(
-        self, logits: torch.Tensor, params: Sequence[SamplingParams], request_ids: Sequence[str]
-    ) -> torch.Tensor:
-        """Like ``sample`` but returns the [N] token ids on the logits' device without waiting
-        for them (the caller's ``tolist()`` is the step's one synchronisation)."""
+        self,
+        logits: torch.Tensor,
+        params: Sequence[SamplingParams],
+        request_ids: Sequence[str],
+        histories: Sequence[History] | None = None,
+        bitmask: torch.Tensor | None = None,
+    ) -> Sampled:
+        """Like ``sample`` but returns the samples on the logits' device without waiting
+        for them (the caller's ``tolist()`` is the step's one synchronisation).
+        ``histories`` (one per row) are needed when a row has a penalty (``needs_history``);
+        ``bitmask`` [N, words] int32 on the logits' device: the grammar mask of each row."""
+        # The input is never changed: adjusted in place only when .float() made a copy that
+        # the logprobs do not need (bf16 logits on CUDA).
+        copied = logits.dtype != torch.float32
         logits = logits.float()
         plan = self._plan_for(params, request_ids, logits.device)
+        raw = logits
+        in_place = copied and plan.num_logprobs is None
+        if plan.logit_bias is not None:
+            logits = apply_logit_bias(logits if in_place else logits.clone(), plan.logit_bias)
+        if plan.penalties:
+            if histories is None:
+                raise ValueError("a row has a penalty: sample needs each row's history")
+            logits = apply_penalties(
+                logits,
+                [h.prompt for h in histories],
+                [h.output for h in histories],
+                [p.repetition_penalty for p in params],
+                [p.presence_penalty for p in params],
+                [p.frequency_penalty for p in params],
+            )
+        if bitmask is not None:
+            fresh = in_place or logits is not raw
+            logits = apply_bitmask(logits if fresh else logits.clone(), bitmask)
+        tokens = self._pick(logits, plan)
+        if plan.num_logprobs is None:
+            return Sampled(tokens)
+        return _with_logprobs(raw, tokens, plan.num_logprobs)
+
+    def _pick(self, logits: torch.Tensor, plan: _BatchPlan) -> torch.Tensor:
         if plan.all_greedy:
             return logits.argmax(dim=-1)
         assert plan.greedy is not None and plan.temperature is not None
-        probs = _mask_top_k_top_p(
-            logits / plan.temperature[:, None], plan.top_k, plan.top_p
-        ).softmax(dim=-1)
+        masked = _mask_top_k_top_p(logits / plan.temperature[:, None], plan.top_k, plan.top_p)
+        if plan.min_p is not None:
+            masked = _mask_min_p(masked, plan.min_p)
+        probs = masked.softmax(dim=-1)
         noise = torch.empty_like(probs)
         noise.exponential_(generator=self.generator)
         for i, request_id, seed in plan.seeded:
@@ -76,39 +146,67 @@ class Sampler:
         return torch.where(plan.greedy, logits.argmax(dim=-1), sampled)
 
     def _plan_for(
-        self, params: Sequence[SamplingParams], request_ids: Sequence[str], device: torch.device
+        self,
+        params: Sequence[SamplingParams],
+        request_ids: Sequence[str],
+        device: torch.device,
     ) -> _BatchPlan:
         # Tuple equality checks identity first, so an unchanged batch compares in C.
         key = (tuple(params), tuple(request_ids))
         if self._plan is not None and key == self._plan_key:
             return self._plan
-        if all(p.greedy for p in params):
-            plan = _BatchPlan(all_greedy=True)
-        else:
-            top_k, top_p = [p.top_k for p in params], [p.top_p for p in params]
-            vocab_inf = 1 << 62  # "no top-k": larger than any vocabulary
-            plan = _BatchPlan(
-                all_greedy=False,
-                greedy=_to_device([p.greedy for p in params], torch.bool, device),
-                temperature=_to_device(
-                    [p.temperature if not p.greedy else 1.0 for p in params],
-                    torch.float32,
-                    device,
-                ),
-                top_k=_to_device([k if k > 0 else vocab_inf for k in top_k], torch.int64, device)
-                if any(k > 0 for k in top_k)
-                else None,
-                top_p=_to_device(top_p, torch.float32, device)
-                if any(p < 1.0 for p in top_p)
-                else None,
-                seeded=tuple(
-                    (i, request_ids[i], p.seed)
-                    for i, p in enumerate(params)
-                    if p.seed is not None and not p.greedy
-                ),
-            )
+        plan = (
+            _BatchPlan(all_greedy=True)
+            if all(p.greedy for p in params)
+            else _random_plan(params, request_ids, device)
+        )
+        if any(p.logit_bias for p in params):
+            plan.logit_bias = logit_bias_tensors([p.logit_bias for p in params], device)
+        plan.penalties = any(p.uses_penalties for p in params)
+        wanted = [p.logprobs for p in params if p.logprobs is not None]
+        plan.num_logprobs = max(wanted) if wanted else None
         self._plan_key, self._plan = key, plan
         return plan
+
+
+def needs_history(params: SamplingParams) -> bool:
+    """Whether sampling this request needs its tokens so far on the host (penalties)."""
+    return params.uses_penalties
+
+
+def _random_plan(
+    params: Sequence[SamplingParams], request_ids: Sequence[str], device: torch.device
+) -> _BatchPlan:
+    top_k, top_p = [p.top_k for p in params], [p.top_p for p in params]
+    vocab_inf = 1 << 62  # "no top-k": larger than any vocabulary
+    return _BatchPlan(
+        all_greedy=False,
+        greedy=_to_device([p.greedy for p in params], torch.bool, device),
+        temperature=_to_device(
+            [p.temperature if not p.greedy else 1.0 for p in params], torch.float32, device
+        ),
+        top_k=_to_device([k if k > 0 else vocab_inf for k in top_k], torch.int64, device)
+        if any(k > 0 for k in top_k)
+        else None,
+        top_p=_to_device(top_p, torch.float32, device) if any(p < 1.0 for p in top_p) else None,
+        min_p=_to_device([p.min_p for p in params], torch.float32, device)
+        if any(p.min_p > 0.0 for p in params)
+        else None,
+        seeded=tuple(
+            (i, request_ids[i], p.seed)
+            for i, p in enumerate(params)
+            if p.seed is not None and not p.greedy
+        ),
+    )
+
+
+def _with_logprobs(raw: torch.Tensor, tokens: torch.Tensor, k: int) -> Sampled:
+    logprobs = raw.log_softmax(dim=-1)
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0]
+    if k == 0:
+        return Sampled(tokens, chosen)
+    top_logprobs, top_ids = logprobs.topk(k, dim=-1)
+    return Sampled(tokens, chosen, top_ids, top_logprobs)
 
 
 def resolve_pending(input_ids: torch.Tensor, last_tokens: torch.Tensor) -> torch.Tensor:
@@ -148,6 +246,18 @@ def apply_top_k_top_p(
         else None
     )
     return _mask_top_k_top_p(logits, k, p)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: Sequence[float]) -> torch.Tensor:
+    """Mask logits [N, vocab] of tokens less likely than ``min_p`` times the row's most
+    likely token to -inf (0 keeps everything)."""
+    return _mask_min_p(logits, _to_device(list(min_p), torch.float32, logits.device))
+
+
+def _mask_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    probs = logits.softmax(dim=-1)
+    drop = probs < min_p[:, None] * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(drop, float("-inf"))
 
 
 def _mask_top_k_top_p(

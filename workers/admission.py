@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import math
 
-from gpu_engine.outputs import EngineCapacity as Capacity
+from gpu_engine.outputs import EngineCapacity
 from workers.request import InflightRequest
 
 WARMUP_COMPLETIONS = 8
@@ -31,9 +31,11 @@ DEFAULT_AVG_COST_TOKENS = 256
 
 
 class Admission:
+    """This worker's cost budget and the registry of what it holds (see the module docstring)."""
+
     def __init__(
         self,
-        capacity: Capacity,
+        capacity: EngineCapacity,
         *,
         max_num_seqs: int,
         inflight_factor: float,
@@ -59,8 +61,10 @@ class Admission:
         fraction = min(1.0, self._used_fraction * SAFETY_FACTOR)
         return max(1, min(max_tokens, math.ceil(max_tokens * fraction)))
 
-    def cost_tokens(self, prompt_tokens: int, max_tokens: int) -> int:
-        return prompt_tokens + self.expected_output_tokens(max_tokens)
+    def cost_tokens(self, prompt_tokens: int, max_tokens: int, n: int = 1) -> int:
+        """A request's KV cost: its prompt once (n answers share its blocks) and each
+        answer's expected output."""
+        return prompt_tokens + n * self.expected_output_tokens(max_tokens)
 
     @property
     def budget_tokens(self) -> int:
@@ -103,6 +107,6 @@ class Admission:
         self._completions += 1
         self.changed.set()
 
-    def update(self, capacity: Capacity) -> None:
+    def update(self, capacity: EngineCapacity) -> None:
         self.capacity = capacity
         self.changed.set()

@@ -4,7 +4,16 @@
     chatq enqueue --model NAME [--redis URL] "Where is my order?" ["another chat" ...]
     chatq enqueue --model NAME --file chats.jsonl
     chatq status [--redis URL] [--watch 1]
+    chatq top [--redis URL] [--interval-s 1] [--once]
+    chatq exporter [--redis URL] [--port 9400]
     chatq demo [--requests N] [--redis URL]
+    chatq result ID [--stream]                         (a result by request id)
+    chatq cancel ID --token TOKEN                      (cancel a queued or running request)
+    chatq purge MODEL [--lane LANE]                    (drop a model's queued requests)
+    chatq dead list | show ID | requeue ID | drop ID   (dead-lettered requests)
+    chatq gateway [--workers N] [--allow-anonymous]    (the HTTP gateway; see gateway.cli)
+    chatq keys create --tenant NAME [--rpm N] [--tpm N] [--max-concurrent N] | list | revoke ID
+    chatq webhooks                                     (delivers callbacks)
 
 Every option also reads ``CHATQ_<OPTION>`` from the environment (``CHATQ_REDIS_URL``...).
 """
@@ -13,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import logging
 import os
@@ -24,8 +34,10 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from gpu_engine.errors import EngineError
+from producer.contract.keys import PRIORITIES
 from producer.errors import ChatqError
 from producer.settings import DEFAULT_REDIS_URL
+from workers import admin_cli
 from workers.errors import WorkerError
 from workers.settings import LOG_FORMAT, WorkerSettings, add_worker_arguments
 
@@ -34,66 +46,146 @@ def _redis_default() -> str:
     return os.environ.get("CHATQ_REDIS_URL", DEFAULT_REDIS_URL)
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+DEMO_MAX_TOKENS = 96
+
+
+def add_redis_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--redis``, ``--prefix`` and ``--partitions``, from ``CHATQ_REDIS_URL`` /
+    ``CHATQ_PREFIX`` / ``CHATQ_PARTITIONS`` by default."""
+    parser.add_argument("--redis", default=_redis_default(), help="Redis URL (default "
+                        f"$CHATQ_REDIS_URL or {DEFAULT_REDIS_URL})")  # fmt: skip
+    parser.add_argument("--prefix", default=os.environ.get("CHATQ_PREFIX", "chatq"),
+                        help="Redis key prefix (default chatq)")  # fmt: skip
+    parser.add_argument("--partitions", type=int,
+                        default=int(os.environ.get("CHATQ_PARTITIONS", "1")),
+                        help="the queue's partitions (default $CHATQ_PARTITIONS or 1)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatq", description=__doc__.split("\n")[0])
-    parser.add_argument("--log-level", default=os.environ.get("CHATQ_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-level",
+        dest="root_log_level",  # `chatq gateway --log-level` is uvicorn's own (log_level)
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default=os.environ.get("CHATQ_LOG_LEVEL", "INFO").upper(),
+        help="log level of every chatq process (default INFO; env CHATQ_LOG_LEVEL)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     worker = sub.add_parser("worker", help="serve one model from Redis on one device")
     add_worker_arguments(worker)
 
-    enq = sub.add_parser("enqueue", help="queue chats and print their results")
-    enq.add_argument("chats", nargs="*", help="user messages, one chat each")
-    enq.add_argument("--file", type=Path, help="JSONL: {messages: [...]} or {prompt: ...} a line")
-    enq.add_argument("--redis", default=_redis_default())
-    enq.add_argument("--prefix", default=os.environ.get("CHATQ_PREFIX", "chatq"))
-    enq.add_argument("--model", required=True, help="served model name")
-    enq.add_argument("--system", help="system prompt for chats given as arguments")
-    enq.add_argument("--max-tokens", type=int, default=128)
-    enq.add_argument("--temperature", type=float, default=0.7)
-    enq.add_argument("--top-p", type=float, default=1.0)
-    enq.add_argument("--seed", type=int)
-    enq.add_argument("--stop", action="append", default=[])
-    enq.add_argument("--priority", choices=("high", "normal", "low"), default="normal")
-    enq.add_argument("--deadline-s", type=float)
-    enq.add_argument("--stream", action="store_true", help="print text as it is generated")
-    enq.add_argument("--timeout-s", type=float, default=300.0)
-    enq.add_argument("--no-wait", action="store_true", help="print request ids and exit")
-    enq.add_argument("--json", action="store_true", help="one JSON object per result")
+    _add_enqueue_command(sub)
 
     st = sub.add_parser("status", help="per model: queued, pending, backlog, dead, workers")
-    st.add_argument("--redis", default=_redis_default())
-    st.add_argument("--prefix", default=os.environ.get("CHATQ_PREFIX", "chatq"))
+    add_redis_arguments(st)
     st.add_argument("--watch", type=float, help="refresh every N seconds")
-    st.add_argument("--json", action="store_true")
+    st.add_argument("--json", action="store_true", help="the models as a JSON list")
+
+    top = sub.add_parser("top", help="live view per model and worker, from Redis alone")
+    add_redis_arguments(top)
+    top.add_argument("--interval-s", type=float, default=1.0, help="refresh period")
+    top.add_argument("--once", action="store_true", help="print one frame (rates over one "
+                     "interval) and exit")  # fmt: skip
+
+    exp = sub.add_parser("exporter", help="serve the queue's Prometheus metrics from Redis")
+    add_redis_arguments(exp)
+    exp.add_argument("--port", type=int, default=int(os.environ.get("CHATQ_EXPORTER_PORT", 9400)),
+                     help="HTTP port of /metrics (default 9400)")  # fmt: skip
+    exp.add_argument("--interval-s", type=float, default=2.0, help="Redis poll period")
 
     demo = sub.add_parser("demo", help="private Redis + SmolLM2-135M worker + a burst of chats")
-    demo.add_argument("--requests", type=int, default=24)
+    demo.add_argument("--requests", type=int, default=16, help="chats in the burst (default 16)")
     demo.add_argument("--redis", help="use this Redis instead of starting a private one")
-    demo.add_argument("--max-tokens", type=int, default=48)
-    demo.add_argument("--model", help="HF model dir (default: SmolLM2-135M-Instruct from GGUF)")
-    demo.add_argument("--device", default="cpu")
+    demo.add_argument("--max-tokens", type=int, default=DEMO_MAX_TOKENS,
+                      help=f"most tokens per answer (default {DEMO_MAX_TOKENS})")  # fmt: skip
+    demo.add_argument("--model", default="smollm2", help="checkpoint directory or built-in "
+                      "name (default smollm2: SmolLM2-135M-Instruct)")  # fmt: skip
+    demo.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
     demo.add_argument("--show", type=int, default=3, help="answers to print")
+    admin_cli.add_commands(sub, add_redis_arguments)
+    _add_gateway_commands(sub)
     return parser
 
 
+def _add_enqueue_command(sub: Any) -> None:
+    enq = sub.add_parser("enqueue", help="queue chats and print their results")
+    enq.add_argument("chats", nargs="*", help="user messages, one chat each")
+    enq.add_argument("--file", type=Path, help="JSONL: {messages: [...]} or {prompt: ...} a line")
+    add_redis_arguments(enq)
+    enq.add_argument("--model", required=True, help="served model name (e.g. smollm2)")
+    enq.add_argument("--system", help="system prompt for chats given as arguments")
+    enq.add_argument("--max-tokens", type=int, default=128, help="most tokens per answer "
+                     "(default 128)")  # fmt: skip
+    enq.add_argument(
+        "--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)"
+    )
+    enq.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0)")
+    enq.add_argument("--seed", type=int, help="sampling seed (default: random)")
+    enq.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    enq.add_argument("--priority", choices=PRIORITIES, default="normal", help="lane "
+                     "(default normal)")  # fmt: skip
+    enq.add_argument("--deadline-s", type=float, help="drop the request if still queued after "
+                     "this many seconds")  # fmt: skip
+    enq.add_argument("--stream", action="store_true", help="print text as it is generated")
+    enq.add_argument("--timeout-s", type=float, default=300.0, help="wait this long for each "
+                     "result (default 300)")  # fmt: skip
+    enq.add_argument("--allow-unserved", action="store_true", help="queue even if no live "
+                     "worker serves the model (one may start later)")  # fmt: skip
+    enq.add_argument("--no-wait", action="store_true", help="print request ids and exit "
+                     "(with --json: each id and its cancel token)")  # fmt: skip
+    enq.add_argument("--json", action="store_true", help="one JSON object per result")
+
+
+def _add_gateway_commands(sub: Any) -> None:
+    try:
+        from gateway.cli import add_commands
+    except ImportError:  # the gateway extra is not installed
+        return
+    add_commands(sub)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.root_log_level not in LOG_LEVELS:  # from CHATQ_LOG_LEVEL: argparse checks options
+        parser.error(f"CHATQ_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}")
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        level=getattr(logging, args.root_log_level),
         format=LOG_FORMAT,
     )
     try:
+        if args.command in COMMAND_MODULES:
+            _require_worker_extra(COMMAND_MODULES[args.command])
         if args.command == "worker":
             return _worker(args)
         if args.command == "enqueue":
             return asyncio.run(_enqueue(args))
         if args.command == "status":
             return asyncio.run(_status(args))
+        if args.command == "top":
+            return asyncio.run(_top(args))
+        if args.command == "exporter":
+            return asyncio.run(_exporter(args))
+        if args.command in ("result", "cancel", "purge", "dead"):
+            return asyncio.run(admin_cli.run(args))
         if args.command == "demo":
             from workers.demo import run_demo
 
             return asyncio.run(run_demo(args))
+        from gateway.cli import run
+        from gateway.errors import GatewayError
+
+        try:
+            code = run(args)
+        except GatewayError as err:
+            print(f"chatq {args.command}: {err}", file=sys.stderr)
+            return 2
+        return 2 if code is None else code
     except (ChatqError, WorkerError, EngineError) as err:
         print(f"chatq {args.command}: {err}", file=sys.stderr)
         return 2
@@ -105,16 +197,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+# What `chatq worker` / `chatq demo` import beyond the producer: `pip install chatq` alone
+# installs the producer, `enqueue` and `status`.
+WORKER_EXTRA_MODULES = ("torch", "transformers", "safetensors", "numpy")
+# Commands that need part of the worker extra: what each imports.
+COMMAND_MODULES = {
+    "worker": WORKER_EXTRA_MODULES,
+    "demo": WORKER_EXTRA_MODULES,
+    "top": ("rich",),
+    "exporter": ("prometheus_client",),
+}
+
+
+def _require_worker_extra(modules: Sequence[str] = WORKER_EXTRA_MODULES) -> None:
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise WorkerError(
+            f"needs the worker extra (missing: {', '.join(missing)}): pip install 'chatq[worker]'"
+        )
+
+
 def _worker(args: argparse.Namespace) -> int:
+    from workers.model_source import check_model_dir, with_model_dir
     from workers.worker import Worker
 
-    settings = WorkerSettings.from_args(args)
+    settings = with_model_dir(WorkerSettings.from_args(args))
+    check_model_dir(settings)
     if args.gpus is not None:
         from workers.gpus import run_per_gpu
 
         return run_per_gpu(settings, args.gpus)
-    if not settings.model_path:
-        raise WorkerError("--model PATH (or CHATQ_MODEL_PATH) is required")
     return asyncio.run(Worker(settings).run())
 
 
@@ -153,11 +265,15 @@ async def _enqueue(args: argparse.Namespace) -> int:
 
     chats = _chats(args)
     failures = 0
-    async with ChatClient(args.redis, prefix=args.prefix) as client:
+    allow = True if args.allow_unserved else None  # else the client's default (refuse)
+    async with ChatClient(
+        args.redis, prefix=args.prefix, allow_unserved=allow, partitions=args.partitions
+    ) as client:
         ids = [await client.submit(**chat) for chat in chats]
         if args.no_wait:
             for rid in ids:
-                print(rid)
+                print(json.dumps({"id": rid, "cancel_token": rid.cancel_token}) if args.json
+                      else rid)  # fmt: skip
             return 0
         for rid, chat in zip(ids, chats, strict=True):
             try:
@@ -175,28 +291,27 @@ async def _enqueue(args: argparse.Namespace) -> int:
                     print(f"[{rid}] error {err.code}: {err.message}", file=sys.stderr)
                 continue
             if args.json:
-                print(json.dumps({
-                    "id": rid, "text": res.text, "finish_reason": res.finish_reason,
-                    "prompt_tokens": res.usage.prompt_tokens,
-                    "completion_tokens": res.usage.completion_tokens, "worker": res.worker,
-                    "queued_ms": res.queued_ms, "first_token_ms": res.first_token_ms,
-                    "total_ms": res.total_ms,
-                }))  # fmt: skip
+                print(admin_cli.result_json(res))
             else:
                 print(res.text)
     return 1 if failures else 0
 
 
 async def _status(args: argparse.Namespace) -> int:
-    from redis.asyncio import Redis
+    from producer.connection import connect
+    from producer.contract.keys import Keys
+    from workers.status import (
+        live_workers,
+        render_text,
+        render_webhooks,
+        status_report,
+        webhook_status,
+    )
 
-    from producer.keys import Keys
-    from workers.status import render_text, status_report
-
-    redis = Redis.from_url(args.redis)
+    redis = connect(args.redis)
     try:
         while True:
-            report = await status_report(redis, Keys(args.prefix))
+            report = await status_report(redis, Keys(args.prefix, args.partitions))
             if args.json:
                 print(json.dumps([_model_json(m) for m in report]))
             elif args.watch and sys.stdout.isatty():
@@ -208,12 +323,61 @@ async def _status(args: argparse.Namespace) -> int:
                 console.clear()
                 console.print(render_rich(report))
             else:
-                print(render_text(report))
+                print(
+                    render_text(
+                        report, await live_workers(redis, Keys(args.prefix, args.partitions))
+                    )
+                )
+                hooks = render_webhooks(
+                    await webhook_status(redis, Keys(args.prefix, args.partitions))
+                )
+                if hooks:
+                    print(hooks)
             if not args.watch:
                 return 0
             await asyncio.sleep(args.watch)
     finally:
         await redis.aclose()
+
+
+async def _top(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    from producer.connection import connect
+    from producer.contract.keys import Keys
+    from workers.top import Top, render
+
+    if args.interval_s <= 0:
+        raise WorkerError("--interval-s must be > 0")
+    redis = connect(args.redis)
+    top = Top(redis, Keys(args.prefix, args.partitions))
+    try:
+        if args.once:  # two reads, so the rates cover one interval
+            await top.frame()
+            await asyncio.sleep(args.interval_s)
+            Console().print(render(await top.frame()))
+            return 0
+        with Live(render(await top.frame()), auto_refresh=False, screen=False) as live:
+            while True:
+                await asyncio.sleep(args.interval_s)
+                live.update(render(await top.frame()), refresh=True)
+    finally:
+        await redis.aclose()
+
+
+async def _exporter(args: argparse.Namespace) -> int:
+    import signal
+
+    from workers.exporter import QueueExporter
+
+    if args.interval_s <= 0:
+        raise WorkerError("--interval-s must be > 0")
+    exporter = QueueExporter(args.redis, args.prefix, args.interval_s, args.partitions)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, exporter.stop)
+    return await exporter.run(args.port)
 
 
 def _model_json(m: Any) -> dict[str, Any]:

@@ -61,6 +61,8 @@ class ContextTexts:
 
 
 class IncrementalDetokenizer:
+    """One request's token ids turned into text as they come, with its stop strings."""
+
     def __init__(
         self,
         decoder: TokenDecoder,
@@ -117,6 +119,13 @@ class IncrementalDetokenizer:
             self.text = self.text[: min(hits)]
             self.stopped = True
         return self.stopped
+
+    def resume(self, generated_ids: Sequence[int], streamed_chars: int) -> bool:
+        """Continue after tokens another worker generated, of whose text ``streamed_chars``
+        characters were streamed already; True when a stop string is among them."""
+        stopped = self.push(generated_ids)
+        self._streamed = min(streamed_chars, len(self.text))
+        return stopped
 
     def flush(self) -> str:
         """At the end: decode any held-back bytes (an incomplete character stays U+FFFD)."""

@@ -1,22 +1,11 @@
-"""The engine's own process and the batched IPC between it and the worker's host process.
+"""The engine's own process, seen from a worker's host process.
 
 The engine child (its loop is :func:`workers.engine_loop.engine_main`) never waits on Redis,
-tokenization or detokenization, which all live in the host process::
-
-    while running:
-        commands = drain the command pipe (block only when the engine has nothing to do)
-        apply adds / aborts
-        outputs = engine.step()
-        hand (outputs, capacity) to the sender thread   ← never blocks the loop
-
-Both directions carry one msgpack document per batch over a one-way ``multiprocessing``
-pipe (no pickle of user data; prompts travel as int32 bytes, see ``prompt_wire``). Host →
-child: ``[[op, ...], ...]`` with ops ``add``, ``abort`` and ``stop``. Child → host:
-``["ready", info]``, ``["out", outputs, capacity]``,
-``["cap", capacity]``, ``["rej", [[request_id, message], ...]]`` (adds the engine refused)
-or ``["fatal", message]``. Neither loop blocks on a full pipe: the child has a sender
-thread; the host writes from its asyncio loop into its non-blocking end of the pipe (what
-does not fit waits in a buffer for ``add_writer``), commands of one loop turn in one
+tokenization or detokenization, which all live in the host process. Both directions carry
+one msgpack document per batch over a one-way ``multiprocessing`` pipe; every message is
+defined in :mod:`workers.engine_wire`. Neither loop blocks on a full pipe: the child has a
+sender thread; the host writes from its asyncio loop into its non-blocking end of the pipe
+(what does not fit waits in a buffer for ``add_writer``), commands of one loop turn in one
 message, no thread hop (a thread that needs the GIL while the loop aggregates can wait a
 whole switch interval, 5 ms, before it sends a new request to the engine). If the host
 dies, the child sees EOF and exits.
@@ -29,16 +18,28 @@ import contextlib
 import multiprocessing as mp
 import os
 import struct
-from array import array
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, NamedTuple
 
-import msgpack
-
-from gpu_engine.outputs import EngineCapacity as Capacity  # plain data, no torch
+from gpu_engine.outputs import EngineCapacity  # plain data, no torch
+from workers.engine_loop import engine_main
+from workers.engine_wire import (
+    NO_CAPACITY,
+    AddCommand,
+    EngineMessage,
+    Fatal,
+    Output,
+    Outputs,
+    Ready,
+    abort_command,
+    encode_commands,
+    read_message,
+    stop_command,
+)
 from workers.errors import WorkerError
+
+OnOutputs = Callable[[list[Output], EngineCapacity], None]
 
 
 class EngineProcessError(WorkerError):
@@ -51,66 +52,6 @@ class HostChannel(NamedTuple):
     host: int
     cmd_send: Connection
     out_recv: Connection
-
-
-class Output(NamedTuple):
-    """One request's part of a step (``StepOutput``); a tuple: one per sequence per step."""
-
-    request_id: str
-    new_token_ids: list[int]
-    finished: bool
-    finish_reason: str | None
-    num_prompt_tokens: int
-    num_cached_tokens: int
-    error: str | None = None  # set when the engine refused the request (finish_reason "error")
-
-
-@dataclass(frozen=True)
-class AddCommand:
-    request_id: str
-    prompt_token_ids: list[int]
-    max_tokens: int
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int | None
-    ignore_eos: bool
-    priority: int  # 2 = high, 1 = normal, 0 = low
-    deadline_s: float | None  # Unix seconds
-
-    def to_wire(self, tag: str = "") -> list[Any]:
-        """The ``add`` command; ``tag`` marks the request id as one host's (several hosts)."""
-        return [
-            "add",
-            self.request_id + tag,
-            prompt_wire(self.prompt_token_ids),
-            self.max_tokens,
-            self.temperature,
-            self.top_p,
-            self.top_k,
-            self.seed,
-            self.ignore_eos,
-            self.priority,
-            self.deadline_s,
-        ]
-
-
-def prompt_wire(token_ids: list[int]) -> bytes | list[int]:
-    """A prompt's token ids as native int32 bytes (msgpack packs and unpacks them as one
-    blob instead of ~1,000 integers; the engine's loop reads them with ``array``); a list
-    when an id does not fit (the engine then refuses the request with a clear error)."""
-    try:
-        return array("i", token_ids).tobytes()
-    except (OverflowError, TypeError):
-        return token_ids
-
-
-def prompt_from_wire(data: bytes | list[int]) -> list[int]:
-    if isinstance(data, bytes):
-        ids = array("i")
-        ids.frombytes(data)
-        return ids.tolist()
-    return data
 
 
 # --- the host side --------------------------------------------------------------------------
@@ -135,7 +76,7 @@ class EngineProcess:
         options: dict[str, Any],
         *,
         torch_threads: int | None = None,
-        on_outputs: Callable[[list[Output], Capacity], None],
+        on_outputs: OnOutputs,
         on_fatal: Callable[[str], None],
         host_processes: int = 1,
     ) -> None:
@@ -154,19 +95,20 @@ class EngineProcess:
         self._flush_scheduled = False
         self._unsent = bytearray()
         self._writing = False  # add_writer is registered for the command pipe
-        self._ready: asyncio.Future[dict[str, Any]] | None = None
+        self._ready: asyncio.Future[Ready] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._dead = False
         self._pid: int | None = None
-        self.capacity = Capacity(0, 0, 0, 0, 0, 1)  # until the engine reports
+        self.capacity = NO_CAPACITY
         self.eos_token_ids: list[int] = []
+        self.max_model_len: int | None = None  # the engine's context length, once ready
 
     @classmethod
     def attach(
         cls,
         channel: HostChannel,
         *,
-        on_outputs: Callable[[list[Output], Capacity], None],
+        on_outputs: OnOutputs,
         on_fatal: Callable[[str], None],
     ) -> EngineProcess:
         """This host's side of an engine process another host started (``host_channels``)."""
@@ -197,20 +139,19 @@ class EngineProcess:
         self._ready = self._loop.create_future()
         self._loop.add_reader(self._out_recv.fileno(), self._on_readable)
         try:
-            info = await asyncio.wait_for(asyncio.shield(self._ready), timeout_s)
+            ready = await asyncio.wait_for(asyncio.shield(self._ready), timeout_s)
         except BaseException:
             await self.stop(timeout_s=1.0)
             raise
-        self.eos_token_ids = [int(t) for t in info["eos_token_ids"]]
-        self.capacity = Capacity(*info["capacity"])
-        self._pid = int(info["pid"])
+        self.eos_token_ids = ready.eos_token_ids
+        self.max_model_len = ready.max_model_len
+        self.capacity = ready.capacity
+        self._pid = ready.pid
 
     def _spawn(self) -> None:
         ctx = mp.get_context("spawn")
         pipes = [(ctx.Pipe(duplex=False), ctx.Pipe(duplex=False))
                  for _ in range(self._host_processes)]  # fmt: skip
-        from workers.engine_loop import engine_main
-
         self._proc = ctx.Process(
             target=engine_main,
             args=([c[0] for c, _ in pipes], [o[1] for _, o in pipes], *self._spec),
@@ -251,13 +192,13 @@ class EngineProcess:
     def abort(self, request_ids: Sequence[str]) -> None:
         if request_ids:
             tag = self._tag
-            self._pending.extend([["abort", rid + tag] for rid in request_ids])
+            self._pending.extend([abort_command(rid, tag) for rid in request_ids])
             self._schedule_flush()
 
     async def stop(self, timeout_s: float = 10.0) -> None:
         """Ask the child to stop, wait for it, kill it if it does not. Attached (or with
         several hosts), ``stop`` says this host is done; the child stops once all are."""
-        self._pending.append(["stop"])
+        self._pending.append(stop_command())
         self._flush()
         if self._unsent and self._cmd_send is not None and not self._dead:
             # The rest, ``stop`` last, must arrive: a host pipe that closes without it
@@ -295,7 +236,7 @@ class EngineProcess:
         self._flush_scheduled = False
         if not self._pending or self._cmd_send is None or self._dead:
             return
-        data = msgpack.packb(self._pending, use_bin_type=True)
+        data = encode_commands(self._pending)
         self._pending = []
         # multiprocessing.Connection's framing: a big-endian int32 length (-1 + uint64 past
         # 2 GiB), then the bytes; the child reads it with recv_bytes.
@@ -332,32 +273,20 @@ class EngineProcess:
         assert self._out_recv is not None
         try:
             while self._out_recv.poll(0):
-                self._dispatch(msgpack.unpackb(self._out_recv.recv_bytes(), raw=False))
+                self._dispatch(read_message(self._out_recv.recv_bytes(), self._tag))
         except (EOFError, OSError):
             self._fail("the engine process exited unexpectedly")
 
-    def _dispatch(self, doc: list[Any]) -> None:
-        kind = doc[0]
-        if kind == "out":
-            self.capacity = Capacity(*doc[2])
-            if self._tag:  # several hosts: this host's ids come back tagged
-                cut = -len(self._tag)
-                outs = [Output(row[0][:cut], *row[1:]) for row in doc[1]]
-            else:
-                outs = [Output(*row) for row in doc[1]]
-            self._on_outputs(outs, self.capacity)
-        elif kind == "rej":
-            end = -len(self._tag) or None
-            outs = [Output(rid[:end], [], True, "error", 0, 0, error=msg) for rid, msg in doc[1]]
-            self._on_outputs(outs, self.capacity)
-        elif kind == "cap":
-            self.capacity = Capacity(*doc[1])
-            self._on_outputs([], self.capacity)
-        elif kind == "ready":
+    def _dispatch(self, message: EngineMessage) -> None:
+        if isinstance(message, Outputs):
+            if message.capacity is not None:
+                self.capacity = message.capacity
+            self._on_outputs(message.outputs, self.capacity)
+        elif isinstance(message, Ready):
             if self._ready is not None and not self._ready.done():
-                self._ready.set_result(doc[1])
-        elif kind == "fatal":
-            self._fail(f"engine failed: {doc[1]}")
+                self._ready.set_result(message)
+        elif isinstance(message, Fatal):
+            self._fail(f"engine failed: {message.message}")
 
     def _fail(self, message: str) -> None:
         if self._dead:

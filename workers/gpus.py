@@ -85,10 +85,12 @@ def child_env(settings: WorkerSettings, group: list[int], index: int) -> dict[st
     return env
 
 
-def run_per_gpu(settings: WorkerSettings, spec: str) -> int:
-    """Start and supervise one worker per GPU group; SIGTERM/SIGINT drain them all."""
+def run_per_gpu(settings: WorkerSettings, spec: str, command: list[str] | None = None) -> int:
+    """Start and supervise one worker per GPU group; SIGTERM/SIGINT drain them all.
+    ``command``: what each child runs (default ``python -m workers.cli worker``; the tests
+    run a small program there, since a CPU machine cannot start a worker on ``cuda:0``)."""
     groups = gpu_groups(spec, settings.tensor_parallel_size)
-    cmd = [sys.executable, "-m", "workers.cli", "worker"]
+    cmd = command or [sys.executable, "-m", "workers.cli", "worker"]
     envs = [child_env(settings, g, i) for i, g in enumerate(groups)]
     procs = [subprocess.Popen(cmd, env=env) for env in envs]
     restarts = [0] * len(procs)
@@ -106,8 +108,7 @@ def run_per_gpu(settings: WorkerSettings, spec: str) -> int:
     log.info("started %d workers on GPU groups %s", len(procs), groups)
     while True:
         codes = [p.poll() for p in procs]
-        if all(c is not None for c in codes):
-            return max(abs(c) for c in codes if c is not None)
+        # Restarts first: children that all crashed at once are restarted too, not the end.
         for i, code in enumerate(codes):
             if code not in (None, 0) and not stopping and restarts[i] < MAX_RESTARTS:
                 restarts[i] += 1
@@ -120,4 +121,7 @@ def run_per_gpu(settings: WorkerSettings, spec: str) -> int:
                 )
                 time.sleep(RESTART_DELAY_S)
                 procs[i] = subprocess.Popen(cmd, env=envs[i])
+                codes[i] = None
+        if all(c is not None for c in codes):
+            return max(abs(c) for c in codes if c is not None)
         time.sleep(0.2)

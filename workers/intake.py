@@ -7,67 +7,72 @@ Runs on the host's asyncio loop, never in the engine's. Per round:
 2. ``Lanes.pull`` reads that many (lanes in aging order); with all lanes empty, a blocking
    XREADGROUP waits for the next arrival.
 3. ``process``: decode + validate (a bad envelope → ``error`` result and ack; one without a
-   readable id → dead letter), drop cancelled (marker) and expired (``deadline_exceeded``)
+   readable id, or one that is not the entry its id was reserved for → dead letter), drop
+   cancelled (a marker with the request's cancel token) and expired (``deadline_exceeded``)
    requests, apply the chat template and tokenize in a worker thread, refuse prompts that
    could never fit, then hand the batch to the engine in one message.
 
 Entries claimed from dead workers and this consumer's own leftovers go through ``process``
-as well.
+as well, and so do entries Redis says this worker holds while it does not: a lost reply, or
+Redis restarted from data older than the worker's last writes (``reconcile``, every
+``reconcile_interval_s`` and at once after Redis comes back). While result writes cannot
+reach Redis, nothing new is pulled, so what waits to be written stays bounded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gpu_engine.sequence import SamplingParams, StructuredOutput
+from producer.connection import mget_any
+from producer.contract.codec import decode_envelope as decode
+from producer.contract.codec import salvage_request_id
+from producer.contract.codes import ErrorCode
+from producer.contract.envelope import Envelope
+from producer.contract.finalize import FinalHooks
+from producer.contract.keys import STREAM_FIELD, Keys
+from producer.contract.limits import DEFAULT_LIMITS, Limits
+from producer.contract.reservation import owner_digest, token_matches
 from producer.errors import ProtocolError
-from producer.keys import STREAM_FIELD, Keys
-from producer.protocol import (
-    DEFAULT_LIMITS,
-    Envelope,
-    ErrorCode,
-    Limits,
-    estimate_cost_tokens,
-    unpack_bounded,
-)
-from producer.protocol import decode_envelope as decode
 from workers.admission import Admission
 from workers.aggregator import Aggregator
+from workers.answer import AnswerParser, AnswerSpec
 from workers.detokenizer import ContextTexts, IncrementalDetokenizer, fast_decoder
-from workers.engine_process import AddCommand, EngineProcess
+from workers.engine_process import EngineProcess
+from workers.engine_wire import AddCommand
 from workers.lanes import Entry, Lanes
 from workers.metrics import Metrics
-from workers.prompts import PromptBuilder
-from workers.request import InflightRequest
+from workers.prompts import PromptBuilder, PromptError
+from workers.request import ChoiceState, InflightRequest, choice_engine_id
 from workers.results import ResultWriter
+from workers.resume import AnswerPoint, ResumePoint, read_resume_points
 
 log = logging.getLogger(__name__)
 
-_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
 RECENT_CANCELS = 10_000
-# Text the piece cache does not know is tokenized on the loop up to this size (a thread hop,
-# ~0.1 ms and more while the loop is busy, costs more than the work); more goes to the
-# tokenizer thread so results keep flowing meanwhile. A shared system prompt is cached, so
-# only new turns count.
+# Text the piece cache does not know is tokenized on the loop up to this size (below it, a
+# hop to the tokenizer thread costs more than the work, the more so while the loop is
+# busy); more goes to the tokenizer thread so results keep flowing meanwhile. A shared
+# system prompt is cached, so only new turns count.
 INLINE_TOKENIZE_MAX_CHARS = 4096
-# Bounded rounds let intake, engine and aggregator overlap instead of taking turns; 256 (was
-# 128) halves the Redis round trips per request, measured faster on the zero-cost bench.
+# Bounded rounds let intake, engine and aggregator overlap instead of taking turns, and are
+# large enough to keep the Redis round trips per request few (docs/benchmarks.md).
 MAX_PULL_PER_ROUND = 256
 RETRY_DELAY_S = 0.5
-SALVAGE_MAX_BYTES = 64 << 20
 MARKER_ATTEMPTS = 20
-OVERLAP_MARKERS_MIN = 16  # pulled entries from which the marker MGET goes out before tokenizing
 _FIELD = STREAM_FIELD.encode()
 
 
@@ -81,21 +86,9 @@ def being_cancelled() -> bool:
     return bool(cancelling is not None and cancelling())
 
 
-def salvage_request_id(payload: bytes | None, limits: Limits) -> str | None:
-    """The ``id`` of an envelope that failed validation, so its requester gets the error.
-
-    An over-limit payload is still parsed (up to SALVAGE_MAX_BYTES) just to read its id.
-    """
-    data = payload or b""
-    try:
-        obj = unpack_bounded(data, max(limits.max_payload_bytes, min(len(data), SALVAGE_MAX_BYTES)))
-    except ProtocolError:
-        return None
-    rid = obj.get("id") if isinstance(obj, dict) else None
-    return rid if isinstance(rid, str) and _ID_RE.match(rid) else None
-
-
 class Intake:
+    """Takes entries from one model's lanes as capacity allows and hands them to the engine."""
+
     def __init__(
         self,
         redis: Redis,
@@ -111,6 +104,7 @@ class Intake:
         *,
         aging_s: float,
         read_block_ms: int,
+        reconcile_interval_s: float = 5.0,
         limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.redis = redis
@@ -125,26 +119,32 @@ class Intake:
         self.metrics = metrics
         self.aging_s = aging_s
         self.read_block_ms = read_block_ms
+        self.reconcile_interval_s = reconcile_interval_s
         self.limits = limits
+        self._next_reconcile_s = time.monotonic() + reconcile_interval_s
         self.stopping = asyncio.Event()
-        self.recent_cancels: OrderedDict[str, None] = OrderedDict()
+        self.recent_cancels: OrderedDict[str, str] = OrderedDict()  # id → cancel token
         self._prefetch: asyncio.Future[list[Entry]] | None = None  # the next round's pull
         self._prefetch_count = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         self._decoder = fast_decoder(prompts.tokenizer)
         self._context_texts = ContextTexts(self._decoder)
         # Marker names per request are prefix + id (checked here, built by concatenation).
+        self._reservation_prefix = keys.reservation("")
         self._cancelled_prefix = keys.cancelled("")
         self._final_prefix = keys.final("")
-        assert keys.cancelled("x") == self._cancelled_prefix + "x"
-        assert keys.final("x") == self._final_prefix + "x"
+        if keys.partitions == 1:
+            assert keys.reservation("x") == self._reservation_prefix + "x"
+            assert keys.cancelled("x") == self._cancelled_prefix + "x"
+            assert keys.final("x") == self._final_prefix + "x"
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def note_cancel(self, request_id: str) -> None:
-        """Remember a cancel that may race with this request's intake."""
-        self.recent_cancels[request_id] = None
+    def note_cancel(self, request_id: str, token: str) -> None:
+        """Remember a cancel that may race with this request's intake (its token is checked
+        against the request's reservation there)."""
+        self.recent_cancels[request_id] = token
         while len(self.recent_cancels) > RECENT_CANCELS:
             self.recent_cancels.popitem(last=False)
 
@@ -153,6 +153,8 @@ class Intake:
         while not self.stopping.is_set():
             try:
                 await self._round()
+                if self._prefetch is None and time.monotonic() >= self._next_reconcile_s:
+                    await self.reconcile()
             except (RedisConnectionError, RedisTimeoutError) as err:
                 if being_cancelled():
                     raise asyncio.CancelledError from err
@@ -165,7 +167,9 @@ class Intake:
                 await asyncio.sleep(RETRY_DELAY_S)
                 with contextlib.suppress(RedisConnectionError, RedisTimeoutError):
                     await self.recover_delivered()
+                self._next_reconcile_s = 0.0  # and whatever else Redis came back with
         entries = await self._settle_prefetch()
+        await self.lanes.close()
         if entries:
             await self.process(entries)
 
@@ -177,6 +181,11 @@ class Intake:
         if self._prefetch is not None:
             entries = await self._settle_prefetch()
             full = len(entries) >= self._prefetch_count
+        elif self.writer.failing:
+            # Redis is away for writes: take nothing new (what waits to be written stays
+            # what this worker held); the aggregator retries the writes meanwhile.
+            await asyncio.sleep(RETRY_DELAY_S)
+            return
         else:
             n = self.admission.pull_count()
             if n == 0:
@@ -208,55 +217,113 @@ class Intake:
                 self._prefetch = asyncio.ensure_future(self.lanes.pull(n_next))
         await self.process(entries)
 
+    def held(self) -> set[tuple[str, str]]:
+        """(lane, entry id) of every entry this worker holds: admitted (and their
+        duplicates), or answered with the final not written yet."""
+        admitted = self.admission.admitted.values()
+        held = {(r.entry.stream, r.entry.entry_id) for r in admitted}
+        held |= {(d.stream, d.entry_id) for r in admitted for d in r.duplicates}
+        return held | self.writer.held_entries()
+
     async def recover_delivered(self) -> None:
         """Process entries pending on this consumer that this worker does not hold."""
-        held = {(r.entry.stream, r.entry.entry_id) for r in self.admission.admitted.values()}
-        held |= {(d.stream, d.entry_id) for r in self.admission.admitted.values()
-                 for d in r.duplicates}  # fmt: skip
+        held = self.held()
         lost = [e for e in await self.lanes.delivered() if (e.stream, e.entry_id) not in held]
         if lost:
             log.warning("intake: recovering %d delivered entries", len(lost))
             await self.process(lost)
 
+    async def reconcile(self) -> int:
+        """Re-handle what Redis says this worker holds but it does not (idle at least one
+        ``reconcile_interval_s``: entries on their way in are spared); returns how many."""
+        self._next_reconcile_s = time.monotonic() + self.reconcile_interval_s
+        lost = await self.lanes.stale(int(self.reconcile_interval_s * 1000), self.held())
+        if lost:
+            log.warning("intake: %d entries pending on this worker were not held; re-handling",
+                        len(lost))  # fmt: skip
+            self.metrics.reconciled += len(lost)
+            await self.process(lost)
+        return len(lost)
+
     async def process(self, entries: Sequence[Entry]) -> None:
+        """Check each entry against its id's reservation (one MGET with the cancel and
+        final markers), answer or park what cannot run, hand the rest to the engine."""
+        read = [self._read(e) for e in entries]
+        marks = await self._markers([rid for _, _, rid, _ in read if rid is not None])
         candidates: list[tuple[Entry, Envelope]] = []
-        for e in entries:
-            c = self._decode(e)
-            if c is not None:
-                candidates.append(c)
+        flags: list[tuple[bool, bool]] = []
+        digests: dict[str, str] = {}
+        k = 0
+        for entry, env, rid, err in read:
+            if rid is None:
+                self.writer.dead_letter(entry, f"undecodable envelope: {err}")
+                self.metrics.dead_lettered += 1
+                continue
+            reservation, cancel_token, final = marks[3 * k : 3 * k + 3]
+            k += 1
+            digest = owner_digest(reservation, entry.stream, entry.entry_id)
+            if digest is None:
+                # Not the entry ENQUEUE reserved this id for (queued with raw commands, or
+                # a copy of someone else's id): answering it would answer that request.
+                self.writer.dead_letter(entry, "not the entry its request id was reserved for")
+                self.metrics.dead_lettered += 1
+                continue
+            if env is None:
+                assert err is not None
+                self.writer.error(entry, rid, err.code, str(err))
+                self.metrics.count_error(err.code)
+                continue
+            if self._take(entry, env):
+                candidates.append((entry, env))
+                digests[env.id] = digest
+                flags.append((token_matches(cancel_token, digest), final is not None))
         if candidates:
-            envs = [env for _, env in candidates]
-            markers = asyncio.ensure_future(self._markers(envs))
-            try:
-                if len(envs) >= OVERLAP_MARKERS_MIN:
-                    # A big batch (a backlog): let the marker MGET go out first, its round
-                    # trip hidden behind the tokenizing. A small one (calm) does not yield
-                    # here: the loop's other callbacks would run first, on its latency.
-                    await asyncio.sleep(0)
-                self._admit(candidates, await self._tokenize(envs))
-                # Markers after admission, off a request's path to the engine: a request
-                # cancelled while queued, or answered already (by a worker that died before
-                # acking), is withdrawn from the engine at once, milliseconds before its
-                # first step could report anything.
-                flags = await markers
-            finally:
-                markers.cancel()
-            admitted, aggregator = self.admission.admitted, self.aggregator
-            for i, (entry, env) in enumerate(candidates):
-                cancelled, answered = flags[2 * i], flags[2 * i + 1]
-                if not (cancelled or answered):
-                    continue
-                req = admitted.get(env.id)
-                # Not admitted from this entry: refused (its error's FINALIZE only acks when
-                # a final exists) or a duplicate (acked with the original's final).
-                if req is not None and req.entry is entry:
-                    if answered:
-                        aggregator.withdraw(env.id)
-                    else:
-                        aggregator.cancel(env.id)
+            points = await self._resume_points(candidates)
+            tokens, specs = await self._tokenize([e for _, e in candidates])
+            self._admit(candidates, tokens, specs, digests, points)
+            self._withdraw_marked(candidates, flags)
         await self.writer.flush()
 
-    async def _tokenize(self, envs: list[Envelope]) -> list[list[int] | Exception]:
+    def _withdraw_marked(
+        self, candidates: list[tuple[Entry, Envelope]], flags: list[tuple[bool, bool]]
+    ) -> None:
+        """A request cancelled while queued, or answered already (by a worker that died
+        before acking), is withdrawn from the engine at once, before its first step could
+        report anything."""
+        admitted, aggregator = self.admission.admitted, self.aggregator
+        for (entry, env), (cancelled, answered) in zip(candidates, flags, strict=True):
+            if not (cancelled or answered):
+                continue
+            req = admitted.get(env.id)
+            # Not admitted from this entry: refused (its error's FINALIZE only acks when
+            # a final exists) or a duplicate (acked with the original's final).
+            if req is not None and req.entry is entry:
+                if answered:
+                    aggregator.withdraw(env.id)
+                else:
+                    aggregator.cancel(env.id)
+
+    async def _resume_points(
+        self, candidates: list[tuple[Entry, Envelope]]
+    ) -> dict[str, ResumePoint]:
+        """Half-finished answers among redelivered streaming requests (a fresh entry has
+        none to look for), retried like the markers: these entries are ours now."""
+        ids = [env.id for entry, env in candidates if env.stream and entry.redelivered]
+        if not ids:
+            return {}
+        logprobs = {env.id for _, env in candidates if env.params.logprobs is not None}
+        for attempt in range(MARKER_ATTEMPTS):
+            try:
+                return await read_resume_points(self.redis, self.keys, ids, logprobs)
+            except (RedisConnectionError, RedisTimeoutError):
+                if attempt == MARKER_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(RETRY_DELAY_S * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    async def _tokenize(
+        self, envs: list[Envelope]
+    ) -> tuple[list[list[int] | Exception], list[AnswerSpec | None]]:
         """Chat template + piece split on the loop (Python); the tokenizer's Rust work on
         text it has not seen inline when small (a thread hop costs more), else in the
         tokenizer thread, which holds no GIL meanwhile."""
@@ -265,38 +332,47 @@ class Intake:
             prepared.encode()
         else:
             await asyncio.get_running_loop().run_in_executor(self._pool, prepared.encode)
-        return prepared.token_ids()
+        specs: list[AnswerSpec | None] = prepared.specs
+        return prepared.token_ids(), specs
 
-    async def _markers(self, envs: list[Envelope]) -> list[Any]:
-        """[cancelled, answered] per request (one MGET), retried: these entries are ours now."""
-        cancelled, final = self._cancelled_prefix, self._final_prefix
+    async def _markers(self, request_ids: list[str]) -> list[Any]:
+        """[reservation, cancel marker, final marker] per request id (one MGET), retried:
+        these entries are ours now."""
+        if not request_ids:
+            return []
         keys: list[str] = []
-        for env in envs:
-            rid = env.id
-            keys += (cancelled + rid, final + rid)
+        if self.keys.partitions == 1:  # names are prefix + id (checked in __init__)
+            reservation, cancelled, final = self._reservation_prefix, self._cancelled_prefix, (
+                self._final_prefix)  # fmt: skip
+            for rid in request_ids:
+                keys += (reservation + rid, cancelled + rid, final + rid)
+        else:
+            for rid in request_ids:
+                keys += (self.keys.reservation(rid), self.keys.cancelled(rid), self.keys.final(rid))
         for attempt in range(MARKER_ATTEMPTS):
             try:
-                values: list[Any] = await self.redis.mget(keys)
-                return [v is not None for v in values]
+                values: list[Any] = await mget_any(self.redis, keys)
+                return values
             except (RedisConnectionError, RedisTimeoutError):
                 if attempt == MARKER_ATTEMPTS - 1:
                     raise
                 await asyncio.sleep(RETRY_DELAY_S * (attempt + 1))
         raise AssertionError("unreachable")
 
-    def _decode(self, entry: Entry) -> tuple[Entry, Envelope] | None:
+    def _read(
+        self, entry: Entry
+    ) -> tuple[Entry, Envelope | None, str | None, ProtocolError | None]:
+        """The entry's envelope, or the error it failed with and the id salvaged from it."""
         payload = entry.fields.get(_FIELD)
         try:
             env = decode(payload, self.limits)
         except ProtocolError as err:
-            rid = salvage_request_id(payload, self.limits)
-            if rid is None:
-                self.writer.dead_letter(entry, f"undecodable envelope: {err}")
-                self.metrics.dead_lettered += 1
-            else:
-                self.writer.error(entry, rid, err.code, str(err), 0)
-                self.metrics.count_error(err.code)
-            return None
+            return entry, None, salvage_request_id(payload, self.limits), err
+        return entry, env, env.id, None
+
+    def _take(self, entry: Entry, env: Envelope) -> bool:
+        """False for an entry answered here and now (another model's) or held as a second
+        entry of a request this worker runs (acked with its final)."""
         if env.model != self.model:
             self._reject(
                 entry,
@@ -304,91 +380,190 @@ class Intake:
                 ErrorCode.MODEL_NOT_FOUND,
                 f"this lane serves {self.model!r}, not {env.model!r}",
             )
-            return None
+            return False
         held = self.admission.admitted.get(env.id)
         if held is not None:  # the same request queued twice: answer once, ack both
             held.duplicates.append(entry)
-            return None
-        return entry, env
+            return False
+        return True
 
     def _reject(self, entry: Entry, env: Envelope, code: ErrorCode, message: str) -> None:
-        self.writer.error(entry, env.id, code.value, message, estimate_cost_tokens(env))
+        # Its charge goes back to the backlog ENQUEUE charged: its own model's.
+        self.writer.error(
+            entry, env.id, code.value, message, model=env.model, hooks=FinalHooks.of(env)
+        )
+        if env.tenant is not None:
+            self.metrics.tenant_errors[env.tenant] += 1
         self.metrics.count_error(code.value)
 
     def _admit(
-        self, ready: list[tuple[Entry, Envelope]], token_ids: list[list[int] | Exception]
+        self,
+        ready: list[tuple[Entry, Envelope]],
+        token_ids: list[list[int] | Exception],
+        specs: list[AnswerSpec | None],
+        digests: dict[str, str],
+        points: dict[str, ResumePoint],
     ) -> None:
+        """Refuse what cannot run, register the rest and hand it to the engine at once."""
         now_s = time.time()
         now_ms = int(now_s * 1000)
-        admission = self.admission
-        admitted = admission.admitted
-        recent_cancels = self.recent_cancels
-        decoder, context_texts = self._decoder, self._context_texts
-        aging_s = self.aging_s
         commands: list[AddCommand] = []
-        for (entry, env), ids in zip(ready, token_ids, strict=True):
-            rid = env.id
-            if rid in recent_cancels:  # cancelled since it was pulled
-                self._reject(entry, env, ErrorCode.CANCELLED, "cancelled by the requester")
+        for (entry, env), ids, spec in zip(ready, token_ids, specs, strict=True):
+            digest = digests[env.id]
+            refusal = self._refusal(env, ids, now_ms, digest)
+            if refusal is not None:
+                self._reject(entry, env, *refusal)
                 continue
-            if env.deadline_ms is not None and env.expired(now_ms):
-                self._reject(
-                    entry,
-                    env,
-                    ErrorCode.DEADLINE_EXCEEDED,
-                    "the deadline passed while the request was queued",
-                )
-                continue
-            if isinstance(ids, Exception):
-                self._reject(
-                    entry,
-                    env,
-                    ErrorCode.INVALID_REQUEST,
-                    f"the chat template rejected the messages: {ids}",
-                )
-                continue
-            p = env.params
-            max_tokens = p.max_tokens
-            if not ids or not admission.fits_alone(len(ids), max_tokens):
-                self._reject(
-                    entry,
-                    env,
-                    ErrorCode.PROMPT_TOO_LONG,
-                    f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds "
-                    f"this worker's KV cache ({admission.capacity.total_kv_tokens}"
-                    " tokens)",
-                )
-                continue
-            held = admitted.get(rid)
-            if held is not None:
-                held.duplicates.append(entry)
-                continue
-            level = entry.level(aging_s, now_ms)
-            req = InflightRequest(
-                env=env,
-                entry=entry,
-                prompt_ids=ids,
-                cost_tokens=admission.cost_tokens(len(ids), max_tokens),
-                backlog_cost_tokens=estimate_cost_tokens(env),
-                level=level,
-                detok=IncrementalDetokenizer(decoder, ids, p.stop, context_texts),
-                pulled_s=now_s,
-                submitted_s=now_s,
-            )
-            admission.admit(req)
-            commands.append(
-                AddCommand(
-                    request_id=rid,
-                    prompt_token_ids=ids,
-                    max_tokens=max_tokens,
-                    temperature=p.temperature,
-                    top_p=p.top_p,
-                    top_k=p.top_k,
-                    seed=p.seed,
-                    ignore_eos=p.ignore_eos,
-                    priority=level,
-                    deadline_s=None if env.deadline_ms is None else env.deadline_ms / 1000.0,
-                )
-            )
+            assert not isinstance(ids, Exception)
+            # A request whose answer is split (reasoning, tool calls) starts over rather
+            # than resuming: its chunks hold the parts, not the raw text to go on from.
+            point = points.get(env.id) if spec is None else None
+            commands += self._register(entry, env, ids, spec, now_s, now_ms, digest, point)
         self.engine.add(commands)
         self.metrics.admitted += len(commands)
+
+    def _refusal(
+        self, env: Envelope, ids: list[int] | Exception, now_ms: int, digest: str
+    ) -> tuple[ErrorCode, str] | None:
+        """Why this request cannot run (cancelled, expired, unrenderable, too long), or None."""
+        if token_matches(self.recent_cancels.get(env.id), digest):  # cancelled since pulled
+            return ErrorCode.CANCELLED, "cancelled by the requester"
+        if env.deadline_ms is not None and env.expired(now_ms):
+            return ErrorCode.DEADLINE_EXCEEDED, "the deadline passed while the request was queued"
+        if isinstance(ids, PromptError):
+            return ErrorCode.INVALID_REQUEST, str(ids)
+        if isinstance(ids, Exception):
+            return ErrorCode.INVALID_REQUEST, f"the chat template rejected the messages: {ids}"
+        max_tokens, n = env.params.max_tokens, env.params.n
+        admission = self.admission
+        if not ids or not admission.fits_alone(len(ids), n * max_tokens):
+            answers = f"{n} x max_tokens ({max_tokens})" if n > 1 else f"max_tokens ({max_tokens})"
+            return ErrorCode.PROMPT_TOO_LONG, (
+                f"prompt ({len(ids)} tokens) + {answers} exceeds this "
+                f"worker's KV cache ({admission.capacity.total_kv_tokens} tokens)"
+            )
+        return None
+
+    def _register(
+        self,
+        entry: Entry,
+        env: Envelope,
+        ids: list[int],
+        spec: AnswerSpec | None,
+        now_s: float,
+        now_ms: int,
+        digest: str,
+        point: ResumePoint | None = None,
+    ) -> list[AddCommand]:
+        """Admit the request and return its engine commands; none for a second entry of a
+        request held already (acked with its final), or for a resumed request that had
+        nothing left to generate (answered at once)."""
+        admission = self.admission
+        held = admission.admitted.get(env.id)
+        if held is not None:
+            held.duplicates.append(entry)
+            return []
+        p = env.params
+        if spec is not None and spec.grammar is not None:  # a forced tool call
+            p = dataclasses.replace(p, structured=StructuredOutput("grammar", spec.grammar))
+        level = entry.level(self.aging_s, now_ms)
+        req = InflightRequest(
+            env=env,
+            entry=entry,
+            prompt_ids=ids,
+            cost_tokens=admission.cost_tokens(len(ids), p.max_tokens, p.n),
+            level=level,
+            detok=IncrementalDetokenizer(self._decoder, ids, p.stop, self._context_texts),
+            pulled_s=now_s,
+            submitted_s=now_s,
+            answer=None if spec is None else AnswerParser(spec),
+            cancel_digest=digest,
+            logprobs=None if p.logprobs is None else [],
+        )
+        admission.admit(req)
+        deadline_unix_s = None if env.deadline_ms is None else env.deadline_ms / 1000
+        params = p if p.n == 1 else self._answers(req, spec, p, level, deadline_unix_s)
+        command = AddCommand(env.id, ids, params, level, deadline_unix_s)
+        return [command] if point is None else self._resumed(req, point, command)
+
+    def _answers(
+        self,
+        req: InflightRequest,
+        spec: AnswerSpec | None,
+        p: SamplingParams,
+        level: int,
+        deadline_unix_s: float | None,
+    ) -> SamplingParams:
+        """An n > 1 request's answers 1..n-1 (their state, and their engine commands, sent
+        once answer 0's prefill has run) and answer 0's own parameters. Each answer is one
+        engine sequence with its own seed (seed + k), as ``LLM.generate`` runs n."""
+        ids = req.prompt_ids
+        for k in range(1, p.n):
+            req.siblings.append(
+                ChoiceState(
+                    k,
+                    IncrementalDetokenizer(self._decoder, ids, p.stop, self._context_texts),
+                    answer=None if spec is None else AnswerParser(spec),
+                    logprobs=None if p.logprobs is None else [],
+                )
+            )
+            seed = None if p.seed is None else (p.seed + k) % 2**63
+            engine_id = choice_engine_id(req.request_id, k)
+            params = replace(p, n=1, seed=seed)
+            req.waiting_siblings.append(AddCommand(engine_id, ids, params, level, deadline_unix_s))
+        return replace(p, n=1)
+
+    def _resumed(
+        self, req: InflightRequest, point: ResumePoint, first: AddCommand
+    ) -> list[AddCommand]:
+        """Take over a half-finished request (:mod:`workers.resume`): each answer's tokens
+        in the chunks as generated already, chunk indexes on from theirs. An answer with
+        nothing left to generate ends at once; the others' commands go on from their
+        tokens (answers 1..n-1 still after answer 0's prefill, when it runs)."""
+        self.metrics.resumed += 1
+        req.first_chunk_index = point.next_index
+        req.resumed_tokens = len(point.token_ids)
+        log.info("intake: resuming %s after %d tokens (%d chunks)", req.request_id,
+                 len(point.token_ids), point.next_index)  # fmt: skip
+        answers: list[InflightRequest | ChoiceState] = [req, *req.siblings]
+        commands: list[AddCommand] = []
+        for answer, command in zip(answers, [first, *req.waiting_siblings], strict=True):
+            done = point.answer(answer.choice_index)
+            reason = self._resume_answer(req, answer, done)
+            if reason is not None:
+                self.aggregator.end_now(req, answer, reason)
+            else:
+                commands.append(_continued(command, done.token_ids))
+        req.waiting_siblings = []
+        if req.final is None and len(commands) > 1:
+            req.waiting_siblings = commands[1:]
+            return commands[:1]
+        return commands
+
+    def _resume_answer(
+        self, req: InflightRequest, answer: InflightRequest | ChoiceState, point: AnswerPoint
+    ) -> str | None:
+        """Put an answer's chunks into its state: its finish reason when nothing is left
+        to generate (a stop string or end of sequence among them, or all of
+        ``max_tokens``), else None."""
+        if answer.logprobs is not None:
+            answer.logprobs += point.logprobs
+        p = req.env.params
+        if answer.detok.resume(point.token_ids, len(point.text)):
+            return "stop"
+        last = point.token_ids[-1] if point.token_ids else None
+        if last is not None and not p.ignore_eos and last in self.engine.eos_token_ids:
+            return "stop"
+        if len(point.token_ids) >= p.max_tokens:
+            return "length"
+        return None
+
+
+def _continued(command: AddCommand, generated: list[int]) -> AddCommand:
+    """``command`` going on after the tokens an answer generated already (prefilled with
+    the prompt; a grammar and the penalties count them as generated)."""
+    if not generated:
+        return command
+    p = command.params
+    params = replace(p, max_tokens=p.max_tokens - len(generated), num_resumed_tokens=len(generated))
+    return replace(command, prompt_token_ids=command.prompt_token_ids + generated, params=params)

@@ -7,8 +7,16 @@ oldest high request outranks it: the extra wait of any lane is bounded and low n
 starves, while fresh work still goes high → normal → low. The age comes from the entry id
 (Redis server milliseconds at XADD), so clocks of producers and workers do not matter.
 
-The choice and the reads happen in one Lua call (XREADGROUP without BLOCK is allowed in
-scripts); only when every lane is empty does the worker block on a plain XREADGROUP.
+The choice and the reads happen in one Lua call (PULL, ``producer/contract/lua/pull.lua``);
+only when every lane is empty does the worker block on a plain XREADGROUP.
+
+A queue split into partitions (``Keys.partitions``; one Redis Cluster slot each) has the
+three lanes in every partition, and one PULL reads one partition. A pull of ``n`` entries
+gives each partition an equal share (the first one a rotating start, so none is always
+last), then what some left unused to the others in the same order: priorities and aging
+hold within each partition, and as request ids spread evenly over the partitions each holds
+the same mix. Waiting blocks on every partition at once (one XREADGROUP per partition; an
+answer that comes after the wait returned is taken by the next pull or wait).
 """
 
 from __future__ import annotations
@@ -16,82 +24,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from asyncio import FIRST_COMPLETED
 from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from producer.keys import GROUP, PRIORITIES, STREAM_FIELD, Keys
-from producer.protocol import decode_envelope
+from producer.contract.codec import decode_envelope
+from producer.contract.finalize import charged_cost, requeue_call
+from producer.contract.keys import GROUP, PRIORITIES, RESUME_FIELD, STREAM_FIELD, Keys
+from producer.contract.scripts import PULL, REQUEUE
 
 log = logging.getLogger(__name__)
 
 LEVELS: dict[str, int] = {"high": 2, "normal": 1, "low": 0}
-
-# KEYS: lanes, highest first. ARGV: 1 group, 2 consumer, 3 count, 4 aging ms.
-# Returns {missing, {lane index (1-based), entry id, {field, value, ...}}, ...};
-# missing = 1 when a lane or its group does not exist (the worker re-creates groups).
-PULL = """
-local group, consumer = ARGV[1], ARGV[2]
-local want, aging = tonumber(ARGV[3]), tonumber(ARGV[4])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local missing = 0
-local order = {}
-for i, key in ipairs(KEYS) do
-  local ok, groups = pcall(redis.call, 'XINFO', 'GROUPS', key)
-  local last = nil
-  if ok then
-    for _, g in ipairs(groups) do
-      for j = 1, #g, 2 do
-        if g[j] == 'name' and g[j + 1] == group then
-          for k = 1, #g, 2 do
-            if g[k] == 'last-delivered-id' then last = g[k + 1] end
-          end
-        end
-      end
-    end
-  end
-  if last == nil then
-    missing = 1
-  else
-    local nxt = redis.call('XRANGE', key, '(' .. last, '+', 'COUNT', 1)
-    if #nxt > 0 then
-      local ms = tonumber(string.match(nxt[1][1], '^(%d+)'))
-      local level = #KEYS - i
-      order[#order + 1] = {i, level + math.max(0, now - ms) / aging}
-    end
-  end
-end
-table.sort(order, function(a, b) return a[2] > b[2] end)
-local out = {missing}
-for _, lane in ipairs(order) do
-  if want <= 0 then break end
-  local res = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', want,
-                         'STREAMS', KEYS[lane[1]], '>')
-  if res then
-    for _, e in ipairs(res[1][2]) do
-      out[#out + 1] = {lane[1], e[1], e[2]}
-      want = want - 1
-    end
-  end
-end
-return out
-"""
-
-# Hand an entry this worker holds back to the end of its lane (graceful shutdown):
-# KEYS 1 lane, 2 final marker; ARGV 1 group, 2 entry id, 3 consumer, 4 field, 5 payload.
-# Returns 1 requeued, 0 already answered (just acked), -1 not pending on this consumer
-# (another worker claimed it: leave it alone).
-REQUEUE = """
-local mine = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1, ARGV[3])
-if #mine == 0 then return -1 end
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
-if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-redis.call('XADD', KEYS[1], '*', ARGV[4], ARGV[5])
-return 1
-"""
+_RESUME = RESUME_FIELD.encode()
 
 
 class Entry(NamedTuple):
@@ -102,6 +49,17 @@ class Entry(NamedTuple):
     fields: dict[bytes, bytes]
     priority: str  # the lane's name
     delivery_count: int = 1
+
+    @property
+    def cost_tokens(self) -> int:
+        """The backlog cost ENQUEUE charged for this entry (given back when it is acked)."""
+        return charged_cost(self.fields)
+
+    @property
+    def redelivered(self) -> bool:
+        """Delivered before (claimed, taken back, or requeued): its request may have a
+        half-finished answer to resume."""
+        return self.delivery_count > 1 or _RESUME in self.fields
 
     @property
     def enqueued_ms(self) -> int:
@@ -150,10 +108,17 @@ class Lanes:
         self.model = model
         self.consumer = consumer
         self.aging_ms = max(1, int(aging_s * 1000))
-        self.streams = keys.request_lanes(model)
-        self.priority_of = dict(zip(self.streams, PRIORITIES, strict=True))
+        self.partitions = [keys.request_lanes(model, p) for p in keys.all_partitions()]
+        self.streams = [stream for lanes in self.partitions for stream in lanes]
+        self.priority_of = {
+            stream: priority
+            for lanes in self.partitions
+            for stream, priority in zip(lanes, PRIORITIES, strict=True)
+        }
         self._pull = redis.register_script(PULL)
         self._requeue = redis.register_script(REQUEUE)
+        self._next_first = 0  # the partition a pull serves first (rotates)
+        self._waits: dict[int, asyncio.Future[list[Entry]]] = {}  # partition → its XREADGROUP
 
     async def ensure_groups(self) -> None:
         """Create the group on every lane at id 0 (entries queued before any worker count)."""
@@ -165,24 +130,81 @@ class Lanes:
                     raise
 
     async def pull(self, count: int) -> list[Entry]:
-        """Up to ``count`` new entries, lanes in aging order; never blocks."""
+        """Up to ``count`` new entries, lanes in aging order, partitions fairly (module doc);
+        never blocks. Entries a finished wait brought come first."""
+        out = self._harvest()
+        want = count - len(out)
+        if want <= 0:
+            return out
+        n = len(self.partitions)
+        order = [(self._next_first + i) % n for i in range(n)]
+        self._next_first = (self._next_first + 1) % n
+        shares = [want // n + (i < want % n) for i in range(n)]
+        got = await asyncio.gather(
+            *(self._pull_one(p, k) for p, k in zip(order, shares, strict=True))
+        )
+        for part in got:
+            out += part
+        left = count - len(out)
+        # What partitions with less work left unused goes to those that filled their share
+        # (or had none: a count smaller than the partitions).
+        for p, share, part in zip(order, shares, got, strict=True):
+            if left <= 0:
+                break
+            if len(part) >= share:
+                more = await self._pull_one(p, left)
+                out += more
+                left -= len(more)
+        return out
+
+    async def _pull_one(self, partition: int, count: int) -> list[Entry]:
+        """PULL from one partition's lanes."""
         if count <= 0:
             return []
-        res = await self._pull(keys=self.streams, args=[GROUP, self.consumer, count, self.aging_ms])
+        streams = self.partitions[partition]
+        res = await self._pull(keys=streams, args=[GROUP, self.consumer, count, self.aging_ms])
         if int(res[0]) == 1:
             await self.ensure_groups()
-        lanes = [(stream, self.priority_of[stream]) for stream in self.streams]
         out = []
         for lane_index, entry_id, flat in res[1:]:
-            stream, priority = lanes[int(lane_index) - 1]
-            out.append(Entry(stream, _s(entry_id), _fields(flat), priority))
+            stream = streams[int(lane_index) - 1]
+            out.append(Entry(stream, _s(entry_id), _fields(flat), self.priority_of[stream]))
         return out
 
     async def wait(self, block_ms: int) -> list[Entry]:
         """Block until any lane has a new entry (≤ one per lane is delivered), or time out."""
+        if len(self.partitions) == 1:
+            return await self._wait_one(0, block_ms)
+        for p in range(len(self.partitions)):
+            if p not in self._waits:
+                self._waits[p] = asyncio.ensure_future(self._wait_one(p, block_ms))
+        await asyncio.wait(
+            list(self._waits.values()), timeout=block_ms / 1000, return_when=FIRST_COMPLETED
+        )
+        return self._harvest()
+
+    def _harvest(self) -> list[Entry]:
+        """The entries of the partitions' waits that have ended (raising what one raised)."""
+        out: list[Entry] = []
+        for p, task in list(self._waits.items()):
+            if task.done():
+                del self._waits[p]
+                out += task.result()
+        return out
+
+    async def close(self) -> None:
+        """Stop the waits in flight (an entry one was delivered stays pending on this
+        consumer: reconcile or a peer's reclaim takes it up)."""
+        for task in self._waits.values():
+            task.cancel()
+        await asyncio.gather(*self._waits.values(), return_exceptions=True)
+        self._waits.clear()
+
+    async def _wait_one(self, partition: int, block_ms: int) -> list[Entry]:
+        streams = self.partitions[partition]
         try:
             res: Any = await self.redis.xreadgroup(
-                GROUP, self.consumer, dict.fromkeys(self.streams, ">"), count=1, block=block_ms
+                GROUP, self.consumer, dict.fromkeys(streams, ">"), count=1, block=block_ms
             )
         except ResponseError as err:
             # NOGROUP, or UNBLOCKED: the stream was deleted while we waited (FLUSHALL, DEL).
@@ -202,7 +224,35 @@ class Lanes:
                 )
             except ResponseError:
                 continue
-            out += [e for e in self._entries(res) if e.fields]  # deleted ones have no fields
+            # Deleted ones have no fields. Re-reading the pending list delivers again (the
+            # count went up): marked so, intake looks for a half-finished answer to resume.
+            out += [e._replace(delivery_count=2) for e in self._entries(res) if e.fields]
+        return out
+
+    async def stale(self, min_idle_ms: int, held: set[tuple[str, str]]) -> list[Entry]:
+        """Entries pending on this consumer, idle at least ``min_idle_ms``, that are not in
+        ``held`` (lane, entry id): claimed again (XCLAIM to itself: the delivery count goes
+        up, so one that keeps failing still ends as a dead letter) for intake to re-handle.
+        The idle bound spares entries on their way in (a pull whose reply is not processed
+        yet) and is atomic: one touched meanwhile is not claimed."""
+        out: list[Entry] = []
+        for stream in self.streams:
+            try:
+                rows = await self.redis.xpending_range(
+                    stream, GROUP, "-", "+", 1000, consumername=self.consumer, idle=min_idle_ms
+                )
+            except ResponseError:
+                continue  # no lane or group (yet): nothing pending
+            counts = {_s(r["message_id"]): int(r["times_delivered"]) for r in rows}
+            ids: list[Any] = [i for i in counts if (stream, i) not in held]
+            if not ids:
+                continue
+            claimed: Any = await self.redis.xclaim(stream, GROUP, self.consumer, min_idle_ms, ids)
+            priority = self.priority_of[stream]
+            for entry_id, flat in claimed or []:
+                if flat:  # an entry deleted from the stream has no fields: nothing to do
+                    eid = _s(entry_id)
+                    out.append(Entry(stream, eid, _fields(flat), priority, counts[eid] + 1))
         return out
 
     def _entries(self, res: Any) -> list[Entry]:
@@ -219,12 +269,13 @@ class Lanes:
         for e in entries:
             payload = e.fields.get(STREAM_FIELD.encode(), b"")
             try:
-                final_key = self.keys.final(decode_envelope(payload).id)
+                request_id = decode_envelope(payload).id
             except Exception:  # undecodable: no request id; requeue it, intake dead-letters it
-                final_key = self.keys.final("-")
-            res = await self._requeue(
-                keys=[e.stream, final_key],
-                args=[GROUP, e.entry_id, self.consumer, STREAM_FIELD, payload],
-            )
+                request_id = "-"
+            keys, args = requeue_call(
+                self.keys, self.model, request_id, e.stream, e.entry_id, self.consumer, payload,
+                e.cost_tokens,
+            )  # fmt: skip
+            res = await self._requeue(keys=keys, args=args)
             n += int(res) == 1
         return n

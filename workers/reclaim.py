@@ -1,14 +1,22 @@
 """Heartbeats, reclaiming a dead worker's pending entries, and dead letters.
 
-Every worker beats ``chatq:hb:<name>`` (TTL ``HEARTBEAT_TTL_S``); its consumer name in group
-``workers`` is the same ``<name>``. A consumer whose heartbeat key is gone is dead: the live
+Every worker beats ``chatq:hb:{q<p>}:<name>`` in every partition (TTL ``HEARTBEAT_TTL_S``);
+its consumer name in group ``workers`` is the same ``<name>``. A consumer whose heartbeat
+key is gone is dead: the live
 workers' :meth:`Reclaimer.reclaim` moves its pending entries to themselves at once, with no
 idle wait, through one Lua call per consumer that re-checks the heartbeat, so a live (even
 very slow) worker never loses an entry, and two reclaimers never both get one entry. An entry
 delivered more than ``max_deliveries`` times (it keeps killing workers) is not handed out
-again: it goes to ``chatq:dead`` and its requester gets a ``dead_letter`` error, in one
-atomic step with the acknowledgement (FINALIZE's body). Dead consumers are deleted once their
-pending list is empty.
+again: it goes to the dead-letter stream of its partition and its requester gets a
+``dead_letter`` error, in one atomic step with the acknowledgement (FINALIZE's body). Dead
+consumers are deleted once their pending list is empty.
+
+A missing heartbeat means death only if its owner could have beaten: after a Redis outage
+or a ``CLIENT PAUSE`` longer than the TTL every heartbeat has expired, live workers' too. So
+a reclaimer claims only once it has itself seen Redis healthy for longer than the heartbeat
+TTL (:meth:`Reclaimer.healthy_for_s`: its own beats landing promptly and on time, with no
+gap — a failed beat, a slow one, or its own process stalled, as a long GC pause or SIGSTOP
+would — starts the count again), by when every live worker has beaten again.
 
 The worker calls these plain async methods from its one loop; nothing here runs its own loop.
 """
@@ -21,28 +29,37 @@ import os
 import socket
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from producer.errors import ProtocolError
-from producer.keys import DEAD_MAXLEN, GROUP, HEARTBEAT_TTL_S, PRIORITIES, RESULT_TTL_S, Keys
-from producer.protocol import (
-    DEFAULT_LIMITS,
-    Envelope,
-    Error,
-    ErrorCode,
-    Limits,
-    decode_envelope,
-    encode_result,
-    estimate_cost_tokens,
+from producer.contract.codec import decode_envelope
+from producer.contract.codes import ErrorCode
+from producer.contract.envelope import Envelope
+from producer.contract.finalize import (
+    charged_cost,
+    dead_letter_call,
+    dead_letter_fields,
+    dead_letter_raw_call,
 )
-from producer.scripts import DEAD_LETTER, DEAD_LETTER_RAW, RECLAIM
+from producer.contract.keys import (
+    GROUP,
+    HEARTBEAT_TTL_S,
+    PRIORITIES,
+    RESULT_TTL_S,
+    STREAM_FIELD,
+    Keys,
+)
+from producer.contract.limits import DEFAULT_LIMITS, Limits
+from producer.contract.results import Error, result_body
+from producer.contract.scripts import BEAT, DEAD_LETTER, DEAD_LETTER_RAW, RECLAIM
+from producer.errors import ProtocolError
 from workers.errors import WorkerError
 
-STREAM_FIELD_BYTES = b"m"
+STREAM_FIELD_BYTES = STREAM_FIELD.encode()
 
 
 @dataclass(frozen=True)
@@ -107,6 +124,23 @@ def _fields(flat: Any) -> dict[bytes, bytes]:
     return {_b(items[i]): _b(items[i + 1]) for i in range(0, len(items) - 1, 2)}
 
 
+async def name_free(redis: Redis, keys: Keys, names: Sequence[str]) -> None:
+    """Raise :class:`WorkerError` if a live worker holds any of ``names``, after waiting one
+    heartbeat TTL (a crashed predecessor's key expires by then). Run before anything is
+    loaded, so a duplicate ``--name`` fails in a second, not after the model loads."""
+    deadline = time.monotonic() + HEARTBEAT_TTL_S
+    while True:
+        held = [n for n, v in zip(names, await redis.mget([keys.heartbeat(n) for n in names]),
+                                  strict=True) if v is not None]  # fmt: skip
+        if not held:
+            return
+        if time.monotonic() >= deadline:
+            raise WorkerError(
+                f"worker name {held[0]!r} is in use by a live worker: pick another --name"
+            )
+        await asyncio.sleep(0.1)
+
+
 class Reclaimer:
     """Heartbeat and reclaim for one worker (``worker`` = its consumer name)."""
 
@@ -145,7 +179,12 @@ class Reclaimer:
         self._has_beaten = False
         self._last_sweep_s: dict[str, float] = {}
         self._seen_beats: dict[str, tuple[int, int]] = {}  # worker → (beat ms, ttl ms)
+        # Redis seen healthy (monotonic s) since; the end of the last prompt beat.
+        self._healthy_since_s: float | None = None
+        self._last_beat_end_s: float | None = None
+        self.reclaims_held_back = 0  # reclaim rounds skipped: Redis not seen healthy enough
         self._reclaim = redis.register_script(RECLAIM)
+        self._beat = redis.register_script(BEAT)
         self._dead_letter = redis.register_script(DEAD_LETTER)
         self._dead_letter_raw = redis.register_script(DEAD_LETTER_RAW)
 
@@ -169,34 +208,88 @@ class Reclaimer:
         """First beat: claim the name, waiting up to ``wait_s`` (default: one heartbeat TTL,
         so a crashed predecessor's key expires) while another live process holds it."""
         deadline = time.monotonic() + (self.heartbeat_ttl_ms / 1000 if wait_s is None else wait_s)
-        key = self.keys.heartbeat(self.worker)
-        while not await self.redis.set(
-            key, self._beat_value(capacity_info), px=self.heartbeat_ttl_ms, nx=True
-        ):
+        while True:
+            started_s = time.monotonic()
+            if await self._send_beat(capacity_info, claim=True):
+                break
             if time.monotonic() >= deadline:
                 raise WorkerError(f"worker name {self.worker!r} is in use by a live worker")
             await asyncio.sleep(0.1)
+        self._note_beat(started_s, time.monotonic())
         self._has_beaten = True
 
     async def beat(self, capacity_info: dict[str, Any]) -> None:
         """Refresh this worker's heartbeat (call every ``HEARTBEAT_INTERVAL_S``)."""
-        await self.redis.set(
-            self.keys.heartbeat(self.worker),
-            self._beat_value(capacity_info),
-            px=self.heartbeat_ttl_ms,
-        )
+        started_s = time.monotonic()
+        try:
+            await self._send_beat(capacity_info, claim=False)
+        except BaseException:
+            self._healthy_since_s = None
+            raise
+        self._note_beat(started_s, time.monotonic())
         self._has_beaten = True
+
+    async def _send_beat(self, capacity_info: dict[str, Any], *, claim: bool) -> bool:
+        """BEAT: the heartbeat key, and (unless draining) the model marked served."""
+        model = capacity_info.get("model")
+        draining = capacity_info.get("state") == "draining"
+        served = model if isinstance(model, str) and not draining else ""
+        args: list[str | int] = [self._beat_value(capacity_info), self.heartbeat_ttl_ms, served]
+        # The name is claimed in partition 0; every partition gets the beat (RECLAIM checks
+        # a lane's owner in the lane's partition, ENQUEUE its partition's served set).
+        done = await self._beat(
+            keys=[self.keys.heartbeat(self.worker), self.keys.served()],
+            args=[*args, "nx" if claim else ""],
+        )
+        if done:
+            await asyncio.gather(
+                *(
+                    self._beat(
+                        keys=[self.keys.heartbeat(self.worker, p), self.keys.served(p)],
+                        args=[*args, ""],
+                    )
+                    for p in self.keys.all_partitions()[1:]
+                )
+            )
+        return bool(done)
+
+    def _note_beat(self, started_s: float, ended_s: float) -> None:
+        """A beat landed: Redis stays healthy in our eyes unless this beat was slow or late
+        by more than 3/4 of a TTL. A peer beating every interval (a quarter of the TTL)
+        loses its key only to an outage of at least TTL - interval, which such a gap or
+        round trip would have shown; a shorter limit would only hold reclaims back longer
+        whenever this process's loop is busy."""
+        limit_s = self.heartbeat_ttl_ms * 0.75 / 1000
+        late = self._last_beat_end_s is not None and started_s - self._last_beat_end_s > limit_s
+        if self._healthy_since_s is None or late or ended_s - started_s > limit_s:
+            self._healthy_since_s = ended_s
+        self._last_beat_end_s = ended_s
+
+    def healthy_for_s(self) -> float:
+        """How long this reclaimer has seen Redis healthy without a break (0: not now)."""
+        if self._healthy_since_s is None:
+            return 0.0
+        return time.monotonic() - self._healthy_since_s
+
+    def may_reclaim(self) -> bool:
+        """Seen healthy longer than a heartbeat TTL: a heartbeat missing now is a death."""
+        return self.healthy_for_s() > self.heartbeat_ttl_ms / 1000
 
     async def retire(self) -> None:
         """Drop the heartbeat (clean exit), so peers reclaim anything left at once."""
-        await self.redis.delete(self.keys.heartbeat(self.worker))
+        for p in self.keys.all_partitions():  # one key per call: one slot each
+            await self.redis.delete(self.keys.heartbeat(self.worker, p))
 
     # --- reclaim ----------------------------------------------------------------------------
 
     async def reclaim(self, model: str) -> list[ClaimedEntry]:
         """Claim every dead consumer's pending entries on ``model``'s lanes (dead-lettering
-        those delivered too often); runs :meth:`sweep` every ``sweep_interval_s`` too."""
-        lanes = self.keys.request_lanes(model)
+        those delivered too often); runs :meth:`sweep` every ``sweep_interval_s`` too.
+        Nothing while Redis has not been seen healthy for a heartbeat TTL (module doc)."""
+        if not self._has_beaten:
+            # Without our own heartbeat, peers would judge us dead and take the claims back.
+            raise WorkerError("beat() or register() before claiming entries")
+        lanes = self._all_lanes(model)
         pipe = self.redis.pipeline(transaction=False)
         for stream in lanes:
             pipe.xinfo_consumers(stream, GROUP)
@@ -209,7 +302,10 @@ class Reclaimer:
                 raise reply
             by_lane[stream] = [_s(c["name"]) for c in reply if _s(c["name"]) != self.worker]
         names = sorted({name for names in by_lane.values() for name in names})
-        dead = await self._dead_among(names)
+        dead = await self._dead_among(names)  # the live ones' beats are remembered
+        if not self.may_reclaim():
+            self.reclaims_held_back += bool(dead)
+            return []
         claimed: list[ClaimedEntry] = []
         for stream, consumers in by_lane.items():
             for name in consumers:
@@ -225,7 +321,7 @@ class Reclaimer:
         """At startup under a reused name: take back what a previous process of this name
         left pending (delivery counts go up, so a poison entry still ends as a dead letter)."""
         claimed: list[ClaimedEntry] = []
-        for stream in self.keys.request_lanes(model):
+        for stream in self._all_lanes(model):
             try:
                 claimed += await self._claim_from(model, stream, self.worker, own=True)
             except ResponseError as err:
@@ -239,7 +335,7 @@ class Reclaimer:
         in ``stuck_entries`` so a wedged worker shows up in metrics. Plain XAUTOCLAIM is not
         used because it cannot spare a live worker's long-running request."""
         owners: dict[tuple[str, str], int] = {}
-        for stream in self.keys.request_lanes(model):
+        for stream in self._all_lanes(model):
             try:
                 rows = await self.redis.xpending_range(
                     stream, GROUP, "-", "+", self.batch, idle=self.safety_idle_ms
@@ -257,6 +353,10 @@ class Reclaimer:
             if owner in dead:
                 claimed += await self._claim_from(model, stream, owner)
         return claimed
+
+    def _all_lanes(self, model: str) -> list[str]:
+        """``model``'s lanes in every partition."""
+        return [s for p in self.keys.all_partitions() for s in self.keys.request_lanes(model, p)]
 
     async def _dead_among(self, names: list[str]) -> set[str]:
         """Names whose heartbeat key is missing; remembers the beats of the live ones."""
@@ -287,7 +387,7 @@ class Reclaimer:
             raise WorkerError("beat() or register() before claiming entries")
         try:
             reply = await self._reclaim(
-                keys=[stream, self.keys.heartbeat(owner)],
+                keys=[stream, self.keys.heartbeat(owner, self.keys.partition_in(stream))],
                 args=[GROUP, owner, self.worker, self.batch, "1" if own else "0"],
             )
         except ResponseError as err:
@@ -329,45 +429,46 @@ class Reclaimer:
             env = decode_envelope(payload, self.limits)
         except ProtocolError:
             env = None
-        dead_fields: list[bytes | str | int] = [
-            "id", env.id if env else "",
-            "model", model,
-            "stream", entry.stream,
-            "entry_id", entry.entry_id,
-            "reason", reason,
-            "deliveries", entry.delivery_count,
-            "worker", self.worker,
-            "dead_worker", owner,
-            "ts_ms", _now_ms(),
-            "payload", payload,
-        ]  # fmt: skip
+        fields = dead_letter_fields(
+            request_id=env.id if env else "",
+            model=model,
+            lane=entry.stream,
+            entry_id=entry.entry_id,
+            reason=reason,
+            deliveries=entry.delivery_count,
+            worker=self.worker,
+            dead_worker=owner,
+            ts_ms=_now_ms(),
+            payload=payload,
+        )
         if env is None:
-            # No request id to answer and no cost to give back: record, ack and delete.
-            reply = await self._dead_letter_raw(
-                keys=[entry.stream, self.keys.dead, self.keys.backlog(model)],
-                args=[GROUP, entry.entry_id, DEAD_MAXLEN, self.worker, *dead_fields],
-            )
+            # No request id to answer: record, ack (giving back its charge) and delete.
+            keys, args = dead_letter_raw_call(
+                self.keys, model, entry.stream, entry.entry_id, self.worker,
+                charged_cost(entry.fields), fields,
+            )  # fmt: skip
+            reply = await self._dead_letter_raw(keys=keys, args=args)
         else:
-            body = encode_result(
+            body = result_body(
                 Error(
                     code=ErrorCode.DEAD_LETTER.value,
                     message=f"request moved to the dead-letter stream: {reason}",
                     worker=self.worker,
                 )
             )
-            reply = await self._dead_letter(
-                keys=[
-                    self.keys.result(env.id),
-                    self.keys.final(env.id),
-                    entry.stream,
-                    self.keys.backlog(env.model),
-                    self.keys.dead,
-                ],
-                args=[
-                    GROUP, entry.entry_id, "error", body["m"], self.result_ttl_s,
-                    estimate_cost_tokens(env), DEAD_MAXLEN, self.worker, *dead_fields,
-                ],
-            )  # fmt: skip
+            keys, args = dead_letter_call(
+                self.keys,
+                env.id,
+                env.model,
+                entry.stream,
+                entry.entry_id,
+                self.worker,
+                body,
+                charged_cost(entry.fields),
+                fields,
+                self.result_ttl_s,
+            )
+            reply = await self._dead_letter(keys=keys, args=args)
         done = int(reply) >= 0
         self.dead_lettered_total += done
         return int(done)

@@ -51,10 +51,18 @@ def free_port(host: str = "127.0.0.1") -> int:
 class RedisServer:
     """``with RedisServer() as srv: srv.url`` — a throwaway server, stopped on exit."""
 
-    def __init__(self, *, port: int | None = None, binary: str | None = None) -> None:
+    def __init__(
+        self, *, port: int | None = None, binary: str | None = None, appendfsync: str | None = None
+    ) -> None:
+        """``appendfsync``: None keeps no AOF (a throwaway server); ``always`` / ``everysec``
+        / ``no`` turn the AOF on with that fsync policy, so :meth:`restart` after
+        :meth:`kill` comes back with what that policy kept."""
+        if appendfsync not in (None, "always", "everysec", "no"):
+            raise WorkerError(f"appendfsync must be always, everysec or no: {appendfsync!r}")
         self.binary = binary or find_server_binary()
         self.host = "127.0.0.1"
         self.port = port or free_port(self.host)
+        self.appendfsync = appendfsync
         self._tmp = tempfile.TemporaryDirectory(prefix="chatq-redis-")
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -72,8 +80,7 @@ class RedisServer:
             self.host,
             "--save",
             "",
-            "--appendonly",
-            "no",
+            *self._persistence(),
             "--dir",
             self._tmp.name,
             "--logfile",
@@ -100,6 +107,30 @@ class RedisServer:
                 time.sleep(0.05)
         self.stop()
         raise WorkerError(f"{self.binary} did not answer on port {self.port} in {timeout_s} s")
+
+    def _persistence(self) -> list[str]:
+        if self.appendfsync is None:
+            return ["--appendonly", "no"]
+        return ["--appendonly", "yes", "--appendfsync", self.appendfsync]
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash: what the fsync policy did not write is lost); its
+        data directory stays for :meth:`restart`."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        if self._proc is not None and self._proc.stderr:
+            self._proc.stderr.close()
+        self._proc = None
+
+    def restart(self, timeout_s: float = 10.0) -> RedisServer:
+        """Start again on the same port and data directory (after :meth:`kill`)."""
+        self.kill()
+        return self.start(timeout_s)
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:

@@ -1,11 +1,22 @@
-"""Result writes, queued and sent in one pipeline per batch.
+"""Result writes, queued and sent in one pipeline per flush, through any Redis outage.
 
-Every final result goes through FINALIZE (write-if-absent + XACK + XDEL + backlog update in
-one Lua call), so a request is answered effectively once however many workers touch it.
-Chunks are plain XADDs (+ EXPIRE) ordered before the final in the same pipeline. Undecodable
+Every final result goes through FINALIZE_MANY (write-if-absent + XACK + XDEL + backlog
+update in one Lua call), so a request is answered effectively once however many workers
+touch it. Streamed chunks go through CHUNKS, ordered before the finals in the same pipeline.
+Both are fenced: a write lands only while its request entry is still pending on this
+worker, so a worker that lost an entry (paused past its heartbeat, cut off, or alive after
+Redis restarted from older data) cannot write behind the back of the worker that took it
+over; a fenced chunk tells the aggregator to drop that request (``on_fenced``). Undecodable
 entries (no request id to answer) go to the dead-letter stream through DEAD_LETTER_RAW.
-A failed flush keeps its writes and retries with backoff: until the FINALIZE lands the entry
-stays pending in Redis, so a worker that dies meanwhile loses nothing.
+
+Outages: a flush that cannot reach Redis keeps everything queued and says so (it never
+raises); the next one is due after a backoff (:meth:`retry_in_s`), and meanwhile a
+request's new deltas join its one open chunk. A chunk a flush took is sealed (its index and
+text fixed: that flush may have landed it, only its reply lost) and is sent again as it is;
+a resend is harmless, as finals are write-if-absent and chunks are appended only past the
+stream's last chunk index. Memory stays bounded however long Redis is away: by the text of
+the requests the worker held when Redis went away (intake pulls nothing while writes fail),
+in at most one chunk per request per attempt.
 """
 
 from __future__ import annotations
@@ -13,323 +24,403 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from producer.keys import DEAD_MAXLEN, GROUP, RESULT_TTL_S, STREAM_FIELD, Keys
-from producer.protocol import RESULT_BODY_FIELD, RESULT_TYPE_FIELD, Chunk, Done, Error
-from producer.scripts import DEAD_LETTER_RAW, FINALIZE_FUNCTIONS
+from producer.connection import is_cluster
+from producer.contract.finalize import (
+    FENCED,
+    FinalBatch,
+    FinalHooks,
+    dead_letter_fields,
+    dead_letter_raw_call,
+)
+from producer.contract.keys import GROUP, RESULT_TTL_S, STREAM_FIELD, Keys
+from producer.contract.logprobs import TokenLogprob
+from producer.contract.results import Done, Error, chunk_body, result_body
+from producer.contract.scripts import CHUNKS, DEAD_LETTER_RAW, FINALIZE_MANY
+from producer.contract.tools import ToolCall
 from workers.lanes import Entry
 
 log = logging.getLogger(__name__)
 
 MAX_PAYLOAD_IN_DEAD_LETTER = 64 * 1024
-RETRY_DELAYS_S = (0.05, 0.2, 0.5, 1.0, 2.0, 5.0, 5.0, 5.0, 5.0, 5.0)
+# Backoff between flushes that could not reach Redis: short first (a blip), then capped so
+# a worker notices Redis is back within seconds of a long outage.
+RETRY_DELAYS_S = (0.05, 0.2, 0.5, 1.0, 2.0)
+MAX_CHUNKS_PER_CALL = 256  # bounds one CHUNKS script's run time (Redis is single-threaded)
+CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 Op = Callable[[Any], None]
 
-# FINALIZE for many entries in one call, with FINALIZE's own Lua functions: ``write`` for
-# each request's 4 keys and 6 arguments in turn, then one ``release`` per backlog hash for
-# the costs of all the finals written (one backlog update and rate sample per flush, not per
-# request: most of FINALIZE's Redis time). One EVALSHA per flush instead of one per request:
-# the client-side cost of packing commands dominated the worker's CPU per request. Returns
-# FINALIZE's 1/0 each, or -1 where one failed (pcall: one bad request must not stop the
-# others' finals). (All keys of one call must live on one node: fine for one Redis; a
-# cluster needs the per-request form.)
-FINALIZE_MANY = (
-    FINALIZE_FUNCTIONS
-    + """
-local out = {}
-local freed = {}
-local backlogs = {}
-for i = 0, #KEYS / 4 - 1 do
-  local keys = {KEYS[4 * i + 1], KEYS[4 * i + 2], KEYS[4 * i + 3], KEYS[4 * i + 4]}
-  local args = {ARGV[6 * i + 1], ARGV[6 * i + 2], ARGV[6 * i + 3], ARGV[6 * i + 4],
-                ARGV[6 * i + 5], ARGV[6 * i + 6]}
-  local ok, res = pcall(write, keys, args)
-  if ok then
-    out[i + 1] = res
-    if res == 1 then
-      local f = freed[keys[4]]
-      if f == nil then
-        f = {0, 0}
-        freed[keys[4]] = f
-        backlogs[#backlogs + 1] = keys[4]
-      end
-      f[1] = f[1] + tonumber(args[6])
-      f[2] = f[2] + 1
-    end
-  else
-    out[i + 1] = -1
-  end
-end
-for _, backlog in ipairs(backlogs) do
-  release(backlog, freed[backlog][1], freed[backlog][2])
-end
-return out
-"""
-)
-MAX_FINALS_PER_CALL = 256  # bounds one script's run time (Redis is single-threaded)
-FINAL_KEYS = 4  # per final in FINALIZE_MANY's KEYS
-FINAL_ARGS = 6  # per final in FINALIZE_MANY's ARGV
 
-# One packer for every body (``msgpack.packb`` builds a Packer per call); used on the loop only.
-_pack = msgpack.Packer(use_bin_type=True).pack
+@dataclass
+class PendingChunk:
+    """One request's text not yet written: deltas queued since its last written chunk."""
+
+    request_id: str
+    lane: str
+    entry_id: str
+    ttl_s: int
+    parts: list[str]
+    tokens: list[int]
+    index: int = -1  # given when a flush takes it (-1: not yet)
+    reasoning: list[str] = field(default_factory=list)  # reasoning deltas (workers.answer)
+    tool_calls: list[ToolCall] = field(default_factory=list)  # calls finished meanwhile
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per token of tokens
+    choice: int = 0  # the answer it continues (n > 1)
 
 
-def result_body(entry: Chunk | Done | Error) -> bytes:
-    """``encode_result(entry)``'s msgpack body, built field by field (same bytes, without
-    ``dataclasses.asdict``'s deep copies)."""
-    body: dict[str, Any]
-    if isinstance(entry, Done):
-        u, t = entry.usage, entry.timings
-        return done_body(
-            entry.text,
-            entry.finish_reason,
-            u.prompt_tokens,
-            u.completion_tokens,
-            u.cached_tokens,
-            t.queued_ms,
-            t.first_token_ms,
-            t.total_ms,
-            t.engine_ms,
-            entry.worker,
-        )
-    if isinstance(entry, Chunk):
-        body = {"index": entry.index, "delta": entry.delta}
-    else:
-        body = {"code": entry.code, "message": entry.message, "worker": entry.worker}
-    packed: bytes = _pack(body)
-    return packed
+@dataclass
+class Sent:
+    """What one flush took from the queues (put back whole if Redis could not be reached)."""
 
-
-def done_body(
-    text: str,
-    finish_reason: str,
-    prompt_tokens: int,
-    completion_tokens: int,
-    cached_tokens: int,
-    queued_ms: float,
-    first_token_ms: float,
-    total_ms: float,
-    engine_ms: float,
-    worker: str,
-) -> bytes:
-    """The msgpack body of a ``done`` result from its fields (``encode_result``'s bytes):
-    the aggregator's path builds no Done / Usage / Timings objects."""
-    packed: bytes = _pack(
-        {
-            "text": text,
-            "finish_reason": finish_reason,
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "cached_tokens": cached_tokens,
-            },
-            "timings": {
-                "queued_ms": queued_ms,
-                "first_token_ms": first_token_ms,
-                "total_ms": total_ms,
-                "engine_ms": engine_ms,
-            },
-            "worker": worker,
-        }
-    )
-    return packed
-
-
-def result_fields(entry: Chunk | Done | Error) -> dict[str, bytes]:
-    """``encode_result(entry)``: the stream fields of one result entry."""
-    kind = (
-        b"chunk" if isinstance(entry, Chunk) else b"done" if isinstance(entry, Done) else b"error"
-    )
-    return {RESULT_TYPE_FIELD: kind, RESULT_BODY_FIELD: result_body(entry)}
-
-
-ScriptCall = tuple[int, AsyncScript, list[Any], list[Any]]  # pipeline index, script, keys, args
+    chunks: list[PendingChunk] = field(default_factory=list)
+    ops: list[Op] = field(default_factory=list)
+    finals: FinalBatch | None = None
 
 
 class ResultWriter:
+    """Queues one worker's result writes and sends them in one pipeline per flush."""
+
     def __init__(self, redis: Redis, keys: Keys, model: str, worker: str) -> None:
         self.redis = redis
         self.keys = keys
         self.model = model
         self.worker = worker
         self._finalize_many = redis.register_script(FINALIZE_MANY)
+        self._chunks_script = redis.register_script(CHUNKS)
         self._dead_raw = redis.register_script(DEAD_LETTER_RAW)
         self._ops: list[Op] = []
-        # FINALIZE keys and arguments of the queued finals, flat (FINAL_KEYS / FINAL_ARGS each)
-        self._final_keys: list[Any] = []
-        self._final_args: list[Any] = []
-        # Key names per request are prefix + id (checked here, built by concatenation there).
-        self._result_prefix = keys.result("")
-        self._final_prefix = keys.final("")
-        assert keys.result("x") == self._result_prefix + "x"
-        assert keys.final("x") == self._final_prefix + "x"
+        # Open chunks: by request id (by "<request id>#k" for answer k > 0 of n > 1).
+        self._chunks: dict[str, PendingChunk] = {}
+        self._sealed: list[PendingChunk] = []  # taken by a flush that failed: sent as they are
+        self._next_index: dict[str, int] = {}  # request id → index of its next chunk
+        self._finals = FinalBatch(keys, worker)  # the queued finals, for FINALIZE_MANY
         self._backlog = keys.backlog(model)
         self._lock = asyncio.Lock()
+        self._sending: Sent | None = None  # what the flush in progress took
+        self._failures = 0  # flushes in a row that could not reach Redis
+        self._retry_at_s = 0.0  # monotonic: no flush before (backoff)
+        self.on_fenced: Callable[[list[str]], None] | None = None  # ids of lost requests
         self.finals_written = 0  # FINALIZE calls that wrote (not answered before)
+        self.finals_fenced = 0  # finals not written: the entry was not pending on us
+        self.chunks_fenced = 0
         # Once a flush has run with the scripts loaded, later flushes send EVALSHA without
-        # redis-py's SCRIPT EXISTS round trip first; a call Redis answers NOSCRIPT (it
-        # restarted, or SCRIPT FLUSH) did not run and is sent again with the script loaded.
+        # redis-py's SCRIPT EXISTS round trip first; a flush in which Redis answers NOSCRIPT
+        # (it restarted, or SCRIPT FLUSH) is sent again whole with the scripts loaded.
         self._scripts_loaded = False
-        self._script_calls: list[ScriptCall] = []  # of the pipeline being built
 
     @property
     def pending(self) -> int:
-        return len(self._ops) + len(self._final_args) // FINAL_ARGS
+        return len(self._ops) + len(self._sealed) + len(self._chunks) + len(self._finals)
+
+    @property
+    def failing(self) -> bool:
+        """The last flush could not reach Redis (intake pulls nothing new meanwhile)."""
+        return self._failures > 0
+
+    def retry_in_s(self) -> float | None:
+        """Seconds until queued writes should be tried again; None when nothing waits."""
+        if not self.pending:
+            return None
+        return max(0.0, self._retry_at_s - time.monotonic())
+
+    def held_entries(self) -> set[tuple[str, str]]:
+        """(lane, entry id) of the entries whose final is queued or being sent: still
+        pending in Redis, but answered (reconciliation must not run them again)."""
+        held = self._finals.entries()
+        if self._sending is not None and self._sending.finals is not None:
+            held |= self._sending.finals.entries()
+        return held
 
     # --- queueing ---
 
-    def chunk(self, request_id: str, index: int, delta: str) -> None:
-        fields = result_fields(Chunk(index=index, delta=delta))
-        key = self.keys.result(request_id)
-
-        def op(pipe: Any) -> None:
-            pipe.xadd(key, fields)
-            pipe.expire(key, RESULT_TTL_S)
-
-        self._ops.append(op)
-
-    def final(self, entry: Entry, request_id: str, result: Done | Error, cost_tokens: int) -> None:
-        """FINALIZE ``entry`` with ``result`` (a no-op write if a final already exists)."""
-        kind = "done" if isinstance(result, Done) else "error"
-        self._queue_final(entry, request_id, kind, result_body(result), cost_tokens)
-
-    def done(
+    def chunk(
         self,
         entry: Entry,
         request_id: str,
-        body: bytes,
-        cost_tokens: int,
+        delta: str,
+        tokens: Sequence[int] = (),
+        *,
+        first_index: int = 0,
+        ttl_s: int = RESULT_TTL_S,
+        reasoning: str = "",
+        tool_calls: tuple[ToolCall, ...] = (),
+        logprobs: Sequence[TokenLogprob] = (),
+        choice: int = 0,
+    ) -> None:
+        """Queue ``delta`` (and the ``tokens`` generated since the last chunk) for
+        ``request_id``; ``first_index``: its first chunk's index (a resumed request goes on
+        from the chunks already in its stream). ``reasoning`` and ``tool_calls``: the
+        answer's other parts since the last chunk (requests with tools or reasoning);
+        ``logprobs``: the entries of ``tokens`` (requests that asked for them); ``choice``:
+        the answer of an n > 1 request it continues (each answer has its open chunk)."""
+        self._next_index.setdefault(request_id, first_index)
+        key = request_id if not choice else f"{request_id}#{choice}"
+        queued = self._chunks.get(key)
+        if queued is None:
+            queued = self._chunks[key] = PendingChunk(
+                request_id, entry.stream, entry.entry_id, ttl_s, [delta], list(tokens),
+                choice=choice,
+            )  # fmt: skip
+        else:
+            queued.parts.append(delta)
+            queued.tokens += tokens
+        if reasoning:
+            queued.reasoning.append(reasoning)
+        if tool_calls:
+            queued.tool_calls += tool_calls
+        if logprobs:
+            queued.logprobs += logprobs
+
+    def final(
+        self,
+        entry: Entry,
+        request_id: str,
+        result: Done | Error,
+        *,
+        model: str | None = None,
+        hooks: FinalHooks | None = None,
+    ) -> None:
+        """FINALIZE ``entry`` with ``result`` (a no-op write if a final already exists);
+        ``model``: the backlog its charge goes back to, when not this worker's model;
+        ``hooks``: what else the request's final does (its webhook, its tenant's slot)."""
+        kind = "done" if isinstance(result, Done) else "error"
+        self._queue_final(entry, request_id, kind, result_body(result), model, hooks)
+
+    def done(
+        self, entry: Entry, request_id: str, body: bytes, hooks: FinalHooks | None = None
     ) -> None:
         """FINALIZE ``entry`` with a ``done`` whose body is ``done_body(...)``."""
-        self._queue_final(entry, request_id, "done", body, cost_tokens)
+        self._queue_final(entry, request_id, "done", body, None, hooks)
 
     def _queue_final(
-        self, entry: Entry, request_id: str, kind: str, body: bytes, cost_tokens: int
+        self,
+        entry: Entry,
+        request_id: str,
+        kind: str,
+        body: bytes,
+        model: str | None,
+        hooks: FinalHooks | None,
     ) -> None:
-        self._final_keys += (
-            self._result_prefix + request_id,
-            self._final_prefix + request_id,
-            entry.stream,
-            self._backlog,
-        )
-        self._final_args += (GROUP, entry.entry_id, kind, body, RESULT_TTL_S, cost_tokens)
+        if self.keys.partitions == 1:
+            backlog = self._backlog if model is None else self.keys.backlog(model)
+        else:
+            partition = self.keys.partition_in(entry.stream)
+            backlog = self.keys.backlog(model or self.model, partition)
+        self._finals.add(
+            request_id, entry.stream, entry.entry_id, backlog, kind, body, entry.cost_tokens,
+            hooks,
+        )  # fmt: skip
 
     def error(
-        self, entry: Entry, request_id: str, code: str, message: str, cost_tokens: int
+        self,
+        entry: Entry,
+        request_id: str,
+        code: str,
+        message: str,
+        *,
+        model: str | None = None,
+        hooks: FinalHooks | None = None,
     ) -> None:
-        self.final(
-            entry, request_id, Error(code=code, message=message, worker=self.worker), cost_tokens
-        )
+        error = Error(code=code, message=message, worker=self.worker)
+        self.final(entry, request_id, error, model=model, hooks=hooks)
 
     def dead_letter(self, entry: Entry, reason: str) -> None:
-        """An entry nobody can answer (no request id): park it in the dead-letter stream."""
-        payload = entry.fields.get(STREAM_FIELD.encode(), b"")[:MAX_PAYLOAD_IN_DEAD_LETTER]
-        fields: list[Any] = [
-            "id", "", "model", self.model, "stream", entry.stream, "entry_id", entry.entry_id,
-            "reason", reason, "deliveries", entry.delivery_count, "worker", self.worker,
-            "ts_ms", time.time_ns() // 1_000_000, "payload", payload,
-        ]  # fmt: skip
-        keys = [entry.stream, self.keys.dead, self.keys.backlog(self.model)]
-        args: list[Any] = [GROUP, entry.entry_id, DEAD_MAXLEN, self.worker, *fields]
+        """An entry nobody can answer (no request id, or not the entry its id was reserved
+        for): park it in the dead-letter stream. ENQUEUE never charged it (it charges only
+        the entry it reserves the id for, whose id a worker can read), so it gives nothing
+        back: its ``c``, if any, was written by hand."""
+        fields = dead_letter_fields(
+            request_id="",
+            model=self.model,
+            lane=entry.stream,
+            entry_id=entry.entry_id,
+            reason=reason,
+            deliveries=entry.delivery_count,
+            worker=self.worker,
+            ts_ms=time.time_ns() // 1_000_000,
+            payload=entry.fields.get(STREAM_FIELD.encode(), b"")[:MAX_PAYLOAD_IN_DEAD_LETTER],
+        )
+        keys, args = dead_letter_raw_call(
+            self.keys, self.model, entry.stream, entry.entry_id, self.worker, None, fields
+        )
 
         def op(pipe: Any) -> None:
             self._script(pipe, self._dead_raw, keys, args)
 
         self._ops.append(op)
 
-    def _script(self, pipe: Any, script: AsyncScript, keys: list[Any], args: list[Any]) -> None:
-        """Queue EVALSHA on the pipeline being built (remembered, in case of NOSCRIPT)."""
-        if not self._scripts_loaded:
-            pipe.scripts.add(script)  # the pipeline loads it first if Redis lacks it
-        self._script_calls.append((len(pipe.command_stack), script, keys, args))
-        pipe.evalsha(script.sha, len(keys), *keys, *args)
-
     # --- sending ---
 
-    async def flush(self) -> None:
-        """Send everything queued so far in one pipeline (retried on connection errors).
+    async def flush(self) -> bool:
+        """Send everything queued so far in one pipeline; False when Redis could not be
+        reached (everything stays queued; retried after a backoff, never raised).
 
         Chunks go first, then the finals, so a request's chunks precede its final entry.
         """
         async with self._lock:
-            if not self._ops and not self._final_args:
-                return
-            ops, self._ops = self._ops, []
-            final_keys, self._final_keys = self._final_keys, []
-            final_args, self._final_args = self._final_args, []
-            num_finals = len(final_args) // FINAL_ARGS
-            for attempt, delay_s in enumerate((*RETRY_DELAYS_S, None)):
-                try:
-                    self._script_calls = []
-                    pipe = self.redis.pipeline(transaction=False)
-                    for op in ops:
-                        op(pipe)
-                    for start in range(0, num_finals, MAX_FINALS_PER_CALL):
-                        end = start + MAX_FINALS_PER_CALL
-                        self._script(
-                            pipe,
-                            self._finalize_many,
-                            final_keys[start * FINAL_KEYS : end * FINAL_KEYS],
-                            final_args[start * FINAL_ARGS : end * FINAL_ARGS],
-                        )
-                    replies = await pipe.execute(raise_on_error=False)
-                    break
-                except (RedisConnectionError, RedisTimeoutError, OSError) as err:
-                    if delay_s is None:
-                        self._ops = ops + self._ops
-                        self._final_keys = final_keys + self._final_keys
-                        self._final_args = final_args + self._final_args
-                        raise
-                    log.warning(
-                        "result write failed (%s); retry %d in %.2f s", err, attempt + 1, delay_s
-                    )
-                    await asyncio.sleep(delay_s)
-            calls, self._script_calls = self._script_calls, []
-            lost = [c for c in calls if isinstance(replies[c[0]], NoScriptError)]
-            if calls:
-                self._scripts_loaded = not lost
-            for index, script, keys, args in lost:
-                replies[index] = await self._run_again(script, keys, args)
-            for reply in replies:
-                if isinstance(reply, Exception):
-                    log.error("result write command failed: %s", reply)
-                elif isinstance(reply, list) and -1 in reply:
-                    log.error("FINALIZE failed for %d requests of a batch", reply.count(-1))
-            self.finals_written += sum(
-                sum(1 for x in r if x == 1)
-                for r in replies[len(replies) - _calls(num_finals) :]
-                if isinstance(r, list)
-            )
-
-    async def _run_again(self, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
-        """A script call that did not run (NOSCRIPT), alone, loading the script (redis-py's
-        ``Script.__call__``); retried on connection errors; if those last, it is queued
-        again for the next flush and the error raised, like a failed flush."""
-        for attempt, delay_s in enumerate((*RETRY_DELAYS_S, None)):
+            if not self.pending:
+                return True
+            if time.monotonic() < self._retry_at_s:
+                return False
+            sent = self._take()
+            self._sending = sent
             try:
-                return await script(keys=keys, args=args)
-            except ResponseError as err:  # as the pipeline would have returned it
-                return err
-            except (RedisConnectionError, RedisTimeoutError, OSError) as err:
-                if delay_s is None:
-                    self._ops.insert(0, lambda pipe: self._script(pipe, script, keys, args))
-                    raise
-                log.warning(
-                    "script call failed (%s); retry %d in %.2f s", err, attempt + 1, delay_s
+                return await self._flush(sent)
+            finally:
+                self._sending = None
+
+    async def _flush(self, sent: Sent) -> bool:
+        """One flush of what ``sent`` took (see :meth:`flush`)."""
+        for _ in range(2):  # the second time with the scripts loaded (after NOSCRIPT)
+            try:
+                replies = await self._send(sent)
+            except CONNECTION_ERRORS as err:
+                self._put_back(sent)
+                self._failed(err)
+                return False
+            if not any(isinstance(r, NoScriptError) for r in replies):
+                break
+            # Those calls did not run; the others did, and run again harmlessly.
+            self._scripts_loaded = False
+        else:
+            self._put_back(sent)
+            self._failed(NoScriptError("scripts missing after loading them"))
+            return False
+        self._scripts_loaded = True
+        self._failures, self._retry_at_s = 0, 0.0
+        self._settle(sent, replies)
+        return True
+
+    def _take(self) -> Sent:
+        sent = Sent([*self._sealed, *self._chunks.values()], self._ops, self._finals.take())
+        self._sealed, self._chunks, self._ops = [], {}, []
+        for c in sent.chunks:
+            if c.index < 0:
+                c.index = self._next_index[c.request_id]
+                self._next_index[c.request_id] = c.index + 1
+        return sent
+
+    def _put_back(self, sent: Sent) -> None:
+        """Queue ``sent`` again, before what was queued since; its chunks stay sealed."""
+        self._sealed = sent.chunks
+        self._ops = sent.ops + self._ops
+        if sent.finals is not None:
+            self._finals.put_back(sent.finals)
+
+    def _failed(self, err: Exception) -> None:
+        delay_s = RETRY_DELAYS_S[min(self._failures, len(RETRY_DELAYS_S) - 1)]
+        self._failures += 1
+        self._retry_at_s = time.monotonic() + delay_s
+        log.warning(
+            "result writes failed (%s); %d queued, retry %d in %.2f s",
+            err, self.pending, self._failures, delay_s,
+        )  # fmt: skip
+
+    def _chunk_calls(self, chunks: list[PendingChunk]) -> list[list[PendingChunk]]:
+        """The chunks of each CHUNKS call: one partition's (one hash slot) at a time, at most
+        MAX_CHUNKS_PER_CALL each."""
+        groups: dict[int, list[PendingChunk]] = {}
+        for c in chunks:
+            p = 0 if self.keys.partitions == 1 else self.keys.partition_in(c.lane)
+            groups.setdefault(p, []).append(c)
+        return [
+            group[start : start + MAX_CHUNKS_PER_CALL]
+            for group in groups.values()
+            for start in range(0, len(group), MAX_CHUNKS_PER_CALL)
+        ]
+
+    async def _send(self, sent: Sent) -> list[Any]:
+        if not self._scripts_loaded and is_cluster(self.redis):
+            # A cluster pipeline cannot load scripts on the way (SCRIPT LOAD goes to every
+            # master).
+            for script in (self._chunks_script, self._finalize_many, self._dead_raw):
+                await self.redis.script_load(script.script)
+        pipe = self.redis.pipeline(transaction=False)
+        for call in self._chunk_calls(sent.chunks):
+            keys: list[Any] = []
+            args: list[Any] = [GROUP, self.worker]
+            for c in call:
+                keys += (self.keys.result(c.request_id), c.lane)
+                body = chunk_body(
+                    c.index,
+                    "".join(c.parts),
+                    c.tokens,
+                    reasoning="".join(c.reasoning),
+                    tool_calls=tuple(c.tool_calls),
+                    logprobs=c.logprobs,
+                    choice=c.choice,
                 )
-                await asyncio.sleep(delay_s)
-        raise AssertionError("unreachable")
+                args += (c.entry_id, c.index, body, c.ttl_s)
+            self._script(pipe, self._chunks_script, keys, args)
+        for op in sent.ops:
+            op(pipe)
+        assert sent.finals is not None
+        for keys, args in sent.finals.calls():
+            self._script(pipe, self._finalize_many, keys, args)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
 
+    def _script(self, pipe: Any, script: AsyncScript, keys: list[Any], args: list[Any]) -> None:
+        """Queue EVALSHA on the pipeline being built."""
+        if not self._scripts_loaded and hasattr(pipe, "scripts"):
+            pipe.scripts.add(script)  # the pipeline loads it first if Redis lacks it
+        # execute_command: a cluster pipeline refuses its evalsha() method, not the command
+        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
 
-def _calls(num_finals: int) -> int:
-    return -(-num_finals // MAX_FINALS_PER_CALL)
+    def _settle(self, sent: Sent, replies: list[Any]) -> None:
+        """Count what landed; report requests whose chunks were fenced off; keep (sealed)
+        the chunks of a call Redis refused whole (out of memory, read-only...), as a
+        dropped chunk would leave a gap in its stream."""
+        assert sent.finals is not None
+        calls = self._chunk_calls(sent.chunks)
+        chunk_calls = len(calls)
+        fenced: list[str] = []
+        refused: list[PendingChunk] = []
+        for chunks, reply in zip(calls, replies[:chunk_calls], strict=True):
+            if isinstance(reply, Exception):
+                refused += chunks
+                continue
+            fenced += [c.request_id for c, ok in zip(chunks, reply, strict=True) if ok == 0]
+            if -1 in reply:
+                log.error("%d chunks could not be added (a result key of another type)",
+                          reply.count(-1))  # fmt: skip
+        if refused:
+            self._sealed = refused
+            errors = [r for r in replies[:chunk_calls] if isinstance(r, Exception)]
+            self._failed(errors[0] if errors else ResponseError("chunks refused"))
+        self._forget(fenced)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                log.error("result write command failed: %s", reply)
+            elif isinstance(reply, list) and -1 in reply:
+                log.error("a batch of result writes had %d failures", reply.count(-1))
+        n_final_calls = sent.finals.num_calls()
+        for reply in replies[len(replies) - n_final_calls :] if n_final_calls else []:
+            if isinstance(reply, list):
+                self.finals_written += sum(1 for x in reply if x == 1)
+                self.finals_fenced += sum(1 for x in reply if x == FENCED)
+        for request_id in sent.finals.request_ids():
+            self._next_index.pop(request_id, None)
+
+    def _forget(self, fenced: list[str]) -> None:
+        """Requests another worker took over: nothing more of theirs is written."""
+        if not fenced:
+            return
+        self.chunks_fenced += len(fenced)
+        lost = set(fenced)
+        self._sealed = [c for c in self._sealed if c.request_id not in lost]
+        self._chunks = {k: c for k, c in self._chunks.items() if c.request_id not in lost}
+        for request_id in lost:
+            self._next_index.pop(request_id, None)
+        if self.on_fenced is not None:
+            self.on_fenced(sorted(lost))

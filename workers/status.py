@@ -15,11 +15,13 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from producer.keys import GROUP, PRIORITIES, Keys
+from producer.contract.keys import GROUP, PRIORITIES, Keys
 
 
 @dataclass(frozen=True)
 class LaneStatus:
+    """One priority lane of a model: entries queued and pending."""
+
     priority: str
     length: int  # entries in the stream: queued + pending
     pending: int  # delivered to a worker, not yet acknowledged
@@ -31,6 +33,8 @@ class LaneStatus:
 
 @dataclass(frozen=True)
 class WorkerStatus:
+    """A live worker as its heartbeat shows it."""
+
     name: str
     pid: int | None = None
     host: str = ""
@@ -40,6 +44,8 @@ class WorkerStatus:
 
 @dataclass(frozen=True)
 class ModelStatus:
+    """One model's queue, backlog, dead letters and workers."""
+
     model: str
     lanes: tuple[LaneStatus, ...]
     backlog_tokens: int  # cost of queued + running requests (enqueue adds, FINALIZE removes)
@@ -113,43 +119,53 @@ def _serves(worker: WorkerStatus, model: str, consumers: set[str]) -> bool:
 
 
 async def status_report(redis: Redis, keys: Keys) -> list[ModelStatus]:
-    """One :class:`ModelStatus` per model that ever had a request queued, sorted by name."""
-    # redis-py types SMEMBERS as sync-or-async (one stub for both clients); this is async.
-    members: Any = await redis.smembers(keys.models)  # type: ignore[misc]
-    models = sorted(_s(m) for m in members)
+    """One :class:`ModelStatus` per model that ever had a request queued, sorted by name
+    (lanes and backlogs summed over the partitions)."""
+    names: set[str] = set()
+    for p in keys.all_partitions():
+        # redis-py types SMEMBERS as sync-or-async (one stub for both clients); this is async.
+        members: Any = await redis.smembers(keys.models(p))  # type: ignore[misc]
+        names |= {_s(m) for m in members}
+    models = sorted(names)
     workers = await live_workers(redis, keys)
     pipe = redis.pipeline(transaction=False)
     for model in models:
-        pipe.hgetall(keys.backlog(model))
-        for lane in keys.request_lanes(model):
-            pipe.xlen(lane)
-            pipe.xpending(lane, GROUP)
-            pipe.xinfo_consumers(lane, GROUP)
+        for p in keys.all_partitions():
+            pipe.hgetall(keys.backlog(model, p))
+            for lane in keys.request_lanes(model, p):
+                pipe.xlen(lane)
+                pipe.xpending(lane, GROUP)
+                pipe.xinfo_consumers(lane, GROUP)
     replies = iter(await pipe.execute(raise_on_error=False))
     report: list[ModelStatus] = []
     for model in models:
-        backlog = next(replies)
-        backlog = {_s(k): v for k, v in backlog.items()} if isinstance(backlog, dict) else {}
-        lanes: list[LaneStatus] = []
+        sums = dict.fromkeys(("tokens", "requests", "dead"), 0)
+        rate = 0.0
+        counts = {priority: [0, 0] for priority in PRIORITIES}  # length, pending
         consumers: set[str] = set()
-        for priority in PRIORITIES:
-            length, pending, infos = next(replies), next(replies), next(replies)
-            length = length if isinstance(length, int) else 0
-            pending = int(pending["pending"]) if isinstance(pending, dict) else 0
-            if isinstance(infos, list):
-                consumers |= {_s(c["name"]) for c in infos}
-            lanes.append(LaneStatus(priority, length, pending))
+        for _ in keys.all_partitions():
+            backlog = next(replies)
+            backlog = {_s(k): v for k, v in backlog.items()} if isinstance(backlog, dict) else {}
+            for name in sums:
+                sums[name] += _int(backlog.get(name))
+            rate += _float(backlog.get("rate"))
+            for priority in PRIORITIES:
+                length, pending, infos = next(replies), next(replies), next(replies)
+                counts[priority][0] += length if isinstance(length, int) else 0
+                counts[priority][1] += int(pending["pending"]) if isinstance(pending, dict) else 0
+                if isinstance(infos, list):
+                    consumers |= {_s(c["name"]) for c in infos}
         serving = sorted(
             (w for w in workers.values() if _serves(w, model, consumers)), key=lambda w: w.name
         )
         report.append(
             ModelStatus(
                 model=model,
-                lanes=tuple(lanes),
-                backlog_tokens=_int(backlog.get("tokens")),
-                backlog_requests=_int(backlog.get("requests")),
-                drain_rate_tps=_float(backlog.get("rate")),
-                dead_letters=_int(backlog.get("dead")),
+                lanes=tuple(LaneStatus(prio, *counts[prio]) for prio in PRIORITIES),
+                backlog_tokens=sums["tokens"],
+                backlog_requests=sums["requests"],
+                drain_rate_tps=rate,
+                dead_letters=sums["dead"],
                 workers=tuple(serving),
             )
         )
@@ -181,15 +197,53 @@ def _rows(report: list[ModelStatus]) -> list[tuple[str, ...]]:
     return rows
 
 
-def render_text(report: list[ModelStatus]) -> str:
-    """A plain fixed-width table (for logs, pipes, and terminals without rich)."""
-    if not report:
-        return "no models have queued requests yet"
-    rows = [_COLUMNS, *_rows(report)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+def render_text(report: list[ModelStatus], workers: dict[str, WorkerStatus] | None = None) -> str:
+    """A plain fixed-width table (for logs, pipes, and terminals without rich), then the live
+    ``workers`` (when given), so a worker shows before any request was queued."""
+    parts: list[str] = []
+    if report:
+        parts.append(_table(_COLUMNS, _rows(report)))
+    else:
+        parts.append("no requests queued yet")
+    if workers is not None:
+        if workers:
+            parts.append("live workers:\n" + _table(_WORKER_COLUMNS, _worker_rows(workers)))
+        else:
+            parts.append("no live workers")
+    return "\n\n".join(parts)
+
+
+def _table(columns: tuple[str, ...], body: list[tuple[str, ...]]) -> str:
+    rows = [columns, *body]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(line.rstrip() for line in lines)
+
+
+_WORKER_COLUMNS = ("worker", "model", "device", "state", "running", "waiting", "KV used", "beat")
+
+
+def _worker_rows(workers: dict[str, WorkerStatus]) -> list[tuple[str, ...]]:
+    rows: list[tuple[str, ...]] = []
+    for name in sorted(workers):
+        cap = workers[name].capacity
+        total, free = _int(cap.get("total_kv_tokens")), _int(cap.get("free_kv_tokens"))
+        kv = f"{100 * (total - free) / total:.0f}% of {total}" if total > 0 else "-"
+        age = workers[name].beat_age_ms
+        rows.append(
+            (
+                name,
+                str(cap.get("model", "?")),
+                str(cap.get("device", "?")),
+                str(cap.get("state", "?")),
+                str(_int(cap.get("running_seqs"))),
+                str(_int(cap.get("waiting_seqs"))),
+                kv,
+                f"{age / 1000:.1f} s ago" if age is not None else "?",
+            )
+        )
+    return rows
 
 
 def render_rich(report: list[ModelStatus]) -> Any:
@@ -202,3 +256,53 @@ def render_rich(report: list[ModelStatus]) -> Any:
     for row in _rows(report):
         table.add_row(*row)
     return table
+
+
+@dataclass(frozen=True)
+class WebhookFailure:
+    """One delivery given up on (an entry of ``Keys.webhook_failed``)."""
+
+    request_id: str
+    url: str
+    reason: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class WebhookStatus:
+    """Callback deliveries (``chatq webhooks``): counters and the newest failures."""
+
+    delivered: int
+    retried: int
+    failed: int
+    last_failures: tuple[WebhookFailure, ...]
+
+
+async def webhook_status(redis: Redis, keys: Keys, last: int = 5) -> WebhookStatus:
+    stats: Any = await redis.hgetall(keys.webhook_stats)  # type: ignore[misc]
+    counts = {_s(k): _int(v) for k, v in stats.items()}
+    entries = await redis.xrevrange(keys.webhook_failed, count=last)
+    failures = []
+    for _, fields in entries:
+        f = {_s(k): _s(v) for k, v in fields.items()}
+        failures.append(
+            WebhookFailure(
+                f.get("id", ""), f.get("url", ""), f.get("reason", ""), _int(f.get("attempts"))
+            )
+        )
+    return WebhookStatus(
+        counts.get("delivered", 0), counts.get("retried", 0), counts.get("failed", 0),
+        tuple(failures),
+    )  # fmt: skip
+
+
+def render_webhooks(status: WebhookStatus) -> str:
+    """One line of counters, then the newest failures (empty if nothing was ever sent)."""
+    if not (status.delivered or status.retried or status.failed):
+        return ""
+    lines = [
+        f"webhooks: {status.delivered} delivered, {status.retried} retries, {status.failed} failed"
+    ]
+    for f in status.last_failures:
+        lines.append(f"  failed {f.request_id} → {f.url}: {f.reason} ({f.attempts} attempts)")
+    return "\n".join(lines)

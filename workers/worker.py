@@ -16,10 +16,11 @@ answer). Last, delete the heartbeat, so any entry that is still pending on this 
 is claimed at once.
 
 A request that starts over on another worker (claimed after a crash, or handed back past
-the grace period) is generated again from its prompt. Its final result is written once;
-but if it streamed, its result stream may already hold chunks of the first attempt, which
-the second attempt's chunks (numbered from 0 again) follow: the ``done`` text is the
-authoritative answer (resuming partial generations is a later issue).
+the grace period) is generated again from its prompt; if it streamed, the new worker
+continues from the tokens in its chunks instead (:mod:`workers.resume`), so its chunks
+join to its final text. Its final result is written once. Redis outages of any length are
+waited out (writes queued, :mod:`workers.results`), and what Redis says this worker holds
+is reconciled with what it holds (``Intake.reconcile``).
 
 If the engine process dies, the worker exits at once without requeueing: the heartbeat is
 deleted and other workers claim the pending entries with their delivery count raised, so
@@ -28,11 +29,9 @@ a request that crashes engines ends in the dead-letter stream after ``max_delive
 With ``host_processes`` = n > 1 this process (host 0) starts the engine process with a
 pair of pipes per host, then n - 1 more host processes (``host_main``), each a Worker of
 its own (consumer ``<name>.<k>``, its own heartbeat, intake, aggregator and reclaim) with an
-equal share of the engine's capacity, attached to the same engine. They start pulling
-together, once all are set up (host 0 waits for each, then lets them go). A stop reaches them
-all (host 0 forwards SIGTERM); host 0 stops the engine after they have left. Any of the
-processes dying ends them all, like an engine crash (the engine sees that host's pipe
-close): their entries are reclaimed by the queue.
+equal share of the engine's capacity, attached to the same engine
+(:mod:`workers.host_processes`). Any of the processes dying ends them all, like an engine
+crash (the engine sees that host's pipe close): their entries are reclaimed by the queue.
 """
 
 from __future__ import annotations
@@ -40,46 +39,70 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import itertools
 import logging
-import multiprocessing as mp
 import os
 import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gpu_engine.outputs import EngineCapacity as Capacity
+from gpu_engine.outputs import EngineCapacity
 from producer.connection import connect
-from producer.keys import Keys
+from producer.contract.keys import Keys
 from workers.admission import Admission
 from workers.aggregator import Aggregator
-from workers.engine_process import EngineProcess, HostChannel, Output
-from workers.errors import ConfigError, WorkerError
-from workers.intake import Intake, being_cancelled
+from workers.engine_process import EngineProcess, HostChannel
+from workers.engine_wire import Output
+from workers.errors import ConfigError
+from workers.host_processes import HostProcesses, await_go
+from workers.intake import Intake
 from workers.lanes import Entry, Lanes
+from workers.logprobs import TokenTexts
 from workers.metrics import Metrics
+from workers.model_source import check_model_dir, with_model_dir
 from workers.prompts import PromptBuilder
-from workers.reclaim import ClaimedEntry, Reclaimer
+from workers.reclaim import Reclaimer, name_free
 from workers.results import ResultWriter
 from workers.settings import LOG_FORMAT, WorkerSettings
+from workers.side_loops import CANCEL_BLOCK_MS, cancel_loop, entry_from_claim, heartbeat_loop
+from workers.telemetry import WorkerTelemetry
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-CANCEL_BLOCK_MS = 500
-HOST_START_TIMEOUT_S = 300.0
-HOST_EXIT_MARGIN_S = 15.0  # past the grace period, before host 0 kills a host that hangs
+STARTUP_RETRY_S = (0.2, 5.0)
+SOCKET_TIMEOUT_S = 10.0  # first and longest wait between startup calls Redis missed
 GC_YOUNG_THRESHOLD = 20_000  # allocations between young collections (Python's default: 700)
 TASK_EXIT_TIMEOUT_S = 5.0
+HEARTBEAT_DELETE_TIMEOUT_S = 5.0
+
+
+@dataclass
+class Parts:
+    """A running worker's components, wired together by :meth:`Worker.run`."""
+
+    redis: Redis
+    lanes: Lanes
+    writer: ResultWriter
+    engine: EngineProcess
+    admission: Admission
+    aggregator: Aggregator
+    intake: Intake
+    reclaimer: Reclaimer
 
 
 class Worker:
+    """One worker host process: intake, aggregator, cancels and heartbeat on one loop, fed
+    by its engine process (see the module docstring)."""
+
     def __init__(
         self,
         settings: WorkerSettings,
@@ -87,20 +110,24 @@ class Worker:
         host: HostChannel | None = None,
         started: Any = None,
         go: Any = None,
+        shared_metrics: Any = None,
     ) -> None:
         """``host``: this process is host number ``host.host`` of a worker whose host 0
         started the engine process (see ``host_main``); it sets the event ``started`` once
-        set up, and starts pulling when host 0 sets ``go`` (all hosts are set up)."""
+        set up, starts pulling when host 0 sets ``go`` (all hosts are set up), and publishes
+        its metrics into ``shared_metrics`` for host 0's ``/metrics``."""
+        if host is None:  # host 0 resolves --model; the other hosts get its directory
+            settings = with_model_dir(settings)
         self.settings = settings
         self._host = host
         self._started_flag = started
         self._go = go
-        self._hosts: list[Any] = []  # host 0: the other host processes
-        self._hosts_started: list[Any] = []  # host 0: their ``started`` events
+        self._hosts = HostProcesses(settings)  # host 0: the other host processes
         self.name = settings.name
         self.model = settings.model_name
-        self.keys = Keys(settings.prefix)
+        self.keys = Keys(settings.prefix, settings.partitions)
         self.metrics = Metrics(self.name, self.model)
+        self.telemetry = WorkerTelemetry(settings, self.metrics, shared=shared_metrics)
         self.ready = asyncio.Event()  # set once the engine runs and intake has started
         self._stop = asyncio.Event()
         self._closing = False  # side loops (heartbeat, cancels) end at their next turn
@@ -109,6 +136,9 @@ class Worker:
         self.intake: Intake | None = None
         self.engine: EngineProcess | None = None
         self.aggregator: Aggregator | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._gc_thresholds: tuple[int, ...] | None = None  # the process's, restored at exit
+        self._device = _device_label(settings.device)  # shown by `chatq status`
 
     def stop(self) -> None:
         """Begin a graceful shutdown (idempotent; safe from a signal handler)."""
@@ -116,182 +146,207 @@ class Worker:
 
     async def run(self, *, install_signals: bool = True) -> int:
         """Serve until stopped; returns the process exit code (0 = clean drain)."""
-        s = self.settings
-        if not Path(s.model_path).is_dir():
-            raise ConfigError(f"model directory not found: {s.model_path!r}")
+        check_model_dir(self.settings)
         loop = asyncio.get_running_loop()
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.stop)
-        redis = connect(s.redis_url, health_check_interval=30)
-        engine: EngineProcess | None = None
-        tasks: list[asyncio.Task[Any]] = []
-        gc_thresholds: tuple[int, ...] | None = None  # the process's, restored at exit
+        # A socket timeout (longer than any blocking read) turns a connection that went
+        # silent (a partition, a Redis host gone) into an error the loops retry.
+        redis = connect(
+            self.settings.redis_url,
+            health_check_interval=30,
+            socket_timeout=max(SOCKET_TIMEOUT_S, self.settings.read_block_ms / 1000 + 5),
+            socket_connect_timeout=SOCKET_TIMEOUT_S,
+        )
         try:
-            lanes = Lanes(redis, self.keys, self.model, self.name, aging_s=s.aging_s)
-            await lanes.ensure_groups()
-            tokenizer = await loop.run_in_executor(None, _load_tokenizer, s.model_path)
-            prompts = PromptBuilder(tokenizer)
-            writer = ResultWriter(redis, self.keys, self.model, self.name)
-            if self._host is None:
-                engine = EngineProcess(
-                    s.engine_factory,
-                    s.model_path,
-                    s.engine_options(),
-                    torch_threads=s.torch_threads,
-                    on_outputs=self._on_outputs,
-                    on_fatal=self._on_fatal,
-                    host_processes=s.host_processes,
+            if self._host is None:  # host 0 checks every host's name before loading
+                names = self._host_names()
+                await self._until_reachable(
+                    "name check", lambda: name_free(redis, self.keys, names)
                 )
-            else:
-                engine = EngineProcess.attach(
-                    self._host, on_outputs=self._on_outputs, on_fatal=self._on_fatal
-                )
-            self.engine = engine
-            await engine.start()
-            if self._host is None and s.host_processes > 1:
-                self._go = mp.get_context("spawn").Event()
-                self._hosts, self._hosts_started = _start_hosts(s, engine.host_channels(), self._go)
-                engine.close_host_channels()
-            admission = Admission(
-                engine.capacity,
-                max_num_seqs=s.max_num_seqs,
-                inflight_factor=s.max_inflight_factor,
-                headroom_tokens=s.admission_headroom_tokens,
-                share=1.0 / s.host_processes,
-            )
-            aggregator = Aggregator(writer, admission, engine, self.metrics, self.name)
-            self.aggregator = aggregator
-            intake = Intake(
-                redis,
-                self.keys,
-                self.model,
-                lanes,
-                admission,
-                aggregator,
-                writer,
-                engine,
-                prompts,
-                self.metrics,
-                aging_s=s.aging_s,
-                read_block_ms=s.read_block_ms,
-            )
-            self.intake = intake
-            reclaimer = Reclaimer(redis, self.keys, self.name, max_deliveries=s.max_deliveries)
-            if s.metrics_port:
-                self.metrics.serve(s.metrics_port)
-
-            # All hosts start pulling together (a full queue is not pulled by a few hosts,
-            # each with its share of the engine, while the others load), each heartbeat
-            # only from then on, beating without pause.
-            if self._hosts:
-                await self._hosts_set_up()
-            elif self._host is not None:
-                await self._await_go()
-            beat = self._beat_info(engine, admission)
-            await reclaimer.register(beat())
-            own = await reclaimer.claim_own(self.model)
-            if own:
-                log.info("%s: taking back %d entries pending on this name", self.name, len(own))
-                await intake.process([_entry_from_claim(c, lanes) for c in own])
-            tasks = [
-                asyncio.create_task(intake.run(), name="intake"),
-                asyncio.create_task(aggregator.run(), name="aggregator"),
-                asyncio.create_task(self._cancels(redis, aggregator, intake), name="cancel"),
-                asyncio.create_task(self._heartbeat(reclaimer, intake, beat), name="heartbeat"),
-            ]
-            # Startup left ~200k objects (transformers, the tokenizer) that every full
-            # collection would scan again; the hot path only needs its own ones scanned.
-            gc.freeze()
-            # A round of a few hundred requests allocates tens of thousands of short-lived
-            # containers, nearly all freed by refcount when the round ends; at the default
-            # 700, young collections kept scanning (and promoting) the live ones of the
-            # round: ~5% of the host's CPU per request on the queue bench.
-            gc_thresholds = gc.get_threshold()
-            gc.set_threshold(GC_YOUNG_THRESHOLD, *gc_thresholds[1:])
-            self.ready.set()
-            log.info("worker %s serving %s (engine pid %s)", self.name, self.model, engine.pid)
-            await self._until_stopped(tasks)
-            self._signal_hosts()
+            parts = await self._start(redis)
+            await self._serve(parts)
+            self._hosts.signal_stop()
             if self._fatal is not None:
                 log.error("%s: %s", self.name, self._fatal)
                 return 1
-            await self._drain(intake, admission, aggregator, writer, lanes, tasks)
+            await self._drain(parts)
             return 0
         finally:
-            if gc_thresholds is not None:
-                gc.set_threshold(*gc_thresholds)
-            if self.aggregator is not None:
-                self.aggregator.stop()
-            await self._end_tasks(tasks)
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(redis.delete(self.keys.heartbeat(self.name)), 5.0)
-            await self._join_hosts()
-            if engine is not None:
-                await engine.stop()
-            log.info("%s: stopped", self.name)
-            if self.intake is not None:
-                self.intake.close()
-            await redis.aclose()
+            await self._shut_down(redis)
             if install_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
 
+    def _host_names(self) -> list[str]:
+        """The consumer names this worker's host processes take (``<name>``, ``<name>.1``...)."""
+        return [self.name, *(f"{self.name}.{k}" for k in range(1, self.settings.host_processes))]
+
     # --- lifecycle ---
 
-    def _signal_hosts(self) -> None:
-        """Host 0: pass the stop on to the other host processes (they drain on their own)."""
-        for proc in self._hosts:
-            if proc.is_alive():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGTERM)
+    async def _start(self, redis: Redis) -> Parts:
+        """Groups, tokenizer, engine (and the other hosts), then the parts that use them."""
+        s = self.settings
+        lanes = Lanes(redis, self.keys, self.model, self.name, aging_s=s.aging_s)
+        await self._until_reachable("creating the consumer groups", lanes.ensure_groups)
+        loop = asyncio.get_running_loop()
+        prompts = PromptBuilder(await loop.run_in_executor(None, _load_tokenizer, s.model_path))
+        writer = ResultWriter(redis, self.keys, self.model, self.name)
+        engine = await self._start_engine()
+        admission = Admission(
+            engine.capacity,
+            max_num_seqs=s.max_num_seqs,
+            inflight_factor=s.max_inflight_factor,
+            headroom_tokens=s.admission_headroom_tokens,
+            share=1.0 / s.host_processes,
+        )
+        self.aggregator = Aggregator(
+            writer, admission, engine, self.metrics, self.name, TokenTexts(prompts.tokenizer)
+        )
+        self.intake = Intake(
+            redis, self.keys, self.model, lanes, admission, self.aggregator, writer, engine,
+            prompts, self.metrics, aging_s=s.aging_s, read_block_ms=s.read_block_ms,
+            reconcile_interval_s=s.reconcile_interval_s,
+        )  # fmt: skip
+        reclaimer = Reclaimer(redis, self.keys, self.name, max_deliveries=s.max_deliveries)
+        if s.metrics_port and self._host is None:
+            self.telemetry.serve(s.metrics_port, lambda: engine.capacity)
+        return Parts(
+            redis, lanes, writer, engine, admission, self.aggregator, self.intake, reclaimer
+        )
 
-    async def _await_go(self) -> None:
-        """Host k > 0: say this host is set up, then wait for host 0's go (or a stop: the
-        engine gone, a signal)."""
-        self._started_flag.set()
-        while not self._go.is_set() and not self._stop.is_set():
-            await asyncio.sleep(0.01)
+    async def _start_engine(self) -> EngineProcess:
+        """Start the engine process (host 0, and the other hosts then), or attach to it."""
+        s = self.settings
+        if self._host is None:
+            engine = EngineProcess(
+                s.engine_factory,
+                s.model_path,
+                s.engine_options(),
+                torch_threads=s.torch_threads,
+                on_outputs=self._on_outputs,
+                on_fatal=self._on_fatal,
+                host_processes=s.host_processes,
+            )
+        else:
+            engine = EngineProcess.attach(
+                self._host, on_outputs=self._on_outputs, on_fatal=self._on_fatal
+            )
+        self.engine = engine
+        await engine.start()
+        if self._host is None and s.host_processes > 1:
+            self._hosts.start(engine.host_channels(), host_main, self.telemetry)
+            engine.close_host_channels()
+        return engine
 
-    async def _hosts_set_up(self) -> None:
-        """Host 0: wait until every other host process is set up, then let all of them go
-        (one that exits first is an error: the worker does not start)."""
-        deadline = time.monotonic() + HOST_START_TIMEOUT_S
-        while not all(flag.is_set() for flag in self._hosts_started):
-            for proc in self._hosts:
-                if not proc.is_alive():
-                    raise WorkerError(f"host process {proc.name} exited ({proc.exitcode}) "
-                                      "while starting; see its log above")  # fmt: skip
-            if time.monotonic() > deadline:
-                raise WorkerError(f"host processes not set up after {HOST_START_TIMEOUT_S} s")
-            if self._stop.is_set():
-                return
-            await asyncio.sleep(0.01)
-        self._go.set()
+    async def _serve(self, parts: Parts) -> None:
+        """Start pulling (with the other hosts), take back this name's own pending entries,
+        run the side loops, and wait until stopped."""
+        # All hosts start pulling together (a full queue is not pulled by a few hosts, each
+        # with its share of the engine, while the others load), each heartbeat only from
+        # then on, beating without pause.
+        if self._hosts.procs:
+            await self._hosts.all_set_up(self._stop)
+        elif self._host is not None:
+            await await_go(self._started_flag, self._go, self._stop)
+        beat = self._beat_info(parts.engine, parts.admission)
+        await self._until_reachable("registering", lambda: parts.reclaimer.register(beat()))
+        self.telemetry.beat_ok()
+        own = await self._until_reachable(
+            "taking back own entries", lambda: parts.reclaimer.claim_own(self.model)
+        )
+        if own:
+            log.info("%s: taking back %d entries pending on this name", self.name, len(own))
+            await parts.intake.process([entry_from_claim(c, parts.lanes) for c in own])
+        self._tasks = [
+            asyncio.create_task(parts.intake.run(), name="intake"),
+            asyncio.create_task(parts.aggregator.run(), name="aggregator"),
+            *(
+                asyncio.create_task(
+                    cancel_loop(
+                        parts.redis,
+                        self.keys.cancel(p),
+                        parts.aggregator,
+                        parts.intake,
+                        self._is_closing,
+                    ),
+                    name="cancel" if self.keys.partitions == 1 else f"cancel-{p}",
+                )
+                for p in self.keys.all_partitions()  # one cancel stream per partition
+            ),
+            asyncio.create_task(
+                heartbeat_loop(
+                    parts.reclaimer,
+                    parts.intake,
+                    self.metrics,
+                    beat,
+                    self.settings.heartbeat_interval_s,
+                    self._is_closing,
+                    self.telemetry.beat_ok,
+                ),
+                name="heartbeat",
+            ),
+        ]
+        self._tune_gc()
+        self.ready.set()
+        self.telemetry.serving()
+        log.info("worker %s serving %s (engine pid %s)", self.name, self.model, parts.engine.pid)
+        await self._until_stopped(self._tasks)
 
-    async def _join_hosts(self) -> None:
-        """Host 0: wait for the other hosts to leave (the engine stops only after them)."""
-        if not self._hosts:
-            return
-        self._signal_hosts()
-        timeout_s = self.settings.grace_period_s + HOST_EXIT_MARGIN_S
+    async def _until_reachable(self, what: str, call: Callable[[], Awaitable[T]]) -> T:
+        """``call()``, again with backoff while Redis cannot be reached: a worker started
+        during an outage waits it out instead of exiting."""
+        delay_s = STARTUP_RETRY_S[0]
+        for attempt in itertools.count(1):
+            try:
+                return await call()
+            except (RedisConnectionError, RedisTimeoutError) as err:
+                log.warning("%s: %s: Redis unreachable (%s); retry %d in %.1f s",
+                            self.name, what, err, attempt, delay_s)  # fmt: skip
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, STARTUP_RETRY_S[1])
+        raise AssertionError("unreachable")
 
-        def join() -> None:
-            deadline = time.monotonic() + timeout_s
-            for proc in self._hosts:
-                proc.join(max(0.0, deadline - time.monotonic()))
+    def _tune_gc(self) -> None:
+        # Startup left ~200k objects (transformers, the tokenizer) that every full
+        # collection would scan again; the hot path only needs its own ones scanned.
+        gc.freeze()
+        # A round of a few hundred requests allocates tens of thousands of short-lived
+        # containers, nearly all freed by refcount when the round ends; at the default
+        # 700, young collections kept scanning (and promoting) the live ones of the
+        # round, a visible share of the host's CPU per request (docs/benchmarks.md).
+        self._gc_thresholds = gc.get_threshold()
+        gc.set_threshold(GC_YOUNG_THRESHOLD, *self._gc_thresholds[1:])
 
-        await asyncio.get_running_loop().run_in_executor(None, join)
-        for proc in self._hosts:
-            if proc.is_alive():
-                log.error("%s: host process %s did not stop; killing it", self.name, proc.pid)
-                proc.kill()
-                proc.join(2)
-            elif proc.exitcode:
-                log.warning("%s: host process %s exited with %s", self.name, proc.pid,
-                            proc.exitcode)  # fmt: skip
+    async def _shut_down(self, redis: Redis) -> None:
+        """Stop the side loops, drop the heartbeat, let the other hosts leave, stop the
+        engine, close Redis."""
+        if self._gc_thresholds is not None:
+            gc.set_threshold(*self._gc_thresholds)
+        self.telemetry.draining()
+        if self.aggregator is not None:
+            self.aggregator.stop()
+        await self._end_tasks(self._tasks)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                asyncio.gather(
+                    *(redis.delete(self.keys.heartbeat(self.name, p))
+                      for p in self.keys.all_partitions())
+                ),
+                HEARTBEAT_DELETE_TIMEOUT_S,
+            )  # fmt: skip
+        await self._hosts.join(self.name)
+        if self.engine is not None:
+            await self.engine.stop()
+        self.telemetry.publish()
+        self.telemetry.stop()
+        log.info("%s: stopped", self.name)
+        if self.intake is not None:
+            self.intake.close()
+        await redis.aclose()
 
-    def _on_outputs(self, outputs: list[Output], capacity: Capacity) -> None:
+    def _on_outputs(self, outputs: list[Output], capacity: EngineCapacity) -> None:
         if self.aggregator is not None:  # engine outputs only follow requests it was sent
             self.aggregator.on_outputs(outputs, capacity)
 
@@ -310,6 +365,9 @@ class Worker:
             for t in stuck:
                 log.error("%s: task %s did not stop", self.name, t.get_name())
 
+    def _is_closing(self) -> bool:
+        return self._closing
+
     def _on_fatal(self, message: str) -> None:
         self._fatal = message
         self._stop.set()
@@ -324,16 +382,12 @@ class Worker:
                 self._fatal = f"task {t.get_name()} failed: {exc!r}"
                 log.error("%s", self._fatal, exc_info=exc)
 
-    async def _drain(
-        self,
-        intake: Intake,
-        admission: Admission,
-        aggregator: Aggregator,
-        writer: ResultWriter,
-        lanes: Lanes,
-        tasks: list[asyncio.Task[Any]],
-    ) -> None:
+    async def _drain(self, parts: Parts) -> None:
+        """Stop pulling; let running requests finish for up to the grace period; hand the
+        rest back to their lanes."""
+        intake, admission, tasks = parts.intake, parts.admission, self._tasks
         s = self.settings
+        self.telemetry.draining()
         log.info("%s: draining (%d requests held)", self.name, len(admission.admitted))
         intake.stopping.set()
         await asyncio.wait([tasks[0]], timeout=s.read_block_ms / 1000 + 5)  # last pull lands
@@ -348,13 +402,14 @@ class Worker:
             for req in left:
                 req.finished = True
                 admission.release(req)
-            assert self.engine is not None
-            self.engine.abort([r.request_id for r in left])
+            parts.engine.abort([rid for r in left for rid in r.engine_ids])
+            # Their chunks first, so the worker that takes them resumes from all of them.
+            await parts.writer.flush()
             entries: list[Entry] = []
             for r in left:
                 entries.extend([r.entry, *r.duplicates])
-            self.metrics.requeued += await lanes.requeue(entries)
-        await writer.flush()
+            self.metrics.requeued += await parts.lanes.requeue(entries)
+        await parts.writer.flush()
         log.info("%s: drained", self.name)
 
     # --- side loops ---
@@ -367,107 +422,49 @@ class Worker:
             return {
                 "worker": self.name,
                 "model": self.model,
+                "device": self._device,
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
                 "started_s": round(self.started_s, 3),
                 "state": "draining" if self._stop.is_set() else "serving",
                 "inflight": len(admission.admitted),
                 "committed_tokens": admission.committed_tokens,
+                "max_model_len": engine.max_model_len,
                 "free_kv_tokens": c.free_kv_tokens,
                 "total_kv_tokens": c.total_kv_tokens,
                 "running_seqs": c.running_seqs,
                 "waiting_seqs": c.waiting_seqs,
+                "preemptions": c.num_preemptions,
+                "gpus": self.telemetry.gpu_beat(),
                 **self.metrics.snapshot(),
             }
 
         return info
 
-    async def _heartbeat(
-        self, reclaimer: Any, intake: Intake, info: Callable[[], dict[str, Any]]
-    ) -> None:
-        """Beat every interval (also while draining); claim dead workers' entries while serving."""
-        interval_s = self.settings.heartbeat_interval_s
-        while not self._closing:
-            started = time.monotonic()
-            try:
-                await reclaimer.beat(info())
-                if not intake.stopping.is_set():
-                    claimed = await reclaimer.reclaim(self.model)
-                    if claimed:
-                        entries = [_entry_from_claim(c, intake.lanes) for c in claimed]
-                        self.metrics.claimed += len(entries)
-                        log.info("%s: claimed %d entries of dead workers", self.name, len(entries))
-                        await intake.process(entries)
-            except (RedisConnectionError, RedisTimeoutError) as err:
-                if being_cancelled():
-                    raise asyncio.CancelledError from err
-                log.warning("%s: heartbeat/reclaim failed (%s); retrying", self.name, err)
-            await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - started)))
-
-    async def _cancels(self, redis: Redis, aggregator: Aggregator, intake: Intake) -> None:
-        """Cancels of running requests: abort in the engine. Queued ones are skipped at intake."""
-        last_id: Any = None
-        while not self._closing:
-            try:
-                if last_id is None:  # only cancels from now on matter
-                    last = await redis.xrevrange(self.keys.cancel, count=1)
-                    last_id = last[0][0] if last else "0-0"
-                res: Any = await redis.xread(
-                    {self.keys.cancel: last_id}, count=512, block=CANCEL_BLOCK_MS
-                )
-            except (RedisConnectionError, RedisTimeoutError) as err:
-                if being_cancelled():
-                    raise asyncio.CancelledError from err
-                log.warning("%s: cancel stream read failed (%s); retrying", self.name, err)
-                await asyncio.sleep(0.5)
-                continue
-            any_hit = False
-            for _, entries in res or []:
-                for entry_id, fields in entries:
-                    last_id = entry_id
-                    rid = fields.get(b"id") or fields.get(b"request_id")
-                    if rid is None:
-                        continue
-                    rid_s = rid.decode() if isinstance(rid, bytes) else str(rid)
-                    intake.note_cancel(rid_s)
-                    any_hit |= aggregator.cancel(rid_s)
-            if any_hit:
-                await aggregator.writer.flush()
-
-
-def _start_hosts(
-    settings: WorkerSettings, channels: list[HostChannel], go: Any
-) -> tuple[list[Any], list[Any]]:
-    """Hosts 1..n-1 of this worker, as spawned processes running ``host_main``, and the
-    events they set once set up; they start pulling on ``go``."""
-    ctx = mp.get_context("spawn")
-    procs: list[Any] = []
-    started: list[Any] = []
-    for ch in channels:
-        host = settings.with_(
-            name=f"{settings.name}.{ch.host}",
-            served_model_name=settings.model_name,
-            metrics_port=None,
-        )
-        flag = ctx.Event()
-        proc = ctx.Process(
-            target=host_main,
-            args=(host, ch, flag, go, logging.getLogger().getEffectiveLevel()),
-            name=f"chatq-host-{ch.host}",
-            daemon=True,
-        )
-        proc.start()
-        procs.append(proc)
-        started.append(flag)
-    return procs, started
-
 
 def host_main(
-    settings: WorkerSettings, channel: HostChannel, started: Any, go: Any, log_level: int
+    settings: WorkerSettings,
+    channel: HostChannel,
+    started: Any,
+    go: Any,
+    shared_metrics: Any,
+    log_level: int,
 ) -> None:
     """Entry point of host process ``channel.host`` (spawn context)."""
     logging.basicConfig(level=log_level, format=LOG_FORMAT)
-    sys.exit(asyncio.run(Worker(settings, host=channel, started=started, go=go).run()))
+    worker = Worker(settings, host=channel, started=started, go=go, shared_metrics=shared_metrics)
+    sys.exit(asyncio.run(worker.run()))
+
+
+def _device_label(device: str) -> str:
+    """``device`` as the engine resolves it: "auto" is cuda when torch sees a GPU."""
+    if device != "auto":
+        return device
+    try:
+        import torch
+    except ImportError:
+        return "auto"
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _load_tokenizer(model_path: str) -> Any:
@@ -477,13 +474,3 @@ def _load_tokenizer(model_path: str) -> Any:
         return AutoTokenizer.from_pretrained(model_path)
     except (OSError, ValueError) as err:
         raise ConfigError(f"cannot load a tokenizer from {model_path!r}: {err}") from err
-
-
-def _entry_from_claim(claim: ClaimedEntry, lanes: Lanes) -> Entry:
-    return Entry(
-        claim.stream,
-        claim.entry_id,
-        dict(claim.fields),
-        lanes.priority_of.get(claim.stream, claim.priority),
-        delivery_count=claim.delivery_count,
-    )

@@ -30,6 +30,11 @@ INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 FUSED_KERNELS: bool = os.environ.get("CHATQ_FUSED_KERNELS", "1") != "0"
 
 
+# FP8 linear layers with at most 16 rows use the fused quantize-and-multiply Triton kernel
+# (kernels.fp8_gemm) on CUDA; CHATQ_FP8_SMALL_M=0 sends them to torch._scaled_mm as well.
+FP8_SMALL_M: bool = os.environ.get("CHATQ_FP8_SMALL_M", "1") != "0"
+
+
 def use_fused(x: torch.Tensor) -> bool:
     return FUSED_KERNELS and x.is_cuda
 
@@ -38,3 +43,21 @@ def dot_precision(dtype: torch.dtype) -> str:
     """``input_precision`` for ``tl.dot``: exact fp32 for fp32 models (no tf32 surprises in
     greedy parity), the native path for 16-bit operands."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def check_kv_scales(
+    k_cache: torch.Tensor, kv_scales: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K and V scale tensors an attention kernel launch passes: the given ones for an FP8
+    cache (checked: [num_blocks, page, num_kv_heads] fp32, contiguous), else the cache
+    itself as an unused placeholder."""
+    from gpu_engine.fp8 import FP8_DTYPE
+
+    if (k_cache.dtype == FP8_DTYPE) != (kv_scales is not None):
+        raise ValueError("KV scales go with an FP8 cache, and only with one")
+    if kv_scales is None:
+        return k_cache, k_cache
+    for s in kv_scales:
+        if s.shape != k_cache.shape[:3] or s.dtype != torch.float32 or not s.is_contiguous():
+            raise ValueError(f"KV scales {tuple(s.shape)} {s.dtype} vs cache {k_cache.shape}")
+    return kv_scales

@@ -8,6 +8,14 @@ handles a contiguous run of tiles and writes a partial output and its log-sum-ex
 a second kernel merges the splits. The split count is a launch constant, and the tile range
 of each split is computed in the kernel from ``seq_lens``: a CUDA graph captured once stays
 valid for any context length.
+
+Shared prefixes (``shared`` given, see ``kernels.shared_prefix``): each sequence attends
+from ``kv_start`` on, its group's prefix partial sits in one more partial slot, and the
+merge kernel folds it in (only where ``kv_start`` > 0).
+
+FP8 cache (``kv_scales`` given): K/V tiles are loaded as e4m3 (half the bytes), converted to
+the query dtype in registers, and their per-token scales applied to the score columns (K) and
+to the probabilities before the PV product (V), so no dequantized tile is materialised.
 """
 
 from __future__ import annotations
@@ -16,7 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from gpu_engine.kernels import INTERPRET, dot_precision
+from gpu_engine.kernels import INTERPRET, check_kv_scales, dot_precision
+from gpu_engine.kernels.shared_prefix import launch_prefix_attention
+from gpu_engine.layers.base import SharedPrefix
 
 _LOG2E = 1.4426950408889634
 
@@ -28,8 +38,11 @@ def _decode_kernel(
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     block_table_ptr,
     seq_lens_ptr,
+    kv_start_ptr,
     out_ptr,
     part_out_ptr,
     part_lse_ptr,
@@ -51,13 +64,20 @@ def _decode_kernel(
     NUM_SPLITS: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    FP8: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    KV_START: tl.constexpr,
+    NUM_SLOTS: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
     seq_len = tl.load(seq_lens_ptr + seq)
-    num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    first = 0
+    if KV_START:  # the shared prefix before it is attended by the group's program
+        first = tl.load(kv_start_ptr + seq)
+    num_tiles = tl.cdiv(seq_len - first, BLOCK_N)
     tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
     tile_lo = split * tiles_per_split
     tile_hi = tl.minimum(tile_lo + tiles_per_split, num_tiles)
@@ -81,37 +101,50 @@ def _decode_kernel(
     bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt_seq
     head_off = kv_head * HEAD_DIM
     for tile in range(tile_lo, tile_hi):
-        n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n = first + tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < seq_len
         blk = tl.load(bt_row + n // PAGE, mask=n_mask, other=0).to(tl.int64)
         rows = blk * stride_c_blk + (n % PAGE) * stride_c_tok + head_off  # [BLOCK_N]
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
+        if FP8:
+            # Scales of these tokens' K/V rows: [num_blocks, PAGE, NUM_KV_HEADS] fp32.
+            srow = (blk * PAGE + n % PAGE) * NUM_KV_HEADS + kv_head
+            k_s = tl.load(k_scale_ptr + srow, mask=n_mask, other=0.0)
+            v_s = tl.load(v_scale_ptr + srow, mask=n_mask, other=0.0)
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
+        elif UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [GROUP_PAD, BLOCK_N]
+        if FP8:
+            s = s * k_s[None, :]
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        pv = p
+        if FP8:
+            pv = p * v_s[None, :]
+        acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     o_mask = g_mask[:, None] & d_mask[None, :]
-    if NUM_SPLITS == 1:
+    if NUM_SLOTS == 1:
         # seq_len 0 (graph padding) leaves l_i = 0: write zeros, not NaN.
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         o_ptrs = out_ptr + seq.to(tl.int64) * stride_o_tok + heads[:, None] * stride_o_head
         tl.store(o_ptrs + d[None, :], out.to(out_ptr.dtype.element_ty), mask=o_mask)
     else:
-        # Partials: part_out [num_seqs, NUM_SPLITS, num_heads, HEAD_DIM] fp32,
-        # part_lse [num_seqs, NUM_SPLITS, num_heads] fp32 (log2 domain, -inf = empty split).
+        # Partials: part_out [num_seqs, NUM_SLOTS, num_heads, HEAD_DIM] fp32,
+        # part_lse [num_seqs, NUM_SLOTS, num_heads] fp32 (log2 domain, -inf = empty split);
+        # slots [0, NUM_SPLITS) are the splits, a last one the shared prefix's.
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        base = (seq.to(tl.int64) * NUM_SPLITS + split) * num_heads + heads
+        base = (seq.to(tl.int64) * NUM_SLOTS + split) * num_heads + heads
         tl.store(part_out_ptr + base[:, None] * HEAD_DIM + d[None, :], out, mask=o_mask)
         tl.store(part_lse_ptr + base, lse, mask=g_mask)
 
@@ -120,6 +153,7 @@ def _decode_kernel(
 def _merge_kernel(
     part_out_ptr,
     part_lse_ptr,
+    kv_start_ptr,
     out_ptr,
     stride_o_tok,
     stride_o_head,
@@ -127,15 +161,20 @@ def _merge_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
+    NUM_SLOTS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
 ):
-    # One program per (sequence, query head): softmax-weighted sum of the split partials.
+    # One program per (sequence, query head): softmax-weighted sum of the split partials,
+    # and of the shared-prefix partial (the last slot) where the sequence has a group.
     seq = tl.program_id(0)
     head = tl.program_id(1)
     sp = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, BLOCK_D)
-    sp_mask = sp < NUM_SPLITS
-    base = (seq.to(tl.int64) * NUM_SPLITS + sp) * num_heads + head  # [SPLITS_PAD]
+    used = NUM_SPLITS
+    if NUM_SLOTS > NUM_SPLITS:
+        used = NUM_SPLITS + (tl.load(kv_start_ptr + seq) > 0).to(tl.int32)
+    sp_mask = sp < used
+    base = (seq.to(tl.int64) * NUM_SLOTS + sp) * num_heads + head  # [SPLITS_PAD]
     lse = tl.load(part_lse_ptr + base, mask=sp_mask, other=float("-inf"))
     m = tl.max(lse, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
@@ -176,17 +215,23 @@ def paged_decode_attention(
     num_splits: int = 1,
     out: torch.Tensor | None = None,
     block_n: int | None = None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    shared: SharedPrefix | None = None,
 ) -> torch.Tensor:
     """q: [num_seqs, num_heads, head_dim] (one token each, the last of its sequence);
     caches: [num_blocks, page, num_kv_heads, head_dim]; block_tables: [num_seqs, max_blocks]
     int32; seq_lens: [num_seqs] int32 context length including this token (0 = padding,
-    output zeros). Returns out: [num_seqs, num_heads, head_dim] in q's dtype."""
+    output zeros). Returns out: [num_seqs, num_heads, head_dim] in q's dtype. An FP8 cache
+    comes with ``kv_scales``: K and V scales [num_blocks, page, num_kv_heads] fp32.
+    ``shared``: groups of these sequences with a common cached prefix (attended once per
+    group, merged with each sequence's own suffix)."""
     num_seqs, num_heads, head_dim = q.shape
     _, page, num_kv_heads, cache_dim = k_cache.shape
     if cache_dim != head_dim or num_heads % num_kv_heads:
         raise ValueError(f"q {tuple(q.shape)} vs cache {tuple(k_cache.shape)}")
     if q.stride(2) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
         raise ValueError("q rows and the caches must be contiguous in head_dim")
+    k_scales, v_scales = check_kv_scales(k_cache, kv_scales)
     if out is None:
         out = torch.empty_like(q)
     if num_seqs == 0:
@@ -194,8 +239,10 @@ def paged_decode_attention(
     group = num_heads // num_kv_heads
     if block_n is None:
         # fp32 (tests, parity runs) does exact fp32 dots on CUDA cores: smaller tiles keep
-        # the accumulators in registers (64 spills to local memory with split-K).
-        block_n = 64 if q.element_size() <= 2 else 32
+        # the accumulators in registers (64 spills to local memory with split-K). An FP8
+        # cache reads half the bytes per tile: 128 keys keep as many in flight (on the H100,
+        # 1.09-1.35x the bf16 kernel at 128, 0.80-1.07x at 64; benchmarks.md).
+        block_n = 32 if q.element_size() > 2 else 128 if kv_scales is not None else 64
     block_d = triton.next_power_of_2(head_dim)
     common = dict(
         GROUP=group,
@@ -207,22 +254,34 @@ def paged_decode_attention(
         NUM_SPLITS=num_splits,
         UPCAST=INTERPRET,
         PRECISION=dot_precision(q.dtype),
+        FP8=kv_scales is not None,
+        NUM_KV_HEADS=num_kv_heads,
     )
-    if num_splits == 1:
+    num_slots = num_splits + (shared is not None)
+    if num_slots == 1:
         part_out = part_lse = out  # unused
     else:
         part_out = torch.empty(
-            (num_seqs, num_splits, num_heads, head_dim), dtype=torch.float32, device=q.device
+            (num_seqs, num_slots, num_heads, head_dim), dtype=torch.float32, device=q.device
         )
         part_lse = torch.empty(
-            (num_seqs, num_splits, num_heads), dtype=torch.float32, device=q.device
+            (num_seqs, num_slots, num_heads), dtype=torch.float32, device=q.device
         )
+    kv_start = seq_lens if shared is None else shared.kv_start  # unused without sharing
+    if shared is not None:
+        launch_prefix_attention(
+            q, k_cache, v_cache, (k_scales, v_scales), shared, part_out, part_lse, scale,
+            num_splits, common,
+        )  # fmt: skip
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         k_cache,
         v_cache,
+        k_scales,
+        v_scales,
         block_tables,
         seq_lens,
+        kv_start,
         out,
         part_out,
         part_lse,
@@ -237,12 +296,15 @@ def paged_decode_attention(
         num_heads,
         num_warps=4,
         num_stages=2,
+        KV_START=shared is not None,
+        NUM_SLOTS=num_slots,
         **common,
     )
-    if num_splits > 1:
+    if num_slots > 1:
         _merge_kernel[(num_seqs, num_heads)](
             part_out,
             part_lse,
+            kv_start,
             out,
             out.stride(0),
             out.stride(1),
@@ -250,7 +312,8 @@ def paged_decode_attention(
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
             NUM_SPLITS=num_splits,
-            SPLITS_PAD=max(2, triton.next_power_of_2(num_splits)),
+            NUM_SLOTS=num_slots,
+            SPLITS_PAD=max(2, triton.next_power_of_2(num_slots)),
             num_warps=4,
         )
     return out

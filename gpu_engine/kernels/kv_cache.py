@@ -1,10 +1,17 @@
-"""Store this step's K/V rows into the paged cache by slot mapping."""
+"""Store this step's K/V rows into the paged cache by slot mapping.
+
+With an FP8 cache (e4m3, ``gpu_engine.fp8``) each token's K and V are quantized per KV head
+on the way in: one fp32 scale per (slot, KV head) in a scale tensor beside the cache.
+"""
 
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
+
+from gpu_engine.fp8 import FP8_DTYPE
+from gpu_engine.kernels.fp8_math import quantize_e4m3
 
 
 @triton.jit
@@ -33,16 +40,60 @@ def _store_kv_kernel(
     tl.store(v_cache_ptr + slot * stride_cache_slot + offs, v, mask=mask)
 
 
+@triton.jit
+def _quantize_row(src, cache, scales, offs, mask, h, h_mask, row, scale_row):
+    x = tl.load(src + offs, mask=mask, other=0.0).to(tl.float32)  # [HEADS_PAD, BLOCK_D]
+    q, scale = quantize_e4m3(x, tl.max(tl.abs(x), 1))
+    tl.store(cache + row + offs, q, mask=mask)
+    tl.store(scales + scale_row + h, scale, mask=h_mask)
+
+
+@triton.jit
+def _store_kv_fp8_kernel(
+    k_ptr,
+    v_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
+    slot_ptr,
+    stride_k_tok,
+    stride_v_tok,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEADS_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # One program per new token: quantizes its K and V rows [num_kv_heads, head_dim] with one
+    # scale per KV head; scales live at [slot, kv_head] of the (contiguous) scale tensors.
+    tok = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + tok).to(tl.int64)
+    h = tl.arange(0, HEADS_PAD)
+    d = tl.arange(0, BLOCK_D)
+    # slot -1 (padding) masks everything, as in _store_kv_kernel.
+    h_mask = h < tl.where(slot >= 0, NUM_KV_HEADS, 0)
+    mask = h_mask[:, None] & (d[None, :] < HEAD_DIM)
+    offs = h[:, None] * HEAD_DIM + d[None, :]
+    row = slot * (NUM_KV_HEADS * HEAD_DIM)
+    scale_row = slot * NUM_KV_HEADS
+    _quantize_row(k_ptr + tok * stride_k_tok, k_cache_ptr, k_scale_ptr, offs, mask, h, h_mask,
+                  row, scale_row)  # fmt: skip
+    _quantize_row(v_ptr + tok * stride_v_tok, v_cache_ptr, v_scale_ptr, offs, mask, h, h_mask,
+                  row, scale_row)  # fmt: skip
+
+
 def store_kv_cache(
     k: torch.Tensor,
     v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """k, v: [num_tokens, num_kv_heads, head_dim] (token stride free, heads packed);
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim] contiguous;
-    slot_mapping: [num_tokens] int (-1 = skip)."""
+    slot_mapping: [num_tokens] int (-1 = skip). An FP8 cache needs ``kv_scales``: K and V
+    scales [num_blocks, block_size, num_kv_heads] fp32, contiguous."""
     num_tokens, num_kv_heads, head_dim = k.shape
     if num_tokens == 0:
         return
@@ -52,6 +103,9 @@ def store_kv_cache(
             raise ValueError("k/v rows must be [num_kv_heads, head_dim] packed")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("KV cache must be contiguous")
+    if k_cache.dtype == FP8_DTYPE:
+        _store_fp8(k, v, k_cache, v_cache, slot_mapping, kv_scales)
+        return
     if k_cache.shape[2:] != (num_kv_heads, head_dim) or k_cache.dtype != k.dtype:
         raise ValueError(f"cache {tuple(k_cache.shape)} {k_cache.dtype} vs k {tuple(k.shape)}")
     _store_kv_kernel[(num_tokens,)](
@@ -65,5 +119,41 @@ def store_kv_cache(
         row,
         ROW=row,
         BLOCK=triton.next_power_of_2(row),
+        num_warps=4,
+    )
+
+
+def _store_fp8(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None,
+) -> None:
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if kv_scales is None:
+        raise ValueError("an FP8 KV cache needs its scale tensors")
+    k_scales, v_scales = kv_scales
+    if k_cache.shape[2:] != (num_kv_heads, head_dim):
+        raise ValueError(f"cache {tuple(k_cache.shape)} vs k {tuple(k.shape)}")
+    if k_scales.shape != k_cache.shape[:3] or v_scales.shape != k_cache.shape[:3]:
+        raise ValueError(f"scales {tuple(k_scales.shape)} vs cache {tuple(k_cache.shape)}")
+    if not (k_scales.is_contiguous() and v_scales.is_contiguous()):
+        raise ValueError("KV scales must be contiguous")
+    _store_kv_fp8_kernel[(num_tokens,)](
+        k,
+        v,
+        k_cache,
+        v_cache,
+        k_scales,
+        v_scales,
+        slot_mapping,
+        k.stride(0),
+        v.stride(0),
+        NUM_KV_HEADS=num_kv_heads,
+        HEAD_DIM=head_dim,
+        HEADS_PAD=triton.next_power_of_2(num_kv_heads),
+        BLOCK_D=triton.next_power_of_2(head_dim),
         num_warps=4,
     )

@@ -11,7 +11,9 @@ step) serves any mix of query lengths. A program keeps a
 [BLOCK_M, head_dim] query tile in registers and streams K/V tiles of BLOCK_N tokens gathered
 through the block table, with an online softmax: the [query_len, seq_len] score matrix is
 never materialised. Keys strictly before the tile's first query position need no causal
-mask (first loop); only the diagonal band is masked (second loop).
+mask (first loop); only the diagonal band is masked (second loop). An FP8 cache is read as
+in the decode kernel: e4m3 tiles converted in registers, per-token scales applied to the
+score columns and to the probabilities.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gpu_engine.kernels import INTERPRET, dot_precision
+from gpu_engine.kernels import INTERPRET, check_kv_scales, dot_precision
 from gpu_engine.kernels.prefill_tiles import prefill_block_m, prefill_tiles
 
 _LOG2E = 1.4426950408889634
@@ -35,11 +37,13 @@ def _attend_tile(
     acc,
     k_cache_ptr,
     v_cache_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     bt_row,
     start,
     q_pos,
     seq_len,
-    head_off,
+    kv_head,
     stride_c_blk,
     stride_c_tok,
     qk_scale,
@@ -50,18 +54,29 @@ def _attend_tile(
     BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    FP8: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
 ):
     n = start + tl.arange(0, BLOCK_N)
     n_mask = n < seq_len
     blk = tl.load(bt_row + n // PAGE, mask=n_mask, other=0).to(tl.int64)
-    rows = blk * stride_c_blk + (n % PAGE) * stride_c_tok + head_off
+    rows = blk * stride_c_blk + (n % PAGE) * stride_c_tok + kv_head * HEAD_DIM
     kv_mask = n_mask[:, None] & d_mask[None, :]
     k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
     v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    if UPCAST:
+    if FP8:
+        srow = (blk * PAGE + n % PAGE) * NUM_KV_HEADS + kv_head
+        k_s = tl.load(k_scale_ptr + srow, mask=n_mask, other=0.0)
+        v_s = tl.load(v_scale_ptr + srow, mask=n_mask, other=0.0)
+        k = k.to(q.dtype)
+        v = v.to(q.dtype)
+    elif UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+    if FP8:
+        s = s * k_s[None, :]
     if MASKED:
         keep = (n[None, :] <= q_pos[:, None]) & n_mask[None, :]
         s = tl.where(keep, s, float("-inf"))
@@ -69,7 +84,10 @@ def _attend_tile(
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    pv = p
+    if FP8:
+        pv = p * v_s[None, :]
+    acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
 
 
@@ -79,6 +97,8 @@ def _prefill_kernel(
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     block_table_ptr,
     cu_seqlens_q_ptr,
     seq_lens_ptr,
@@ -100,6 +120,8 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
+    FP8: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     head = tl.program_id(1)
@@ -129,22 +151,22 @@ def _prefill_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt_seq
-        head_off = (head // GROUP) * HEAD_DIM
+        kv_head = head // GROUP
 
         first_q = ctx_len + m_tile * BLOCK_M
         full_end = (first_q // BLOCK_N) * BLOCK_N  # keys < full_end: visible to every row
         end = tl.minimum(seq_len, first_q + BLOCK_M)
         for start in range(0, full_end, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
-                q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row, start, q_pos, seq_len,
-                head_off, stride_c_blk, stride_c_tok, qk_scale, d, d_mask,
-                False, PAGE, BLOCK_N, UPCAST, PRECISION,
+                q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bt_row,
+                start, q_pos, seq_len, kv_head, stride_c_blk, stride_c_tok, qk_scale, d, d_mask,
+                False, PAGE, BLOCK_N, UPCAST, PRECISION, FP8, NUM_KV_HEADS, HEAD_DIM,
             )  # fmt: skip
         for start in range(full_end, end, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
-                q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, bt_row, start, q_pos, seq_len,
-                head_off, stride_c_blk, stride_c_tok, qk_scale, d, d_mask,
-                True, PAGE, BLOCK_N, UPCAST, PRECISION,
+                q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bt_row,
+                start, q_pos, seq_len, kv_head, stride_c_blk, stride_c_tok, qk_scale, d, d_mask,
+                True, PAGE, BLOCK_N, UPCAST, PRECISION, FP8, NUM_KV_HEADS, HEAD_DIM,
             )  # fmt: skip
 
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -164,6 +186,7 @@ def paged_prefill_attention(
     out: torch.Tensor | None = None,
     tiles: torch.Tensor | None = None,
     block_m: int | None = None,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """q: [num_tokens, num_heads, head_dim] (sequences back to back, ``cu_seqlens_q``
     [num_seqs + 1] int32 prefix sums); caches [num_blocks, page, num_kv_heads, head_dim]
@@ -172,13 +195,15 @@ def paged_prefill_attention(
 
     ``tiles``: the step's tile table (``prefill_tiles`` with ``block_m`` rows per tile) on
     q's device; the grid is its length. Without it, the table is built here from
-    ``cu_seqlens_q`` (a device-to-host read)."""
+    ``cu_seqlens_q`` (a device-to-host read). An FP8 cache comes with ``kv_scales`` (K and V
+    scales [num_blocks, page, num_kv_heads] fp32)."""
     num_tokens, num_heads, head_dim = q.shape
     _, page, num_kv_heads, cache_dim = k_cache.shape
     if cache_dim != head_dim or num_heads % num_kv_heads:
         raise ValueError(f"q {tuple(q.shape)} vs cache {tuple(k_cache.shape)}")
     if q.stride(2) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
         raise ValueError("q rows and the caches must be contiguous in head_dim")
+    k_scales, v_scales = check_kv_scales(k_cache, kv_scales)
     if out is None:
         out = torch.empty_like(q)
     num_seqs = seq_lens.shape[0]
@@ -195,6 +220,8 @@ def paged_prefill_attention(
         q,
         k_cache,
         v_cache,
+        k_scales,
+        v_scales,
         block_tables,
         cu_seqlens_q,
         seq_lens,
@@ -216,6 +243,8 @@ def paged_prefill_attention(
         BLOCK_N=block_n,
         UPCAST=INTERPRET,
         PRECISION=dot_precision(q.dtype),
+        FP8=kv_scales is not None,
+        NUM_KV_HEADS=num_kv_heads,
         num_warps=4,
         num_stages=2,
     )

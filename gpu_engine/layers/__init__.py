@@ -3,7 +3,8 @@
 ``make_attention_backend`` picks a backend by name. ``"auto"`` is the torch reference on CPU;
 on CUDA it prefers flash-attn, then Triton (``gpu_engine.layers.flash_attn.FlashAttnBackend``,
 ``gpu_engine.layers.triton_attn.TritonBackend``; imported lazily, constructed without
-arguments), and falls back to the torch reference with a warning when neither imports.
+arguments; Triton only with an FP8 KV cache), and falls back to the torch reference with a
+warning when neither imports.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ def _load(name: str) -> AttentionBackend:
     return backend
 
 
-def make_attention_backend(name: str, device_type: str) -> AttentionBackend:
+def make_attention_backend(
+    name: str, device_type: str, fp8_kv_cache: bool = False
+) -> AttentionBackend:
+    """The backend called ``name`` ("auto" picks); an FP8 KV cache rules flash-attn out."""
     from gpu_engine.layers.torch_ref import TorchRefBackend
 
     if name == "torch":
@@ -46,7 +50,7 @@ def make_attention_backend(name: str, device_type: str) -> AttentionBackend:
     if device_type != "cuda":
         return TorchRefBackend()
     errors = []
-    for candidate in ("flash_attn", "triton"):
+    for candidate in ("triton",) if fp8_kv_cache else ("flash_attn", "triton"):
         try:
             return _load(candidate)
         except (ImportError, AttributeError) as err:

@@ -25,8 +25,12 @@ class Attention(nn.Module):
         # Views into the runner's KV cache, [num_blocks, block_size, KVH, D]; set by the runner.
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        # An FP8 cache's K and V scales, [num_blocks, block_size, KVH] fp32; set by the runner.
+        self.kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [T, H, D], k/v: [T, KVH, D] -> [T, H, D]
         meta = get_forward_context().attn_metadata
-        return self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
+        return self.backend.forward(
+            q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.kv_scales
+        )

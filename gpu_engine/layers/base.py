@@ -25,6 +25,21 @@ import torch
 
 
 @dataclass
+class SharedPrefix:
+    """Decode sequences grouped by a shared cached prefix (``gpu_engine.prefix_groups``), on
+    the device: each group's prefix is attended once for all its members (one program per
+    tile of members and KV head), each member's suffix from ``kv_start`` on by the decode
+    kernel, merged by log-sum-exp. Capacities are fixed (CUDA graphs): padding tiles have
+    group -1, padding members -1."""
+
+    kv_start: torch.Tensor  # [num_decode_seqs] int32: prefix tokens covered (0 = no group)
+    tile_group: torch.Tensor  # [tiles] int32: group of each tile, -1 = padding
+    tile_members: torch.Tensor  # [tiles, block_s] int32: decode rows, -1 = padding
+    group_tables: torch.Tensor  # [groups, max_blocks] int32: each group's prefix blocks
+    group_lens: torch.Tensor  # [groups] int32: each group's prefix tokens
+
+
+@dataclass
 class AttentionMetadata:
     # [num_tokens] int64: cache slot of each new token (-1 = padding, do not store).
     slot_mapping: torch.Tensor
@@ -49,6 +64,8 @@ class AttentionMetadata:
     num_prefill_tokens: int | None = None
     prefill_tiles: torch.Tensor | None = None
     prefill_block_m: int | None = None
+    # Decode-only steps whose sequences share cached prefix blocks (None: attend alone).
+    shared: SharedPrefix | None = None
 
     @property
     def prefill_token_count(self) -> int:
@@ -67,7 +84,10 @@ class AttentionBackend(Protocol):
     q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
     (num_heads % num_kv_heads == 0: grouped-query attention). Causal within each sequence,
     query token j of sequence i sits at position ``seq_lens[i] - query_lens[i] + j``.
-    Returns [num_tokens, num_heads, head_dim] in q's dtype.
+    Returns [num_tokens, num_heads, head_dim] in q's dtype. With an FP8 cache
+    (``float8_e4m3fn``), ``kv_scales`` holds the K and V scales [num_blocks, block_size,
+    num_kv_heads] fp32 (``gpu_engine.fp8``): the backend quantizes on store and dequantizes
+    on read; a backend without FP8 support raises.
     """
 
     name: str
@@ -81,4 +101,5 @@ class AttentionBackend(Protocol):
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor: ...

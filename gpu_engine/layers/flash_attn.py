@@ -43,8 +43,13 @@ class FlashAttnBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, KVH, D]; caches [num_blocks, block_size, KVH, D].
+        if kv_scales is not None:
+            raise EngineError(
+                "the flash_attn backend has no FP8 KV cache: use attention_backend='triton'"
+            )
         if k_cache.shape[1] % 256:
             raise EngineError(
                 f"flash-attn paged KV needs block_size % 256 == 0, got {k_cache.shape[1]}"

@@ -5,6 +5,9 @@ through its block table (cached prefix + earlier chunks + this step's tokens) an
 attend causally with an offset (query j sits at position ``seq_len - query_len + j``).
 Prefill sequences are attended one at a time; the trailing decode sequences in one batched
 call over K/V padded to the longest of them.
+
+An FP8 cache (``kv_scales`` given) is written through ``gpu_engine.fp8.quantize_rows`` (one
+scale per token and KV head) and read back dequantized to the query dtype.
 """
 
 from __future__ import annotations
@@ -12,7 +15,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from gpu_engine.fp8 import FP8_DTYPE, dequantize_rows, quantize_rows
 from gpu_engine.layers.base import AttentionMetadata
+
+KVScales = tuple[torch.Tensor, torch.Tensor]
 
 
 def store_kv(
@@ -21,24 +27,53 @@ def store_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    kv_scales: KVScales | None = None,
 ) -> None:
-    """Write this step's k, v [T, KVH, D] into cache slots ``slot_mapping`` [T] (-1 = skip)."""
+    """Write this step's k, v [T, KVH, D] into cache slots ``slot_mapping`` [T] (-1 = skip);
+    an FP8 cache gets e4m3 values and their scales [num_blocks, block_size, KVH]."""
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
-    flat_k = k_cache.view(-1, num_kv_heads, head_dim)  # [num_blocks * block_size, KVH, D]
-    flat_v = v_cache.view(-1, num_kv_heads, head_dim)
     valid = slot_mapping >= 0
     if not bool(valid.all()):
         k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
-    flat_k.index_copy_(0, slot_mapping, k.to(flat_k.dtype))
-    flat_v.index_copy_(0, slot_mapping, v.to(flat_v.dtype))
+    for new, cache, scales in zip(
+        (k, v), (k_cache, v_cache), kv_scales or (None, None), strict=True
+    ):
+        flat = cache.view(-1, num_kv_heads, head_dim)  # [num_blocks * block_size, KVH, D]
+        if cache.dtype == FP8_DTYPE:
+            if scales is None:
+                raise ValueError("an FP8 KV cache needs its scale tensors")
+            values, row_scales = quantize_rows(new)  # [T, KVH, D], [T, KVH]
+            # index_copy_ has no float8 kernel on the CPU: copy the bytes.
+            flat.view(torch.uint8).index_copy_(0, slot_mapping, values.view(torch.uint8))
+            scales.view(-1, num_kv_heads).index_copy_(0, slot_mapping, row_scales)
+        else:
+            flat.index_copy_(0, slot_mapping, new.to(flat.dtype))
 
 
-def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """The first ``seq_len`` tokens of one sequence: [seq_len, KVH, D]."""
+def _take(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``cache[index]``; FP8 through a byte view (indexing kernels lack float8 types)."""
+    if cache.dtype == FP8_DTYPE:
+        return cache.view(torch.uint8)[index].view(FP8_DTYPE)
+    return cache[index]
+
+
+def gather_kv(
+    cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_len: int,
+    scales: torch.Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The first ``seq_len`` tokens of one sequence: [seq_len, KVH, D] (in ``dtype``,
+    dequantized through ``scales`` for an FP8 cache)."""
     block_size = cache.shape[1]
     num_blocks = -(-seq_len // block_size)
-    blocks = cache[block_table[:num_blocks].long()]  # [nb, block_size, KVH, D]
-    return blocks.reshape(-1, cache.shape[2], cache.shape[3])[:seq_len]
+    ids = block_table[:num_blocks].long()
+    rows = _take(cache, ids).reshape(-1, cache.shape[2], cache.shape[3])[:seq_len]
+    if scales is not None:
+        row_scales = scales[ids].reshape(-1, cache.shape[2])[:seq_len]
+        return dequantize_rows(rows, row_scales, dtype or torch.float32)
+    return rows if dtype is None else rows.to(dtype)
 
 
 class TorchRefBackend:
@@ -53,21 +88,24 @@ class TorchRefBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        kv_scales: KVScales | None = None,
     ) -> torch.Tensor:
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping, kv_scales)
+        k_scales, v_scales = kv_scales or (None, None)
         out = torch.empty_like(q)
         query_lens, seq_lens = meta.query_lens_host, meta.seq_lens_host
         start = 0
         for i in range(meta.num_prefill_seqs):
             query_len, seq_len = query_lens[i], seq_lens[i]
-            keys = gather_kv(k_cache, meta.block_tables[i], seq_len)  # [L, KVH, D]
-            values = gather_kv(v_cache, meta.block_tables[i], seq_len)
+            table = meta.block_tables[i]
+            keys = gather_kv(k_cache, table, seq_len, k_scales, q.dtype)  # [L, KVH, D]
+            values = gather_kv(v_cache, table, seq_len, v_scales, q.dtype)
             q_pos = torch.arange(seq_len - query_len, seq_len, device=q.device)
             mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos[:, None]  # [Q, L]
             o = F.scaled_dot_product_attention(
                 q[start : start + query_len].transpose(0, 1),  # [H, Q, D]
-                keys.transpose(0, 1).to(q.dtype),  # [KVH, L, D]
-                values.transpose(0, 1).to(q.dtype),
+                keys.transpose(0, 1),  # [KVH, L, D]
+                values.transpose(0, 1),
                 attn_mask=mask,
                 scale=scale,
                 enable_gqa=True,
@@ -75,7 +113,7 @@ class TorchRefBackend:
             out[start : start + query_len] = o.transpose(0, 1)
             start += query_len
         if meta.num_decode_seqs:
-            out[start:] = self._decode(q[start:], k_cache, v_cache, meta, scale)
+            out[start:] = self._decode(q[start:], k_cache, v_cache, meta, scale, kv_scales)
         return out
 
     def _decode(
@@ -85,6 +123,7 @@ class TorchRefBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        kv_scales: KVScales | None,
     ) -> torch.Tensor:
         # q: [N, H, D], one query per decode sequence, at the last position of each.
         first = meta.num_prefill_seqs
@@ -99,8 +138,12 @@ class TorchRefBackend:
         clamped = torch.minimum(pos, seq_lens - 1)  # [N, L]
         tables = meta.block_tables[first : first + n].long()
         slots = tables.gather(1, clamped // block_size) * block_size + clamped % block_size
-        keys = k_cache.view(-1, num_kv_heads, head_dim)[slots]  # [N, L, KVH, D]
-        values = v_cache.view(-1, num_kv_heads, head_dim)[slots]
+        keys = _take(k_cache.view(-1, num_kv_heads, head_dim), slots)  # [N, L, KVH, D]
+        values = _take(v_cache.view(-1, num_kv_heads, head_dim), slots)
+        if kv_scales is not None:
+            k_scales, v_scales = (s.view(-1, num_kv_heads)[slots] for s in kv_scales)
+            keys = dequantize_rows(keys, k_scales, q.dtype)
+            values = dequantize_rows(values, v_scales, q.dtype)
         # Grouped-query attention without expanding K/V: the query heads sharing a KV head
         # (heads g*G .. g*G+G-1 use KV head g) act as G queries against it.
         o = F.scaled_dot_product_attention(

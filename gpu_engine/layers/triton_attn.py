@@ -58,9 +58,11 @@ class TritonBackend:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
+        kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        # q: [T, H, D]; k, v: [T, KVH, D]; caches [num_blocks, block_size, KVH, D].
-        store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        # q: [T, H, D]; k, v: [T, KVH, D]; caches [num_blocks, block_size, KVH, D] (FP8:
+        # with kv_scales [num_blocks, block_size, KVH]).
+        store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping, kv_scales)
         out = torch.empty_like(q)
         num_prefill = meta.num_prefill_seqs
         prefill_tokens = 0
@@ -80,6 +82,7 @@ class TritonBackend:
                 out=out[:prefill_tokens],
                 tiles=meta.prefill_tiles,
                 block_m=meta.prefill_block_m,
+                kv_scales=kv_scales,
             )
         num_decode = meta.num_decode_seqs
         if num_decode:
@@ -99,5 +102,7 @@ class TritonBackend:
                 scale,
                 num_splits=splits,
                 out=out[prefill_tokens : prefill_tokens + num_decode],
+                kv_scales=kv_scales,
+                shared=meta.shared if not num_prefill else None,
             )
         return out

@@ -1,7 +1,10 @@
-"""Fixtures for engine tests: few CPU threads, transformers' greedy reference."""
+"""Fixtures for engine tests: few CPU threads, fixed seeds, transformers' greedy reference."""
 
 from __future__ import annotations
 
+import os
+import random
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,28 @@ def _few_threads() -> Iterator[None]:
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(previous)
+
+
+SEED_ENV = "CHATQ_TEST_SEED"
+
+
+@pytest.fixture(autouse=True)
+def test_seed(request: pytest.FixtureRequest) -> int:
+    """Seeds Python's and torch's global generators before every engine test: from the
+    test's id (so a test draws the same inputs whatever ran before it), or from
+    ``CHATQ_TEST_SEED`` to reproduce or vary a run. The seed is printed, and so shown with a
+    failure's captured output."""
+    override = os.environ.get(SEED_ENV)
+    seed = int(override) if override else zlib.crc32(request.node.nodeid.encode())
+    random.seed(seed)
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:
+        pass
+    print(f"{SEED_ENV}={seed}  # {request.node.nodeid}")
+    return seed
 
 
 _HF: dict[Path, Any] = {}

@@ -12,7 +12,14 @@ from typing import Any
 
 import pytest
 
-from gpu_engine import LLM, EngineError, InvalidRequestError, LLMEngine, SamplingParams
+from gpu_engine import (
+    LLM,
+    EngineError,
+    InvalidRequestError,
+    LLMEngine,
+    RefusalReason,
+    SamplingParams,
+)
 from tests.gpu_engine.conftest import hf_greedy
 from tests.gpu_engine.test_model_runner import ARCH_IDS, ARCHS
 
@@ -94,7 +101,9 @@ def test_step_outputs_abort_deadline_and_capacity(llm: LLM) -> None:
     assert (idle.running_seqs, idle.waiting_seqs, idle.waiting_tokens) == (0, 0, 0)
     engine.add_request("keep", [5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True))
     engine.add_request("gone", list(range(3, 40)), SamplingParams(max_tokens=50))
-    engine.add_request("late", [5, 6], SamplingParams(max_tokens=5), deadline=time.time() - 1)
+    engine.add_request(
+        "late", [5, 6], SamplingParams(max_tokens=5), deadline_unix_s=time.time() - 1
+    )
     assert engine.capacity().waiting_tokens == 3 + 37 + 2
     first = {o.request_id: o for o in engine.step()}
     assert first["late"].finished and first["late"].finish_reason == "deadline"
@@ -113,12 +122,14 @@ def test_step_outputs_abort_deadline_and_capacity(llm: LLM) -> None:
         engine.add_request("bad", [])
     with pytest.raises(InvalidRequestError):
         engine.add_request("bad", [10_000])
-    with pytest.raises(InvalidRequestError, match="integers"):
+    with pytest.raises(InvalidRequestError, match="integers") as info:
         engine.add_request("bad", [5, 6.5])
+    assert info.value.reason is RefusalReason.INVALID_PROMPT  # a typed reason, not "prompt…"
     with pytest.raises(InvalidRequestError, match="integers"):
         engine.add_request("bad", ["5"])
-    with pytest.raises(InvalidRequestError):
+    with pytest.raises(InvalidRequestError) as info:
         engine.add_request("bad", [5] * 1024)
+    assert info.value.reason is RefusalReason.PROMPT_TOO_LONG
 
 
 def test_eos_stops_unless_ignored(llm: LLM) -> None:
@@ -236,9 +247,11 @@ def test_begin_and_end_step_with_a_step_in_flight(tiny_checkpoint: Any) -> None:
                 out[o.request_id] += o.new_token_ids
         return out
 
-    split = tokens(split=True)
-    assert split == tokens(split=False)
-    assert [len(v) for v in split.values()] == [4, 4, 0]
+    # The oracle is transformers' greedy decode, not ``step``: ``step`` is made of
+    # ``begin_step`` and ``end_step``, so comparing with it could not catch a shared bug.
+    want = {"a": hf_greedy(path, prompts["a"], 4), "b": hf_greedy(path, prompts["b"], 4), "c": []}
+    assert tokens(split=True) == want
+    assert tokens(split=False) == want
 
 
 def _run_all(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -123,9 +122,8 @@ def test_second_call_hits_cache(
         raise AssertionError("cache miss: conversion ran again")
 
     monkeypatch.setattr(gguf_mod, "_convert_into", must_not_convert)
-    start = time.perf_counter()
+    # must_not_convert shows the hit (a time bound would only add a flaky clock).
     again = gguf_mod.default_model_path(cache_dir=model_cache)
-    assert time.perf_counter() - start < 1.0
     assert again == smollm2_dir
     # The env var selects the same cache when no dir is passed.
     monkeypatch.setenv(gguf_mod.CACHE_DIR_ENV, str(model_cache))

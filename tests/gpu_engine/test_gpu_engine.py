@@ -139,3 +139,28 @@ def test_pipelined_steps_match_plain_steps(tiny_checkpoint: Any, mixed_graphs: b
             assert runner.mixed_graphs is not None and runner.mixed_graphs.num_replays > 0
         assert sum(r == "stop" for _, r in plain.values()) >= 6
     assert engine.stats()["preemptions"] > 0
+
+
+def test_kv_cache_is_sized_from_gpu_memory_utilization(tiny_checkpoint: Any) -> None:
+    """Without ``kv_cache_tokens``, the KV cache gets what is left of
+    ``gpu_memory_utilization`` of the device: raising it by 0.1 adds 0.1 of the device's
+    memory worth of tokens (the rest of the budget, weights and activations, is the same)."""
+    import gc
+
+    from gpu_engine import LLMEngine
+
+    path = str(tiny_checkpoint("llama", **ARCH_OVERRIDES["llama"]))
+    tokens: dict[float, int] = {}
+    per_token = 0
+    for utilization in (0.1, 0.2):
+        engine = LLMEngine.from_options(path, device="cuda", gpu_memory_utilization=utilization)
+        tokens[utilization] = engine.capacity().total_kv_tokens
+        per_token = engine.model_runner.kv_bytes_per_token
+        engine.close()
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+    total = torch.cuda.mem_get_info()[1]
+    print(f"KV tokens {tokens}, {per_token} B/token, device {total / 2**30:.1f} GiB")
+    assert tokens[0.1] > 0
+    assert tokens[0.2] - tokens[0.1] == pytest.approx(0.1 * total / per_token, rel=0.02)

@@ -1,4 +1,5 @@
-"""Triton kernels against fp64 references on fresh random inputs.
+"""Triton kernels against fp64 references on random inputs (seeded per test and printed by
+tests/gpu_engine/conftest.py; ``CHATQ_TEST_SEED=N`` reruns with another seed).
 
 On a CUDA machine every case runs compiled (the ``gpu`` cases add larger shapes and bf16).
 On a machine without CUDA, ``gpu_engine.kernels`` switches Triton's interpreter on, and the
@@ -31,6 +32,7 @@ torch.set_num_threads(2)
 
 
 def _fresh_seed() -> int:
+    """A case seed from torch's global generator (seeded per test by the conftest)."""
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
@@ -441,3 +443,21 @@ def test_prefill_attention_skips_padding_tiles() -> None:
         tiles=torch.from_numpy(tiles).to(DEV), block_m=16,
     )  # fmt: skip
     assert rel_err(out, reference(case, 32**-0.5)) < TOL[torch.float32]
+
+
+def test_compile_check_covers_every_kernel() -> None:
+    """scripts/triton_compile_check.py (run by .ci/run) compiles every kernel for sm_90
+    without a GPU; a kernel added without a variant there fails here."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, "scripts/triton_compile_check.py", "--coverage"],
+        cwd=repo, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "TRITON_INTERPRET": "0"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    assert "every kernel has a variant" in proc.stdout

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gpu_engine.sampling import Sampler, apply_top_k_top_p
-from gpu_engine.sequence import InvalidRequestError, SamplingParams
+from gpu_engine.sequence import InvalidRequestError, RefusalReason, SamplingParams
 
 
 def test_top_k_and_top_p_masks() -> None:
@@ -71,5 +71,152 @@ def test_sampling_params_validation() -> None:
         dict(top_k=-2),
         dict(stop=[""]),
     ):
-        with pytest.raises(InvalidRequestError):
+        with pytest.raises(InvalidRequestError) as info:
             SamplingParams(**bad)  # type: ignore[arg-type]
+        assert info.value.reason is RefusalReason.INVALID_PARAMS
+
+
+# --- min_p, top-k, top-p, logprobs and the sampler's processing order vs references -------
+
+
+def test_min_p_top_k_top_p_match_transformers_warpers() -> None:
+    from transformers import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    from gpu_engine.sampling import apply_min_p
+
+    logits = torch.randn(3, 80) * 2
+    for min_p in (0.05, 0.3):
+        want = MinPLogitsWarper(min_p)(None, logits.clone())
+        got = apply_min_p(logits, [min_p] * 3)
+        assert torch.equal(got.isfinite(), want.isfinite())
+    for k in (1, 7):
+        want = TopKLogitsWarper(k)(None, logits.clone())
+        assert torch.equal(
+            apply_top_k_top_p(logits, [k] * 3, [1.0] * 3).isfinite(), want.isfinite()
+        )
+    for p in (0.3, 0.9):
+        want = TopPLogitsWarper(p)(None, logits.clone())
+        got = apply_top_k_top_p(logits, [0] * 3, [p] * 3)
+        assert torch.equal(got.isfinite(), want.isfinite())
+
+
+def test_min_p_rows_sample_only_kept_tokens() -> None:
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().expand(2000, -1).contiguous()
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    out = sampler.sample(logits, [SamplingParams(min_p=0.4)] * 2000, ["m"] * 2000)
+    freq = torch.bincount(torch.tensor(out), minlength=4).float() / 2000
+    # 0.15 and 0.05 are below 0.4 * 0.5: only the first two remain, renormalised.
+    assert freq[2] == 0 and freq[3] == 0
+    assert abs(freq[0].item() - 0.5 / 0.8) < 0.04
+
+
+def test_logprobs_are_the_models_log_softmax_with_top_alternatives() -> None:
+    logits = torch.randn(3, 50)
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    params = [
+        SamplingParams(logprobs=5),
+        SamplingParams(temperature=0, logprobs=0),
+        SamplingParams(),
+    ]
+    sampled = sampler.sample_async(logits, params, ["a", "b", "c"])
+    want = torch.log_softmax(logits.double(), dim=-1)
+    chosen = want.gather(1, sampled.tokens[:, None])[:, 0]
+    torch.testing.assert_close(sampled.logprobs.double(), chosen, atol=1e-5, rtol=0)
+    top = want.topk(5, dim=-1)
+    assert sampled.top_ids is not None and sampled.top_logprobs is not None
+    assert torch.equal(sampled.top_ids, top.indices)
+    torch.testing.assert_close(sampled.top_logprobs.double(), top.values, atol=1e-5, rtol=0)
+
+
+def test_greedy_rows_pick_after_bias_and_penalties() -> None:
+    from gpu_engine.sampling import History
+
+    logits = torch.zeros(2, 10)
+    logits[:, 4] = 3.0
+    logits[:, 6] = 2.0
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    params = [
+        SamplingParams(temperature=0, logit_bias={6: 2.0}),
+        SamplingParams(temperature=0, frequency_penalty=2.0),
+    ]
+    histories = [History([1], []), History([1], [4])]  # row 1 generated token 4 once
+    # Row 0: 6 gets 2 + 2 > 3. Row 1: 4 gets 3 - 2 < 2.
+    assert sampler.sample(logits, params, ["a", "b"], histories) == [6, 6]
+    with pytest.raises(ValueError, match="history"):
+        sampler.sample(logits, params, ["a", "b"])
+
+
+def test_new_params_are_checked() -> None:
+    for bad in (
+        {"presence_penalty": 2.5},
+        {"frequency_penalty": -3},
+        {"repetition_penalty": 0},
+        {"min_p": 1.5},
+        {"logprobs": 21},
+        {"n": 0},
+        {"logit_bias": {3: 101}},
+        {"logit_bias": {-1: 1}},
+        {"stop_token_ids": [-5]},
+    ):
+        with pytest.raises(InvalidRequestError) as info:
+            SamplingParams(**bad)
+        assert info.value.reason is RefusalReason.INVALID_PARAMS
+        assert next(iter(bad)) in str(info.value)
+    assert SamplingParams(logit_bias={"7": 1, 2: -3}).logit_bias == ((2, -3.0), (7, 1.0))
+
+
+@pytest.mark.gpu
+def test_cuda_sampler_matches_the_cpu_reference() -> None:
+    """Every logit adjustment on CUDA against the same computation on the CPU: greedy picks
+    after bias, penalties and a grammar mask; logprobs; min_p / top-k / top-p masks."""
+    from gpu_engine.sampling import History, apply_min_p
+
+    cuda = torch.device("cuda")
+    logits = torch.randn(4, 300) * 3
+    mask = torch.randint(-(2**31), 2**31 - 1, (4, (300 + 31) // 32), dtype=torch.int32)
+    params = [
+        SamplingParams(temperature=0, logit_bias={5: 20.0}, logprobs=4),
+        SamplingParams(temperature=0, presence_penalty=1.5, frequency_penalty=0.5),
+        SamplingParams(temperature=0, repetition_penalty=1.7),
+        SamplingParams(temperature=0, logprobs=0),
+    ]
+    histories = [
+        History([1, 2], [3]),
+        History([4], [7, 7, 9]),
+        History([10, 11], [12]),
+        History([0], []),
+    ]
+    ids = ["a", "b", "c", "d"]
+    cpu = Sampler(torch.device("cpu"), seed=0).sample_async(logits, params, ids, histories, mask)
+    gpu = Sampler(cuda, seed=0).sample_async(logits.to(cuda), params, ids, histories, mask.to(cuda))
+    assert gpu.tokens.tolist() == cpu.tokens.tolist()
+    assert cpu.logprobs is not None and gpu.logprobs is not None
+    torch.testing.assert_close(gpu.logprobs.cpu(), cpu.logprobs, atol=1e-4, rtol=0)
+    assert gpu.top_ids is not None and cpu.top_ids is not None
+    assert torch.equal(gpu.top_ids.cpu(), cpu.top_ids)
+    kept_cpu = apply_min_p(
+        apply_top_k_top_p(logits, [5, 0, 50, 0], [1.0, 0.7, 0.9, 1.0]), [0.0, 0.1, 0.0, 0.3]
+    )
+    kept_gpu = apply_min_p(
+        apply_top_k_top_p(logits.to(cuda), [5, 0, 50, 0], [1.0, 0.7, 0.9, 1.0]),
+        [0.0, 0.1, 0.0, 0.3],
+    )
+    assert torch.equal(kept_gpu.isfinite().cpu(), kept_cpu.isfinite())
+
+
+def test_the_sampler_leaves_its_input_alone_in_either_dtype() -> None:
+    from gpu_engine.sampling import History
+
+    params = [SamplingParams(temperature=0, logit_bias={1: 50.0}, presence_penalty=1.0)] * 2
+    histories = [History([0], [1])] * 2
+    mask = torch.full((2, 1), -1, dtype=torch.int32)
+    mask[1, 0] = ~(1 << 1)  # row 1 may not pick token 1
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = torch.randn(2, 20).to(dtype)
+        before = logits.clone()
+        out = Sampler(torch.device("cpu"), seed=0).sample(
+            logits, params, ["a", "b"], histories, mask
+        )
+        assert torch.equal(logits, before)
+        assert out[0] == 1 and out[1] != 1

@@ -21,7 +21,13 @@ from hypothesis import strategies as st
 from gpu_engine.block_manager import BlockManager
 from gpu_engine.config import EngineConfig
 from gpu_engine.scheduler import ScheduledBatch, Scheduler
-from gpu_engine.sequence import InvalidRequestError, SamplingParams, Sequence, SequenceStatus
+from gpu_engine.sequence import (
+    InvalidRequestError,
+    RefusalReason,
+    SamplingParams,
+    Sequence,
+    SequenceStatus,
+)
 
 EOS = 1
 
@@ -191,11 +197,13 @@ def test_lowest_priority_is_preempted_first() -> None:
 
 def test_prompt_that_can_never_fit_is_rejected() -> None:
     sim = make_sim(num_blocks=4, block_size=4)
-    with pytest.raises(InvalidRequestError, match="max_model_len"):
+    with pytest.raises(InvalidRequestError, match="max_model_len") as info:
         sim.add("big", [2] * 16)
-    with pytest.raises(InvalidRequestError):
+    assert info.value.reason is RefusalReason.PROMPT_TOO_LONG
+    with pytest.raises(InvalidRequestError) as info:
         sim.add("dup", [2])
         sim.add("dup", [2])
+    assert info.value.reason is RefusalReason.DUPLICATE_ID
 
 
 def test_length_capped_by_max_model_len() -> None:
@@ -247,8 +255,8 @@ def test_higher_priority_is_admitted_first() -> None:
 
 def test_deadline_drops_waiting_and_running() -> None:
     sim = make_sim(max_num_seqs=1)
-    running = sim.add("run", [2, 3], max_tokens=50, deadline=sim.now + 0.05)
-    waiting = sim.add("wait", [2, 3], max_tokens=5, deadline=sim.now + 0.02)
+    running = sim.add("run", [2, 3], max_tokens=50, deadline_unix_s=sim.now + 0.05)
+    waiting = sim.add("wait", [2, 3], max_tokens=5, deadline_unix_s=sim.now + 0.02)
     sim.step()
     assert running.status is SequenceStatus.RUNNING and waiting.status is SequenceStatus.WAITING
     batches = [sim.step() for _ in range(6)]

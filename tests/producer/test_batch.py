@@ -1,5 +1,5 @@
 """submit_many / results_many / chat_many (async and sync) against a real Redis; the test
-plays the worker with the FINALIZE script, as in test_client."""
+plays the worker with FINALIZE_MANY, as in test_client."""
 
 from __future__ import annotations
 
@@ -20,9 +20,11 @@ from producer import (
     SyncChatClient,
 )
 from producer.batch import MAX_BATCH_REQUESTS, RESULTS_WINDOW
-from producer.calls import FALLBACK_RETRY_AFTER_S, build_envelope
-from producer.protocol import Envelope, Error, decode_envelope, estimate_cost_tokens
-from tests.producer.test_client import DONE, KEYS, MESSAGES, MODEL, FakeWorkerSide
+from producer.contract.codec import decode_envelope, make_envelope
+from producer.contract.enqueue import idempotency_scope
+from producer.contract.envelope import Envelope
+from producer.contract.results import Error
+from tests.producer.test_client import DONE, KEYS, MESSAGES, MODEL, FakeWorkerSide, expected_cost
 
 
 def take_when_queued(worker: FakeWorkerSide) -> tuple[bytes, Envelope]:
@@ -61,9 +63,9 @@ async def test_submit_many_queues_every_request_in_order(redis_url: str, redis_c
     assert by_index[3].stream and by_index[3].deadline_ms is not None
     assert by_index[3].deadline_ms - by_index[3].created_ms == 30_000
     backlog = await redis_client.hgetall(KEYS.backlog(MODEL))
-    assert int(backlog[b"tokens"]) == sum(estimate_cost_tokens(e) for e in by_index)
+    assert int(backlog[b"tokens"]) == sum(expected_cost(e) for e in by_index)
     assert int(backlog[b"requests"]) == 5
-    assert await redis_client.smembers(KEYS.models) == {MODEL.encode()}
+    assert await redis_client.smembers(KEYS.models()) == {MODEL.encode()}
 
 
 async def test_submit_many_spans_models(redis_url: str, redis_client: Any) -> None:
@@ -76,7 +78,7 @@ async def test_submit_many_spans_models(redis_url: str, redis_client: Any) -> No
     assert await redis_client.xlen(KEYS.requests("other-model", "normal")) == 1
     assert int(await redis_client.hget(KEYS.backlog("other-model"), "requests")) == 1
     assert int(await redis_client.hget(KEYS.backlog(MODEL), "requests")) == 2
-    assert await redis_client.smembers(KEYS.models) == {MODEL.encode(), b"other-model"}
+    assert await redis_client.smembers(KEYS.models()) == {MODEL.encode(), b"other-model"}
 
 
 @pytest.mark.parametrize(
@@ -118,17 +120,39 @@ async def test_submit_many_idempotency_keys(redis_url: str, redis_client: Any) -
         known = await client.submit(MESSAGES, model=MODEL, idempotency_key="ticket-1")
         ids = await client.submit_many(
             [
-                {"messages": chat(0), "idempotency_key": "ticket-1"},  # known: existing id
+                {"messages": MESSAGES, "idempotency_key": "ticket-1"},  # known: existing id
                 {"messages": chat(1), "idempotency_key": "ticket-2"},  # new
-                {"messages": chat(2), "idempotency_key": "ticket-2"},  # repeated in the batch
+                {"messages": chat(1), "idempotency_key": "ticket-2"},  # repeated in the batch
                 chat(3),
             ],
             model=MODEL,
         )
     assert ids[0] == known and ids[1] == ids[2] and len({known, ids[1], ids[3]}) == 3
     assert await redis_client.xlen(KEYS.requests(MODEL, "normal")) == 3  # known + 2 new
-    assert await redis_client.get(KEYS.idempotency("ticket-2")) == ids[1].encode()
+    record = await redis_client.get(KEYS.idempotency(idempotency_scope(MODEL, None, "ticket-2")))
+    assert record.split(b" ")[0] == ids[1].encode()
     assert int(await redis_client.hget(KEYS.backlog(MODEL), "requests")) == 3
+
+
+async def test_submit_many_refuses_an_idempotency_key_with_another_body(
+    redis_url: str, redis_client: Any
+) -> None:
+    async with ChatClient(redis_url) as client:
+        await client.submit(MESSAGES, model=MODEL, idempotency_key="ticket-1")
+        with pytest.raises(ProtocolError) as info:  # known in Redis, other messages
+            await client.submit_many(
+                [chat(5), {"messages": chat(0), "idempotency_key": "ticket-1"}], model=MODEL
+            )
+        assert (info.value.code, info.value.field) == (
+            "idempotency_mismatch",
+            "requests[1].idempotency_key",
+        )
+        with pytest.raises(ProtocolError) as info:  # repeated in the batch, other messages
+            await client.submit_many(
+                [{"messages": chat(i), "idempotency_key": "t-2"} for i in range(2)], model=MODEL
+            )
+        assert info.value.field == "requests[1].idempotency_key"
+    assert await redis_client.xlen(KEYS.requests(MODEL, "normal")) == 1  # nothing of either
 
 
 async def test_submit_many_is_all_or_nothing_under_the_backlog_bound(
@@ -148,22 +172,22 @@ async def test_submit_many_is_all_or_nothing_under_the_backlog_bound(
         ]
         with pytest.raises(QueueFull) as info:  # 600 + 3 x ~170 > 1000: none is queued
             await client.submit_many(batch, model=MODEL)
-        assert info.value.retry_after_s == FALLBACK_RETRY_AFTER_S
+        assert info.value.retry_after_s > 0
         assert info.value.backlog_tokens == 600 and info.value.limit_tokens == 1000
         assert await redis_client.xlen(lane) == 3
         assert int(await redis_client.hget(KEYS.backlog(MODEL), "tokens")) == 600
         assert int(await redis_client.hget(KEYS.backlog(MODEL), "requests")) == 3
-        assert await redis_client.get(KEYS.idempotency("k0")) is None
+        k0 = KEYS.idempotency(idempotency_scope(MODEL, None, "k0"))
+        assert await redis_client.get(k0) is None
 
         # retry_after_s covers the whole batch's excess at the measured rate.
-        await redis_client.hset(KEYS.backlog(MODEL), "rate", "50.0")
+        await redis_client.hset(KEYS.backlog(MODEL), mapping={"rate": "50.0", "promised": 0})
         with pytest.raises(QueueFull) as info:
             await client.submit_many(batch, model=MODEL)
         cost = sum(
-            estimate_cost_tokens(build_envelope(settings, chat(i), model=MODEL, max_tokens=150)[0])
-            for i in range(3)
+            expected_cost(make_envelope(chat(i), model=MODEL, max_tokens=150)) for i in range(3)
         )
-        assert info.value.retry_after_s == pytest.approx((600 + cost - 1000) / 50.0)
+        assert info.value.retry_after_s == pytest.approx((600 + cost - 1000) / 50.0, rel=0.11)
 
         # Two of them fit.
         ids = await client.submit_many(batch[:2], model=MODEL)

@@ -3,6 +3,9 @@ errors, and real round trips (commands, pipelines, scripts) against the private 
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,7 +13,21 @@ import redis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
 
-from producer.connection import connect, hiredis_packing
+from producer import ChatClient, ChatqError, RedisUnavailable
+from producer.connection import (
+    ClusterUrl,
+    SentinelUrl,
+    check_url,
+    connect,
+    hiredis_packing,
+    is_cluster,
+)
+from producer.contract.keys import Keys
+from producer.settings import ClientSettings
+from testkit.sentinel import SentinelGroup
+from tests.workers.conftest import MODEL, ThreadWorker, tiny_settings
+from workers.errors import ConfigError as WorkerConfigError
+from workers.settings import WorkerSettings
 
 pytest.importorskip("hiredis")
 
@@ -85,3 +102,100 @@ async def test_plain_client_sees_the_same_data(redis_url: str) -> None:
     finally:
         await fast.aclose()
         await plain.aclose()
+
+
+# ---------------------------------------------------------------- Redis Sentinel
+
+
+def test_cluster_urls_parse_with_defaults_and_credentials() -> None:
+    url = "redis+cluster://app:p%40ss@10.0.0.1,10.0.0.2:7001"
+    assert ClusterUrl.parse(url) == ClusterUrl(
+        nodes=(("10.0.0.1", 6379), ("10.0.0.2", 7001)), username="app", password="p@ss"
+    )
+    assert is_cluster(connect("redis+cluster://127.0.0.1:1")) is True  # connects lazily
+    assert is_cluster(connect("redis://127.0.0.1:1")) is False
+
+
+def test_sentinel_urls_parse_with_defaults_and_credentials() -> None:
+    url = "redis+sentinel://app:p%40ss@10.0.0.1,10.0.0.2:26380/chatq/3?sentinel_password=s"
+    assert SentinelUrl.parse(url) == SentinelUrl(
+        sentinels=(("10.0.0.1", 26379), ("10.0.0.2", 26380)), service="chatq", db=3,
+        username="app", password="p@ss", sentinel_password="s",
+    )  # fmt: skip
+    assert SentinelUrl.parse("redis+sentinel://h/svc").db == 0
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis+sentinel://h1", "/service[/db] expected"),
+        ("redis+sentinel://h1/svc/0/extra", "/service[/db] expected"),
+        ("redis+sentinel://h1:0/svc", "bad Sentinel port '0'"),
+        ("redis+sentinel://h1:x/svc", "bad Sentinel port 'x'"),
+        ("redis+sentinel://h1,/svc", "empty Sentinel host"),
+        ("redis+sentinel://h1/svc/one", "database must be a number"),
+        ("redis+sentinel://h1/svc?ssl=1", "unsupported Sentinel URL option(s) ['ssl']"),
+        ("http://h1/svc", "redis_url must be redis://, rediss://, unix://, redis+sentinel://"),
+        ("redis+cluster://", "host[:port][,host[:port]...] expected"),
+        ("redis+cluster://h1/0", "no database"),
+        ("redis+cluster://h1?ssl=1", "no options"),
+        ("redis+cluster://h1:99999", "bad Cluster port '99999'"),
+        ("redis+cluster://h1,", "empty Cluster host"),
+    ],
+)
+def test_bad_redis_urls_are_refused_naming_the_field(url: str, says: str) -> None:
+    with pytest.raises(ChatqError, match="redis_url") as info:
+        check_url(url)
+    assert says in str(info.value)
+    # every settings type refuses it with its own error, naming the field
+    with pytest.raises(ChatqError, match="redis_url"):
+        ClientSettings(redis_url=url)
+    with pytest.raises(WorkerConfigError, match="redis_url"):
+        WorkerSettings(model_path="/m", redis_url=url)
+
+
+def test_a_client_and_a_worker_follow_a_sentinel_failover(
+    tiny_checkpoint: Callable[..., Path],
+) -> None:
+    """A real master, replica and three Sentinels; the master is SIGKILLed between two chats.
+    The worker and the client were given only the Sentinel URL: after the failover the
+    second chat is queued on the promoted replica and answered by the same worker, which is
+    still running (no restart by anyone). appendfsync always, and the first chat finished
+    before the kill, so nothing the test relies on can be lost to asynchronous replication
+    (what a failover can lose is measured in bench/sentinel_failover.py)."""
+    with SentinelGroup(fsync="always") as group:
+        settings = tiny_settings(group.url, tiny_checkpoint("llama"), name="sentinel-w")
+        worker = ThreadWorker(settings).start()
+        try:
+            new_master = asyncio.run(_chat_across_a_failover(group))
+        finally:
+            worker.stop()
+        assert worker.error is None, worker.error
+        assert worker.exit_code == 0
+        assert new_master != group.first_master
+
+
+async def _chat_across_a_failover(group: SentinelGroup) -> int:
+    messages = [{"role": "user", "content": "hello"}]
+    async with ChatClient(group.url) as client:
+        first = await client.chat(messages, model=MODEL, max_tokens=4, timeout_s=60)
+        assert first.usage.completion_tokens >= 1
+        old = group.kill_master()
+        new = await asyncio.to_thread(group.wait_failover, old)
+        assert new != old
+        # The outage a caller sees: calls in flight on the dead master's connections fail
+        # with RedisUnavailable until the pool reconnects through the Sentinels.
+        second = None
+        for _ in range(100):
+            try:
+                second = await client.chat(messages, model=MODEL, max_tokens=4, timeout_s=60)
+                break
+            except RedisUnavailable:
+                await asyncio.sleep(0.1)
+        assert second is not None and second.usage.completion_tokens >= 1
+        connection = await client.redis.connection_pool.get_connection("PING")
+        assert connection.port == new
+        await client.redis.connection_pool.release(connection)
+        # the worker heartbeats on the promoted replica, through its own Sentinel client
+        assert await client.redis.exists(Keys("chatq").heartbeat("sentinel-w"))
+    return new

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 from typing import Any
 
@@ -10,26 +11,26 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from producer.errors import ProtocolError
-from producer.protocol import (
-    PROTOCOL_VERSION,
+from gpu_engine.sequence import SamplingParams, StructuredOutput
+from producer.contract.codec import decode_envelope, encode_envelope, make_envelope
+from producer.contract.codes import ErrorCode
+from producer.contract.envelope import BASIC_SAMPLING_FIELDS, PROTOCOL_VERSION, Envelope, Message
+from producer.contract.limits import Limits
+from producer.contract.logprobs import TokenLogprob, TopLogprob
+from producer.contract.results import (
+    Choice,
     Chunk,
     Done,
-    Envelope,
     Error,
-    ErrorCode,
-    Limits,
-    Message,
-    Params,
     Timings,
     Usage,
-    decode_envelope,
     decode_result,
-    encode_envelope,
     encode_result,
-    estimate_cost_tokens,
-    make_envelope,
+    result_fields,
 )
+from producer.contract.tools import ToolCall
+from producer.contract.validation import validate_envelope
+from producer.errors import ProtocolError
 
 CHAT = [
     {"role": "system", "content": "You are a helpful shop assistant."},
@@ -74,7 +75,7 @@ def test_round_trip_all_fields() -> None:
     env = make_envelope(
         CHAT,
         model="Qwen/Qwen2.5-0.5B-Instruct",
-        params=Params(
+        params=SamplingParams(
             max_tokens=77,
             temperature=0.3,
             top_p=0.9,
@@ -102,15 +103,8 @@ def test_defaults_and_single_stop_string() -> None:
     raw = wire(params={"stop": "END"}, priority=None, stream=None)
     env = decode_envelope(msgpack.packb(raw))
     assert env.params.stop == ("END",)
-    assert env.params == replace(Params(), stop=("END",))
+    assert env.params == replace(SamplingParams(), stop=("END",))
     assert env.priority == "normal" and env.stream is False
-
-
-def test_cost_estimate_counts_prompt_and_output() -> None:
-    env = make_envelope(
-        [{"role": "user", "content": "x" * 400}], model="m", params=Params(max_tokens=50)
-    )
-    assert estimate_cost_tokens(env) == 100 + 8 + 50
 
 
 @pytest.mark.parametrize(
@@ -211,8 +205,14 @@ def test_make_envelope_validates_before_anything_is_sent() -> None:
 
 
 def test_result_entries_round_trip() -> None:
+    top = (TopLogprob("lo", -0.25, (108, 111)), TopLogprob("\ufffd", -3.0, (226, 156)))
+    logprobs = (
+        TokenLogprob("Hel", -0.5, (72, 101, 108), top),
+        TokenLogprob("lo", -1.0, (108, 111)),
+    )
     entries = [
         Chunk(index=3, delta="Hel"),
+        Chunk(index=4, delta="Hello", tokens=(7, 8), logprobs=logprobs),
         Done(
             text="Hello",
             finish_reason="stop",
@@ -220,17 +220,33 @@ def test_result_entries_round_trip() -> None:
             timings=Timings(1.5, 20.0, 80.25),
             worker="w1",
         ),
+        Done(text="Hello", finish_reason="length", logprobs=logprobs),
+        Chunk(index=5, delta="Hi", tokens=(9,), choice=2),
+        Done(
+            text="Hello",
+            finish_reason="stop",
+            usage=Usage(12, 9, 0),
+            choices=(
+                Choice(0, "Hello", "stop", logprobs=logprobs),
+                Choice(1, "", "tool_calls", "think", (ToolCall("c1", "f", "{}"),)),
+            ),
+        ),
         Error(code=ErrorCode.DEADLINE_EXCEEDED.value, message="too late", worker="w2"),
     ]
     for entry in entries:
         fields = encode_result(entry)
         assert decode_result(fields) == entry
+        assert result_fields(entry) == fields  # the workers' encoder: the same bytes
         as_str_keys = {k: v for k, v in fields.items()}
         assert decode_result(as_str_keys) == entry
     with pytest.raises(ProtocolError):
         decode_result({"t": b"bogus", "m": msgpack.packb({})})
     with pytest.raises(ProtocolError):
         decode_result({"t": b"done", "m": msgpack.packb({"text": "x"})})
+    bad = {"text": "x", "finish_reason": "stop", "logprobs": [{"token": "a", "logprob": 0.5}]}
+    with pytest.raises(ProtocolError) as info:
+        decode_result({"t": b"done", "m": msgpack.packb(bad)})
+    assert info.value.field == "logprobs[0].logprob"
 
 
 # --- fuzzing: arbitrary input either decodes to a valid envelope or raises ProtocolError ---
@@ -249,13 +265,18 @@ msgpack_values = st.recursive(
 )
 
 
-def _check(data: bytes) -> None:
+def _check(data: bytes) -> str:
+    """Decode ``data``: either a valid envelope or a ProtocolError with a known code and a
+    message; nothing else escapes. Returns which of the two it was."""
     try:
         env = decode_envelope(data)
-    except ProtocolError:
-        return
+    except ProtocolError as err:
+        assert err.code in {c.value for c in ErrorCode}, err
+        assert err.message, err
+        return "refused"
     assert isinstance(env, Envelope)
-    assert env.validate() is env  # a decoded envelope is valid by construction
+    assert validate_envelope(env) is env  # a decoded envelope is valid by construction
+    return "accepted"
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
@@ -270,27 +291,67 @@ def test_arbitrary_msgpack_values_never_escape(value: Any) -> None:
     _check(msgpack.packb(value, use_bin_type=True))
 
 
-@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
-@given(
-    st.dictionaries(
-        st.sampled_from([*sorted(wire().keys()), "extra"]),
-        msgpack_values,
-        max_size=6,
+def test_mutated_envelopes_never_escape() -> None:
+    """Both outcomes are exercised (counted over the run), not only the refusals."""
+    outcomes: Counter[str] = Counter()
+
+    @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+    @given(
+        st.dictionaries(
+            st.sampled_from([*sorted(wire().keys()), "extra"]),
+            msgpack_values,
+            max_size=6,
+        )
     )
-)
-def test_mutated_envelopes_never_escape(changes: dict[str, Any]) -> None:
-    _check(msgpack.packb({**wire(), **changes}, use_bin_type=True))
+    def run(changes: dict[str, Any]) -> None:
+        outcomes[_check(msgpack.packb({**wire(), **changes}, use_bin_type=True))] += 1
+
+    run()
+    assert outcomes["accepted"] > 0 and outcomes["refused"] > 0, outcomes
 
 
 def test_wire_map_has_every_field_once() -> None:
     """to_wire is written out by hand (speed): it must carry every dataclass field."""
     from dataclasses import fields
 
-    env = make_envelope(CHAT, model="m", params=Params(stop=("x",), seed=3))
+    env = make_envelope(
+        CHAT,
+        model="m",
+        params=SamplingParams(stop=("x",), seed=3),
+        result_ttl_s=86_400,
+        tools=[{"name": "f"}],
+        tool_choice="none",
+        chat_template_kwargs={"enable_thinking": False},
+    )
     wire_map = env.to_wire()
     assert set(wire_map) == {f.name for f in fields(Envelope)}
-    assert set(wire_map["params"]) == {f.name for f in fields(Params)}
+    # result_ttl_s travels only when set: workers that predate it keep reading the rest
+    assert "result_ttl_s" not in make_envelope(CHAT, model="m").to_wire()
+    for bad in (0, -1, 10**9, 1.5, "60"):
+        with pytest.raises(ProtocolError, match="result_ttl_s"):
+            decode_envelope(msgpack.packb({**wire_map, "result_ttl_s": bad}))
+    # The optional sampling fields travel only when set (an older worker refuses them as
+    # unknown rather than ignoring them).
+    assert set(wire_map["params"]) == set(BASIC_SAMPLING_FIELDS)
     assert decode_envelope(encode_envelope(env)) == env
+    full = make_envelope(
+        CHAT,
+        model="m",
+        params=SamplingParams(
+            presence_penalty=0.5,
+            frequency_penalty=-1.0,
+            repetition_penalty=1.2,
+            min_p=0.1,
+            logit_bias={3: -100, 9: 2.5},
+            stop_token_ids=(7,),
+            structured=StructuredOutput.json({"type": "object"}, prefix="<a>", suffix="</a>"),
+            logprobs=3,
+            n=2,
+        ),
+    )
+    engine_only = {"num_resumed_tokens"}
+    assert set(full.to_wire()["params"]) == {f.name for f in fields(SamplingParams)} - engine_only
+    assert decode_envelope(encode_envelope(full)) == full
 
 
 # --- the fast path: the common shape checked with exact types, the rest left to _check_map ---
@@ -316,37 +377,52 @@ param_values = st.dictionaries(
 LIMITS_SMALL = Limits(max_messages=3, max_content_chars=8, max_total_chars=12, max_stop=3)
 
 
-def _same_as_full_check(obj: Any, limits: Limits) -> None:
-    """The fast path either declines or gives exactly what the full check gives."""
-    from producer.protocol import _check_map, _fast_envelope
+def _same_as_full_check(obj: Any, limits: Limits) -> str:
+    """The fast path either declines or gives exactly what the full check gives. Returns
+    which branch was taken: "fast" (fast path answered), "declined_valid" or
+    "declined_invalid" (the full check accepted / refused what the fast path left to it)."""
+    from producer.contract.fast_path import fast_envelope as _fast_envelope
+    from producer.contract.validation import check_map as _check_map
 
     fast = _fast_envelope(obj, limits)
     try:
         full: Envelope | None = _check_map(obj, limits)
     except ProtocolError:
         full = None
-    if fast is not None:
-        assert full is not None, obj  # accepts nothing the full check refuses
-        assert fast == full and repr(fast) == repr(full)  # same values, same types
+    if fast is None:
+        return "declined_valid" if full is not None else "declined_invalid"
+    assert full is not None, obj  # accepts nothing the full check refuses
+    assert fast == full and repr(fast) == repr(full)  # same values, same types
+    return "fast"
 
 
-@settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow], deadline=None)
-@given(
-    st.dictionaries(st.sampled_from([*sorted(wire().keys()), "extra"]), msgpack_values, max_size=4),
-    st.lists(message_values, max_size=4) | msgpack_values,
-    param_values,
-    st.booleans(),
-)
-def test_fast_path_agrees_with_the_full_check(
-    changes: dict[str, Any], messages: Any, param_changes: dict[str, Any], small: bool
-) -> None:
-    obj = {**wire(), **changes}
-    if messages != []:
-        obj["messages"] = messages
-    obj["params"] = {**params(), **param_changes}
-    limits = LIMITS_SMALL if small else Limits()
-    _same_as_full_check(obj, limits)
-    _same_as_full_check(msgpack.unpackb(msgpack.packb(obj, use_bin_type=True)), limits)
+def test_fast_path_agrees_with_the_full_check() -> None:
+    """Both branches (fast path answering, and declining) are taken during the run."""
+    taken: Counter[str] = Counter()
+
+    @settings(max_examples=400, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+    @given(
+        st.dictionaries(
+            st.sampled_from([*sorted(wire().keys()), "extra"]), msgpack_values, max_size=4
+        ),
+        st.lists(message_values, max_size=4) | msgpack_values,
+        param_values,
+        st.booleans(),
+    )
+    def run(
+        changes: dict[str, Any], messages: Any, param_changes: dict[str, Any], small: bool
+    ) -> None:
+        obj = {**wire(), **changes}
+        if messages != []:
+            obj["messages"] = messages
+        obj["params"] = {**params(), **param_changes}
+        limits = LIMITS_SMALL if small else Limits()
+        taken[_same_as_full_check(obj, limits)] += 1
+        packed = msgpack.unpackb(msgpack.packb(obj, use_bin_type=True))
+        taken[_same_as_full_check(packed, limits)] += 1
+
+    run()
+    assert taken["fast"] > 0 and taken["declined_invalid"] > 0, taken
 
 
 NAN, INF = float("nan"), float("inf")
@@ -417,12 +493,12 @@ def test_fast_path_agrees_at_every_bound(
 
 
 def test_fast_path_takes_the_usual_envelopes() -> None:
-    from producer.protocol import _fast_envelope
+    from producer.contract.fast_path import fast_envelope as _fast_envelope
 
     env = make_envelope(
         CHAT,
         model="m",
-        params=Params(stop=("END",), seed=7, temperature=0.0),
+        params=SamplingParams(stop=("END",), seed=7, temperature=0.0),
         tenant="t",
         deadline_s=5,
         idempotency_key="k",

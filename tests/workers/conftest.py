@@ -63,9 +63,22 @@ class ThreadWorker:
         return self
 
     def stop(self, timeout_s: float = 30.0) -> None:
+        """Stop the worker and fail the caller if it did not end clean: still running after
+        ``timeout_s``, raised, or exited non-zero (a worker that died mid-module would
+        otherwise show only as later tests timing out)."""
+        if self._thread.ident is None:
+            return  # never started
         if self._loop is not None and self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self.worker.stop)
+            with contextlib.suppress(RuntimeError):  # the loop closed as the worker ended
+                self._loop.call_soon_threadsafe(self.worker.stop)
         self._thread.join(timeout_s)
+        name = self.settings.name
+        if self._thread.is_alive():
+            raise TimeoutError(f"worker {name} did not stop within {timeout_s} s")
+        if self.error is not None:
+            raise RuntimeError(f"worker {name} raised {self.error!r}") from self.error
+        if self.exit_code != 0:
+            raise RuntimeError(f"worker {name} exited with code {self.exit_code}")
 
     @property
     def capacity(self) -> Any:
@@ -146,3 +159,26 @@ def spawn_worker(
     yield spawn
     for wp in started:
         wp.cleanup()
+
+
+async def held_by_a_dead_worker(redis_client: Any, env: Any, chunks: Any) -> None:
+    """Queue ``env`` (reserved as ENQUEUE reserves it) already taken by a consumer
+    ``ghost`` that has no heartbeat and wrote ``chunks`` of a half-finished answer: what a
+    worker killed mid-stream leaves behind. One transaction: the ghost takes the entry
+    before a live worker can see it, and its chunks are there before anyone could claim it."""
+    from producer.contract.codec import encode_envelope
+    from producer.contract.keys import GROUP, STREAM_FIELD, Keys
+    from producer.contract.reservation import reservation_value
+    from producer.contract.results import encode_result
+
+    keys = Keys()
+    lane = keys.requests(env.model, env.priority)
+    sec, usec = await redis_client.time()
+    entry_id = f"{sec * 1000 + usec // 1000 + 1}-0"  # after every entry of this millisecond
+    pipe = redis_client.pipeline(transaction=True)
+    pipe.set(keys.reservation(env.id), reservation_value(lane, entry_id))
+    pipe.xadd(lane, {STREAM_FIELD: encode_envelope(env)}, id=entry_id)
+    pipe.xreadgroup(GROUP, "ghost", {lane: ">"}, count=1)
+    for chunk in chunks:
+        pipe.xadd(keys.result(env.id), encode_result(chunk))
+    await pipe.execute()

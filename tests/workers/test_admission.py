@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from producer.protocol import Params, make_envelope
+from gpu_engine.outputs import EngineCapacity as Capacity
+from gpu_engine.sequence import SamplingParams
+from producer.contract.codec import make_envelope
 from workers.admission import WARMUP_COMPLETIONS, Admission
 from workers.detokenizer import IncrementalDetokenizer
-from workers.engine_process import Capacity
 from workers.lanes import Entry
 from workers.request import InflightRequest
 
@@ -21,7 +22,7 @@ def _req(adm: Admission, rid: str, prompt: int, max_tokens: int) -> InflightRequ
     env = make_envelope(
         [{"role": "user", "content": "hi"}],
         model="m",
-        params=Params(max_tokens=max_tokens),
+        params=SamplingParams(max_tokens=max_tokens),
         request_id=rid,
     )
     return InflightRequest(
@@ -29,7 +30,6 @@ def _req(adm: Admission, rid: str, prompt: int, max_tokens: int) -> InflightRequ
         entry=Entry("s", "1-0", {}, "normal"),
         prompt_ids=[1] * prompt,
         cost_tokens=adm.cost_tokens(prompt, max_tokens),
-        backlog_cost_tokens=0,
         level=1,
         detok=IncrementalDetokenizer(_NoDecode(), [], ()),
     )

@@ -55,3 +55,21 @@ def test_continuous_work_still_collects_every_busy_interval(
     assert len(full_collections_seen) == 2
     # ...and the work of that turn still counts for the next idle moment.
     assert fc.worked
+
+
+def test_the_engine_process_runs_with_automatic_gc_off(tiny_checkpoint: Any) -> None:
+    """What the engine process does after loading (``_start_engine``, run here in the test
+    process on the real engine): startup's objects frozen out of every collection, automatic
+    collection off (the loop's ``FullCollections`` alone collects)."""
+    from workers.engine_loop import _start_engine
+    from workers.settings import DEFAULT_ENGINE_FACTORY
+
+    options = {"device": "cpu", "kv_cache_tokens": 256}
+    try:
+        engine = _start_engine(DEFAULT_ENGINE_FACTORY, str(tiny_checkpoint("llama")), options, 1)
+        assert not gc.isenabled()
+        assert gc.get_freeze_count() > 10_000  # torch, transformers, the model
+        assert engine.capacity().total_kv_tokens >= 256
+    finally:
+        gc.unfreeze()
+        gc.enable()

@@ -9,8 +9,8 @@ from typing import Any
 import msgpack
 import pytest
 
-from producer.protocol import DEFAULT_LIMITS, make_envelope
-from workers.intake import salvage_request_id
+from producer.contract.codec import make_envelope, salvage_request_id
+from producer.contract.limits import DEFAULT_LIMITS
 from workers.prompts import PromptBuilder
 
 

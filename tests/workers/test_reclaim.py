@@ -11,8 +11,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from producer import ChatClient, RequestFailed
-from producer.keys import GROUP, STREAM_FIELD, Keys
-from producer.protocol import decode_envelope, decode_result
+from producer.contract.codec import decode_envelope
+from producer.contract.keys import GROUP, STREAM_FIELD, Keys
+from producer.contract.results import decode_result
 from workers.errors import WorkerError
 from workers.reclaim import ClaimedEntry, Reclaimer
 
@@ -45,6 +46,18 @@ async def pending_of(r: Any, consumer: str, lane: str = LANE) -> list[str]:
 
 async def consumers(r: Any, lane: str = LANE) -> set[str]:
     return {c["name"].decode() for c in await r.xinfo_consumers(lane, GROUP)}
+
+
+FAST_TTL_S = 0.3  # short heartbeats, so a reclaimer sees Redis healthy for a TTL quickly
+
+
+async def healthy(rec: Reclaimer) -> Reclaimer:
+    """Beat until ``rec`` has seen Redis healthy for longer than its heartbeat TTL (it claims
+    nothing before: the gate this waits on is what the tests of it check)."""
+    while not rec.may_reclaim():
+        await rec.beat({})
+        await asyncio.sleep(FAST_TTL_S / 4)
+    return rec
 
 
 async def test_beat_writes_heartbeat_with_ttl_and_capacity(redis_client: Any) -> None:
@@ -86,7 +99,7 @@ async def test_dead_workers_entries_are_claimed_and_time_is_measured(
     # w-dead stops beating (killed); the live worker polls reclaim like its loop would.
     start = time.monotonic()
     claimed: list[ClaimedEntry] = []
-    while not claimed and time.monotonic() - start < 3:
+    while not claimed and time.monotonic() - start < 30:  # eventual: the TTL runs out
         await asyncio.sleep(0.05)
         claimed = await live.reclaim(MODEL)
     assert [c.entry_id for c in claimed] == taken
@@ -113,8 +126,11 @@ async def test_live_slow_worker_keeps_its_entries_even_when_idle(
     slow = Reclaimer(redis_client, KEYS, "w-slow", heartbeat_ttl_s=10)
     await slow.beat({})
     taken = await deliver(redis_client, "w-slow", 2)
-    other = Reclaimer(redis_client, KEYS, "w-other", safety_idle_s=0.05, sweep_interval_s=0.0)
-    await other.beat({})
+    other = Reclaimer(
+        redis_client, KEYS, "w-other", safety_idle_s=0.05, sweep_interval_s=0.0,
+        heartbeat_ttl_s=FAST_TTL_S,
+    )  # fmt: skip
+    await healthy(other)
     await asyncio.sleep(0.2)  # idle far beyond the safety-net threshold
     assert await other.reclaim(MODEL) == []
     assert await other.sweep(MODEL) == []
@@ -146,18 +162,16 @@ async def test_poison_entry_is_dead_lettered_once_and_requester_told(
     # Delivery 1 to w0, which dies; w1 and w2 claim it (deliveries 2 and 3) and die too.
     await deliver(redis_client, "w0", 1)
     for holder in ("w1", "w2"):
-        rec = Reclaimer(redis_client, KEYS, holder)
-        await rec.beat({})
+        rec = await healthy(Reclaimer(redis_client, KEYS, holder, heartbeat_ttl_s=FAST_TTL_S))
         (claimed,) = await rec.reclaim(MODEL)
         await rec.retire()  # killed while running it
     assert claimed.delivery_count == 3
     # w3 would deliver it a 4th time: it goes to the dead letters instead.
-    w3 = Reclaimer(redis_client, KEYS, "w3")
-    await w3.beat({})
+    w3 = await healthy(Reclaimer(redis_client, KEYS, "w3", heartbeat_ttl_s=FAST_TTL_S))
     assert await w3.reclaim(MODEL) == []
     assert w3.dead_lettered_total == 1
 
-    dead = await redis_client.xrange(KEYS.dead)
+    dead = await redis_client.xrange(KEYS.dead())
     assert len(dead) == 1
     fields = dead[0][1]
     assert fields[b"id"] == request_id.encode() and fields[b"deliveries"] == b"4"
@@ -175,10 +189,9 @@ async def test_poison_entry_is_dead_lettered_once_and_requester_told(
     assert await redis_client.xlen(LANE) == 0 and await consumers(redis_client) == {"w3"}
 
     # Nothing to do a second time: no second dead letter, no second result.
-    w4 = Reclaimer(redis_client, KEYS, "w4")
-    await w4.beat({})
+    w4 = await healthy(Reclaimer(redis_client, KEYS, "w4", heartbeat_ttl_s=FAST_TTL_S))
     assert await w4.reclaim(MODEL) == [] and await w4.sweep(MODEL) == []
-    assert await redis_client.xlen(KEYS.dead) == 1
+    assert await redis_client.xlen(KEYS.dead()) == 1
     assert await redis_client.xlen(KEYS.result(request_id)) == 1
 
 
@@ -186,10 +199,9 @@ async def test_undecodable_poison_entry_is_dead_lettered_and_removed(redis_clien
     await make_lanes(redis_client)
     await redis_client.xadd(LANE, {STREAM_FIELD: b"\xc1 not msgpack"})
     await deliver(redis_client, "w0", 1)
-    rec = Reclaimer(redis_client, KEYS, "w-live", max_deliveries=1)
-    await rec.beat({})
-    assert await rec.reclaim(MODEL) == []
-    (entry,) = await redis_client.xrange(KEYS.dead)
+    rec = Reclaimer(redis_client, KEYS, "w-live", max_deliveries=1, heartbeat_ttl_s=FAST_TTL_S)
+    assert await (await healthy(rec)).reclaim(MODEL) == []
+    (entry,) = await redis_client.xrange(KEYS.dead())
     assert entry[1][b"id"] == b"" and entry[1][b"payload"] == b"\xc1 not msgpack"
     assert await redis_client.xlen(LANE) == 0
     assert await redis_client.xpending(LANE, GROUP) == {
@@ -222,8 +234,8 @@ async def test_dead_consumer_removed_only_once_its_pending_list_is_empty(
     await deliver(redis_client, "w-dead", 3)
     await redis_client.xgroup_createconsumer(LANE, GROUP, "w-idle-live")
     await redis_client.set(KEYS.heartbeat("w-idle-live"), "{}", px=5000)
-    rec = Reclaimer(redis_client, KEYS, "w-live", batch=2)
-    await rec.beat({})
+    rec = Reclaimer(redis_client, KEYS, "w-live", batch=2, heartbeat_ttl_s=FAST_TTL_S)
+    await healthy(rec)
     first = await rec.reclaim(MODEL)  # batch of 2: one entry is still pending on w-dead
     assert len(first) == 2
     assert await consumers(redis_client) == {"w-dead", "w-idle-live", "w-live"}
@@ -255,18 +267,22 @@ async def test_a_lane_deleted_before_its_claim_gives_nothing_to_claim(
 
 
 async def test_two_reclaimers_never_share_an_entry(redis_url: str, redis_client: Any) -> None:
+    """Two live reclaimers race for a dead worker's entries. Both stay alive: they beat before
+    every round, with a TTL (2 s) no round of this test comes near even on a loaded machine
+    (with 0.3 s, one reclaimer could miss a beat, and the other then rightly took the entries
+    of a worker that looked dead: not what this test is about)."""
     await make_lanes(redis_client)
     await submit(redis_url, 20)
     await deliver(redis_client, "w-dead", 20)
     other = aioredis.Redis.from_url(redis_url)
     try:
-        a = Reclaimer(redis_client, KEYS, "wa", batch=5)
-        b = Reclaimer(other, KEYS, "wb", batch=5)
-        await a.beat({})
-        await b.beat({})
+        a = Reclaimer(redis_client, KEYS, "wa", batch=5, heartbeat_ttl_s=2.0)
+        b = Reclaimer(other, KEYS, "wb", batch=5, heartbeat_ttl_s=2.0)
+        await asyncio.gather(healthy(a), healthy(b))
         got_a: list[str] = []
         got_b: list[str] = []
         for _ in range(4):
+            await asyncio.gather(a.beat({}), b.beat({}))
             ra, rb = await asyncio.gather(a.reclaim(MODEL), b.reclaim(MODEL))
             got_a += [c.entry_id for c in ra]
             got_b += [c.entry_id for c in rb]
@@ -283,3 +299,63 @@ async def test_claiming_requires_a_heartbeat_first(redis_url: str, redis_client:
     rec = Reclaimer(redis_client, KEYS, "w-new")
     with pytest.raises(WorkerError, match="beat"):
         await rec.reclaim(MODEL)
+
+
+async def test_no_reclaim_until_redis_was_seen_healthy_for_a_ttl(
+    redis_url: str, redis_client: Any
+) -> None:
+    """A CLIENT PAUSE longer than the heartbeat TTL: when it ends, the holder's heartbeat has
+    expired although the holder lives, so the reclaimer, whose own beat was held up by the
+    pause, claims nothing until it has seen Redis healthy for a whole TTL again."""
+    await make_lanes(redis_client)
+    await submit(redis_url, 2)
+    holder = Reclaimer(redis_client, KEYS, "w-holder", heartbeat_ttl_s=FAST_TTL_S)
+    await holder.beat({})
+    taken = await deliver(redis_client, "w-holder", 2)
+
+    turn = asyncio.Event()  # the holder beats on its turns: the test decides whose beat
+    turn.set()  # lands first after the pause (the race a real pause leaves open)
+
+    async def holder_lives() -> None:
+        while True:
+            await turn.wait()
+            await holder.beat({})
+            await asyncio.sleep(FAST_TTL_S / 4)
+
+    other_client = aioredis.Redis.from_url(redis_url)
+    pauser = aioredis.Redis.from_url(redis_url)
+    beating = asyncio.create_task(holder_lives())
+    try:
+        rec = await healthy(Reclaimer(other_client, KEYS, "w-rec", heartbeat_ttl_s=FAST_TTL_S))
+        turn.clear()
+        await pauser.execute_command("CLIENT", "PAUSE", int(FAST_TTL_S * 3000), "WRITE")
+        await rec.beat({})  # held up by the pause: slower than half a TTL
+        # The pause is over: the holder's key expired meanwhile, though the holder lives
+        # and is about to beat.
+        assert await redis_client.exists(KEYS.heartbeat("w-holder")) == 0
+        assert not rec.may_reclaim()
+        assert await rec.reclaim(MODEL) == []
+        assert rec.reclaims_held_back == 1  # it saw a missing heartbeat and held back
+        turn.set()
+        await healthy(rec)
+        assert await rec.reclaim(MODEL) == []
+        assert await pending_of(redis_client, "w-holder") == taken
+        # A holder that really stopped beating is claimed once Redis was seen healthy.
+        beating.cancel()
+        await asyncio.sleep(FAST_TTL_S * 1.5)
+        claimed = await rec.reclaim(MODEL)
+        assert [c.entry_id for c in claimed] == taken
+    finally:
+        beating.cancel()
+        await other_client.aclose()
+        await pauser.aclose()
+
+
+async def test_a_reclaimer_that_stalled_waits_a_ttl_before_claiming(redis_client: Any) -> None:
+    """Its own process stalled (SIGSTOP, a long GC) past half a TTL: the next beat starts the
+    count again, as if Redis had been away."""
+    rec = await healthy(Reclaimer(redis_client, KEYS, "w1", heartbeat_ttl_s=FAST_TTL_S))
+    assert rec.may_reclaim()
+    time.sleep(FAST_TTL_S)  # the loop blocked: no beat for a whole TTL
+    await rec.beat({})
+    assert not rec.may_reclaim() and rec.healthy_for_s() < FAST_TTL_S

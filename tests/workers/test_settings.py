@@ -7,7 +7,6 @@ import argparse
 import pytest
 
 from workers.errors import ConfigError
-from workers.metrics import Metrics, _Collector
 from workers.settings import WorkerSettings, add_worker_arguments
 
 
@@ -47,6 +46,14 @@ def test_cli_wins_over_environment_which_wins_over_defaults() -> None:
     assert s.engine_options()["max_num_seqs"] == 32
     assert s.max_model_len == 2048 and s.engine_options()["max_model_len"] == 2048
     assert s.admission_headroom_tokens == s.max_num_batched_tokens
+    fp8 = WorkerSettings.from_args(
+        _parse("--model", "/m", "--kv-cache-dtype", "fp8", "--shared-prefix-attention"),
+        {"CHATQ_QUANTIZATION": "fp8"},
+    )
+    assert fp8.engine_options()["kv_cache_dtype"] == "fp8"
+    assert fp8.engine_options()["quantization"] == "fp8"
+    assert fp8.engine_options()["shared_prefix_attention"] is True
+    assert s.engine_options()["shared_prefix_attention"] is False
     served = WorkerSettings.from_args(_parse("--model", "/m", "--served-model-name", "chat"), {})
     assert served.model_name == "chat"
 
@@ -69,6 +76,8 @@ def test_defaults_give_unique_names() -> None:
         {"engine_factory": "no_colon"},
         {"host_processes": 0},
         {"host_processes": 33},
+        {"kv_cache_dtype": "int8"},
+        {"quantization": "awq"},
     ],
 )
 def test_invalid_settings_are_refused(bad: dict[str, object]) -> None:
@@ -79,23 +88,3 @@ def test_invalid_settings_are_refused(bad: dict[str, object]) -> None:
 def test_bad_environment_value_names_the_variable() -> None:
     with pytest.raises(ConfigError, match="CHATQ_MAX_NUM_SEQS"):
         WorkerSettings.from_env({"CHATQ_MAX_NUM_SEQS": "many"})
-
-
-def test_metrics_collector_reports_the_counters() -> None:
-    m = Metrics("w1", "tiny")
-    m.completed, m.tokens_generated = 3, 42
-    m.count_error("cancelled")
-    m.observe_latency_ms(12.0)
-    m.observe_latency_ms(7000.0)
-    families = {f.name: f for f in _Collector(m).collect()}
-    assert families["chatq_worker_completed"].samples[0].value == 3
-    assert families["chatq_worker_tokens_generated"].samples[0].value == 42
-    errs = families["chatq_worker_errors"].samples
-    assert [(s.labels["code"], s.value) for s in errs] == [("cancelled", 1)]
-    hist = {
-        s.labels.get("le"): s.value
-        for s in families["chatq_request_total_ms"].samples
-        if s.name.endswith("_bucket")
-    }
-    assert hist["10"] == 0 and hist["25"] == 1 and hist["+Inf"] == 2
-    assert m.snapshot()["errors"] == {"cancelled": 1}

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from producer import ChatClient
-from producer.keys import GROUP, Keys
-from producer.protocol import estimate_cost_tokens, make_envelope
+from producer.contract.codec import make_envelope
+from producer.contract.keys import GROUP, Keys
+from tests.producer.test_client import expected_cost
 from workers.reclaim import Reclaimer
 from workers.status import render_rich, render_text, status_report
 
@@ -23,7 +24,7 @@ async def test_status_report_counts_queue_pending_dead_and_workers(
             for _ in range(n):
                 await client.submit(MESSAGES, model="alpha", max_tokens=10, priority=priority)
         await client.submit(MESSAGES, model="beta", max_tokens=10)
-    cost = estimate_cost_tokens(make_envelope(MESSAGES, model="alpha"))
+    cost = expected_cost(make_envelope(MESSAGES, model="alpha"))
     cost += 10 - 256  # max_tokens=10 instead of the default 256
     normal = KEYS.requests("alpha", "normal")
     await redis_client.xgroup_create(normal, GROUP, id="0")
@@ -59,4 +60,4 @@ async def test_status_report_counts_queue_pending_dead_and_workers(
     assert lines[2].split()[:7] == ["alpha", "3", "1/0/2", "3", str(6 * cost), "123", "2"]
     assert "1 (w1)" in lines[2] and "1 (w2)" in lines[3]
     assert render_rich([alpha, beta]).row_count == 2
-    assert render_text([]) == "no models have queued requests yet"
+    assert render_text([]) == "no requests queued yet"

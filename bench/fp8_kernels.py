@@ -1,0 +1,138 @@
+"""FP8 kernel micro-benchmarks (median times by do_bench; --smoke: tiny shapes, any device).
+
+1. Paged decode attention, bf16 cache vs FP8 cache (pages of 16 in random order): time and
+   the K/V bytes read per second (FP8: values + per-token scales), at two tile widths.
+2. Linear layers of the Qwen2.5-7B shape at batch M: bf16 ``F.linear`` vs FP8 as the layer
+   runs it (``fp8_linear``: the fused small-M kernel up to 16 rows, else quantization +
+   ``torch._scaled_mm``), and its parts alone: the per-token quantization kernel,
+   ``_scaled_mm``, the fused kernel; time and weight bytes read per second.
+
+    python bench/fp8_kernels.py [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from gpu_engine.fp8 import quantize_rows
+from gpu_engine.kernels.decode_attention import choose_num_splits, paged_decode_attention
+from gpu_engine.layers.fp8_linear import fp8_linear
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def bench(fn: Callable[[], object], smoke: bool) -> float:
+    """Median milliseconds."""
+    import triton  # after gpu_engine.kernels, which picks the interpreter without CUDA
+
+    if smoke:
+        import time
+
+        fn()
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def decode_rows(smoke: bool) -> list[str]:
+    rows = []
+    shapes = [(256, 1024, 16, 8), (64, 4096, 16, 8), (256, 1296, 12, 2)]
+    if smoke:
+        shapes = [(4, 64, 4, 2)]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 132
+    for bs, ctx, hq, hk in shapes:
+        d, page = 128 if not smoke else 16, 16
+        nblk = bs * ctx // page
+        kc = torch.randn(nblk, page, hk, d, device=DEV, dtype=torch.bfloat16)
+        vc = torch.randn_like(kc)
+        bt = torch.randperm(nblk, device=DEV, dtype=torch.int32).view(bs, ctx // page)
+        sl = torch.full((bs,), ctx, device=DEV, dtype=torch.int32)
+        q = torch.randn(bs, hq, d, device=DEV, dtype=torch.bfloat16)
+        (kq, ks), (vq, vs) = quantize_rows(kc), quantize_rows(vc)
+        sp = choose_num_splits(bs, hk, ctx, sms)
+        variants = [
+            ("bf16", kc, vc, None, 64),
+            ("fp8", kq, vq, (ks, vs), 64),
+            ("fp8", kq, vq, (ks, vs), 128),
+        ]
+        base = None
+        for name, k, v, scales, block_n in variants:
+            run = partial(paged_decode_attention, q, k, v, bt, sl, d**-0.5, num_splits=sp,
+                          kv_scales=scales, block_n=block_n)  # fmt: skip
+            t = bench(run, smoke)
+            nbytes = 2 * (k.numel() * k.element_size() + (0 if scales is None else 4 * ks.numel()))
+            base = base or t
+            rows.append(
+                f"| decode {name}, tile {block_n} | {bs} x {ctx}, {hq}/{hk} heads, split {sp} | "
+                f"{t * 1e3:.1f} | {nbytes / (t * 1e-3) / 1e12:.2f} TB/s | {base / t:.2f}x |"
+            )
+    return rows
+
+
+def linear_rows(smoke: bool) -> list[str]:
+    from gpu_engine.kernels.fp8_gemm import fp8_small_m_linear
+    from gpu_engine.kernels.quant import quantize_per_token
+
+    rows = []
+    shapes = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584),
+              "down": (3584, 18944)}  # fmt: skip
+    batches = [1, 8, 64, 256]
+    if smoke:
+        shapes, batches = {"tiny": (64, 128)}, [1, 4]
+    nan = float("nan")
+    for name, (n, k) in shapes.items():
+        w = torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02
+        w_q, w_s = quantize_rows(w)
+        for m in batches:
+            x = torch.randn(m, k, device=DEV, dtype=torch.bfloat16)
+            t_bf16 = bench(partial(F.linear, x, w), smoke)
+            t_fp8 = bench(partial(fp8_linear, x, w_q, w_s, None), smoke)
+            t_quant = t_mm = t_small = nan
+            if DEV == "cuda":
+                t_quant = bench(partial(quantize_per_token, x), smoke)
+                x_q, x_s = quantize_rows(x)
+                mm = partial(torch._scaled_mm, x_q, w_q.t(), scale_a=x_s[:, None],
+                             scale_b=w_s[None, :], out_dtype=torch.bfloat16)  # fmt: skip
+                t_mm = bench(mm, smoke)
+                if m <= 16:
+                    t_small = bench(partial(fp8_small_m_linear, x, w_q, w_s, None), smoke)
+            rows.append(
+                f"| {name} {n}x{k} | {m} | {t_bf16 * 1e3:.1f} | {t_fp8 * 1e3:.1f} | "
+                f"{t_quant * 1e3:.1f} | {t_mm * 1e3:.1f} | {t_small * 1e3:.1f} | "
+                f"{2 * n * k / (t_bf16 * 1e-3) / 1e12:.2f} / "
+                f"{n * k / (t_fp8 * 1e-3) / 1e12:.2f} TB/s | {t_bf16 / t_fp8:.2f}x |"
+            )
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    lin = linear_rows(args.smoke)
+    print(
+        "\n| linear (Qwen2.5-7B) | M | bf16 us | fp8 layer us | quant alone | _scaled_mm alone "
+        "| fused small-M | weight read bf16 / fp8 | speed-up |\n"
+        "|---|---|---|---|---|---|---|---|---|",
+        flush=True,
+    )
+    print("\n".join(lin), flush=True)
+    dec = decode_rows(args.smoke)
+    print("\n| attention | shape | us | K/V read | vs bf16 |\n|---|---|---|---|---|")
+    print("\n".join(dec))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

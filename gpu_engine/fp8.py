@@ -1,0 +1,39 @@
+"""FP8 (e4m3) quantization in torch: the reference the Triton kernels are checked against.
+
+One format everywhere: ``float8_e4m3fn`` values with an fp32 scale per row, where a row is
+one KV head of one token in the KV cache, one output channel of a weight, or one token of an
+activation. ``scale = amax(|row|) * fp32(1/448)`` (1 for an all-zero row), the stored value
+is ``row * (1 / scale)`` clamped to ±448 and rounded to nearest-even, and ``value * scale``
+reads it back. Only correctly rounded operations (a multiply by a constant, one reciprocal
+per row, multiplies), so the Triton kernels (``kernels.fp8_math``) compute the same bits on
+any device and a cache written by either is the same cache. (A division by a Python scalar
+would not do: torch turns it into a multiply by the reciprocal on CUDA but not on the CPU.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+E4M3_MAX = 448.0
+INV_E4M3_MAX = 1.0 / 448.0  # rounded to fp32 where it is used, as in the kernels
+FP8_DTYPE = torch.float8_e4m3fn
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+QUANTIZATIONS = ("none", "fp8")
+
+
+def is_fp8_kv(kv_cache_dtype: str) -> bool:
+    return kv_cache_dtype in ("fp8", "fp8_e4m3")
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., N] -> (e4m3 values [..., N], fp32 scales [...]) with one scale per row."""
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax * INV_E4M3_MAX, torch.ones_like(amax))
+    q = (xf * torch.reciprocal(scale)).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
+    return q, scale.squeeze(-1)
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(e4m3 [..., N], fp32 [...]) -> ``dtype`` [..., N]."""
+    return (q.float() * scale.unsqueeze(-1)).to(dtype)

@@ -1,0 +1,113 @@
+"""FP8 linear layer for a few rows (decode at small batch): quantization and product fused.
+
+``y = (quant(x) @ W_q.T) * x_scale * w_scale + b`` for x [M, K] with M ≤ 16 (bf16 or fp32),
+W_q [N, K] e4m3 with per-channel scales: the same arithmetic as the per-token quantization
+kernel followed by ``torch._scaled_mm``, without the separate quantization launch and its
+round trip through memory. At this size the product only streams the weights, so each
+program owns BLOCK_N output channels: it first reads its rows of x once to find each row's
+absolute maximum (x is tiny and L2-resident), then walks K in BLOCK_K steps, quantizing the
+x tile in registers and multiplying it by the weight tile on the FP8 tensor cores (the
+interpreter multiplies in fp32: products of two e4m3 values are exact in fp32 either way).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gpu_engine.kernels import INTERPRET
+from gpu_engine.kernels.fp8_math import e4m3_scale, to_e4m3
+
+MAX_ROWS = 16
+
+
+@triton.jit
+def _fp8_small_m_kernel(
+    x_ptr,
+    w_ptr,
+    w_scale_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_x,
+    stride_w,
+    stride_o,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    m = tl.arange(0, BLOCK_M)
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    k = tl.arange(0, BLOCK_K)
+    m_mask = m < M
+    n_mask = n < N
+    x_rows = x_ptr + m[:, None].to(tl.int64) * stride_x
+    amax = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask = m_mask[:, None] & (k0 + k < K)[None, :]
+        x = tl.load(x_rows + k0 + k[None, :], mask=mask, other=0.0)
+        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+    x_scale, x_inv = e4m3_scale(tl.max(amax, 1))  # [BLOCK_M]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    w_rows = w_ptr + n[:, None].to(tl.int64) * stride_w
+    for k0 in range(0, K, BLOCK_K):
+        k_mask = (k0 + k < K)[None, :]
+        x = tl.load(x_rows + k0 + k[None, :], mask=m_mask[:, None] & k_mask, other=0.0)
+        xq = to_e4m3(x.to(tl.float32), x_inv[:, None])
+        w = tl.load(w_rows + k0 + k[None, :], mask=n_mask[:, None] & k_mask, other=0.0)
+        if UPCAST:
+            acc += tl.dot(xq.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+        else:
+            acc += tl.dot(xq, tl.trans(w))
+    w_scale = tl.load(w_scale_ptr + n, mask=n_mask, other=0.0)
+    y = acc * x_scale[:, None] * w_scale[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    o_ptrs = out_ptr + m[:, None].to(tl.int64) * stride_o + n[None, :]
+    tl.store(o_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def fp8_small_m_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    num_sms: int = 132,
+) -> torch.Tensor:
+    """x [M, K] (M ≤ MAX_ROWS, rows contiguous), weight [N, K] e4m3, weight_scale [N] fp32,
+    bias [N] or None -> [M, N] in x's dtype."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if m > MAX_ROWS or x.stride(1) != 1 or not weight.is_contiguous():
+        raise ValueError(f"x {tuple(x.shape)} / weight {tuple(weight.shape)} do not fit")
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    # Enough programs to cover the SMs about twice; deep K steps keep bytes in flight.
+    block_n = 64 if triton.cdiv(n, 64) >= 2 * num_sms else 32 if n >= 32 * num_sms else 16
+    block_k = 128 if block_n == 64 else 256
+    _fp8_small_m_kernel[(triton.cdiv(n, block_n),)](
+        x,
+        weight,
+        weight_scale,
+        bias if bias is not None else weight_scale,
+        out,
+        m,
+        n,
+        k,
+        x.stride(0),
+        weight.stride(0),
+        out.stride(0),
+        HAS_BIAS=bias is not None,
+        BLOCK_M=16,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        UPCAST=INTERPRET,
+        num_warps=4,
+        num_stages=4,
+    )
+    return out

@@ -1,0 +1,185 @@
+"""Attention of a group's decode queries over the group's shared prefix, its KV read once.
+
+A group (``gpu_engine.prefix_groups``) is a set of decode sequences whose block tables
+start with the same ``prefix_len`` tokens of cached blocks. One program handles one tile of
+up to BLOCK_S members and one KV head: its rows are the (member, query head of that KV head)
+pairs, BLOCK_S x GROUP_PAD of them, so a [BLOCK_N, head_dim] K/V tile of the prefix is read
+once and serves every member of the tile (a tensor-core product with BLOCK_S x GROUP_PAD
+rows instead of GROUP_PAD). No causal mask: the whole prefix precedes every member's query.
+
+It writes a partial result (the output normalised by its own softmax sum, and the
+log-sum-exp in base 2) into the decode kernel's split partials at slot ``part_slot``; the
+decode kernel covers each member's suffix ``[prefix_len, seq_len)`` and the merge kernel
+combines the two by log-sum-exp (``decode_attention``). FP8 caches are read as there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import triton
+import triton.language as tl
+
+from gpu_engine.layers.base import SharedPrefix
+from gpu_engine.prefix_groups import prefix_block_s
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _prefix_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
+    tile_group_ptr,
+    tile_members_ptr,
+    group_tables_ptr,
+    group_lens_ptr,
+    part_out_ptr,
+    part_lse_ptr,
+    qk_scale,
+    stride_q_tok,
+    stride_q_head,
+    stride_gt,
+    stride_c_blk,
+    stride_c_tok,
+    num_heads,
+    part_slot,
+    NUM_SLOTS: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+    FP8: tl.constexpr,
+    NUM_KV_HEADS: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    group = tl.load(tile_group_ptr + tile)
+    # Padding tiles (group -1) of a graph's fixed grid have nothing to do.
+    if group >= 0:
+        prefix_len = tl.load(group_lens_ptr + group)
+        r = tl.arange(0, BLOCK_S * GROUP_PAD)
+        g = r % GROUP_PAD
+        member = tl.load(tile_members_ptr + tile * BLOCK_S + r // GROUP_PAD)
+        valid = (member >= 0) & (g < GROUP)
+        member = tl.where(member >= 0, member, 0).to(tl.int64)
+        heads = kv_head * GROUP + g
+        d = tl.arange(0, BLOCK_D)
+        d_mask = d < HEAD_DIM
+        q = tl.load(
+            q_ptr + member[:, None] * stride_q_tok + heads[:, None] * stride_q_head + d[None, :],
+            mask=valid[:, None] & d_mask[None, :],
+            other=0.0,
+        )  # [BLOCK_S * GROUP_PAD, BLOCK_D]
+        if UPCAST:
+            q = q.to(tl.float32)
+        m_i = tl.full([BLOCK_S * GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_S * GROUP_PAD], tl.float32)
+        acc = tl.zeros([BLOCK_S * GROUP_PAD, BLOCK_D], tl.float32)
+        bt_row = group_tables_ptr + group.to(tl.int64) * stride_gt
+        for start in range(0, prefix_len, BLOCK_N):
+            n = start + tl.arange(0, BLOCK_N)
+            n_mask = n < prefix_len
+            blk = tl.load(bt_row + n // PAGE, mask=n_mask, other=0).to(tl.int64)
+            rows = blk * stride_c_blk + (n % PAGE) * stride_c_tok + kv_head * HEAD_DIM
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            if FP8:
+                srow = (blk * PAGE + n % PAGE) * NUM_KV_HEADS + kv_head
+                k_s = tl.load(k_scale_ptr + srow, mask=n_mask, other=0.0)
+                v_s = tl.load(v_scale_ptr + srow, mask=n_mask, other=0.0)
+                k = k.to(q.dtype)
+                v = v.to(q.dtype)
+            elif UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            if FP8:
+                s = s * k_s[None, :]
+            s = tl.where(n_mask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            pv = p
+            if FP8:
+                pv = p * v_s[None, :]
+            acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        safe_l = tl.where(l_i > 0, l_i, 1.0)
+        out = acc / safe_l[:, None]
+        lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
+        base = (member * NUM_SLOTS + part_slot) * num_heads + heads
+        tl.store(
+            part_out_ptr + base[:, None] * HEAD_DIM + d[None, :],
+            out,
+            mask=valid[:, None] & d_mask[None, :],
+        )
+        tl.store(part_lse_ptr + base, lse, mask=valid)
+
+
+def launch_prefix_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    scales: tuple[torch.Tensor, torch.Tensor],
+    shared: SharedPrefix,
+    part_out: torch.Tensor,
+    part_lse: torch.Tensor,
+    scale: float,
+    num_splits: int,
+    common: dict[str, Any],
+) -> None:
+    """The groups' prefix partials into the last slot of ``part_out`` / ``part_lse``
+    ([num_seqs, num_splits + 1, ...]); ``common``: the decode launch's constants."""
+    block_s = shared.tile_members.shape[1]
+    if block_s != prefix_block_s(common["GROUP"]):
+        raise ValueError(
+            f"tiles of {block_s} members, the kernel wants {prefix_block_s(common['GROUP'])}"
+        )
+    num_kv_heads = k_cache.shape[2]
+    _prefix_kernel[(shared.tile_group.shape[0], num_kv_heads)](
+        q,
+        k_cache,
+        v_cache,
+        scales[0],
+        scales[1],
+        shared.tile_group,
+        shared.tile_members,
+        shared.group_tables,
+        shared.group_lens,
+        part_out,
+        part_lse,
+        scale * LOG2E,
+        q.stride(0),
+        q.stride(1),
+        shared.group_tables.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        q.shape[1],
+        num_splits,
+        NUM_SLOTS=num_splits + 1,
+        GROUP=common["GROUP"],
+        GROUP_PAD=triton.next_power_of_2(common["GROUP"]),
+        BLOCK_S=block_s,
+        HEAD_DIM=common["HEAD_DIM"],
+        BLOCK_D=common["BLOCK_D"],
+        PAGE=common["PAGE"],
+        BLOCK_N=common["BLOCK_N"],
+        UPCAST=common["UPCAST"],
+        PRECISION=common["PRECISION"],
+        FP8=common["FP8"],
+        NUM_KV_HEADS=num_kv_heads,
+        num_warps=4,
+        num_stages=2,
+    )

@@ -1,0 +1,189 @@
+"""Grammar-constrained decoding: the bitmask against xgrammar's own kernel, and the engine's
+structured output on a tiny random checkpoint (random weights: only the constraint can make
+its output valid)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import torch
+
+from gpu_engine import LLM, InvalidRequestError, RefusalReason, SamplingParams, StructuredOutput
+from gpu_engine.grammar import ANY_OBJECT, apply_bitmask
+
+xgr = pytest.importorskip("xgrammar")
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "order_id": {"type": "integer", "minimum": 0, "maximum": 999},
+        "status": {"enum": ["open", "shipped", "returned"]},
+        "note": {"type": "string", "maxLength": 12},
+    },
+    "required": ["order_id", "status", "note"],
+    "additionalProperties": False,
+}
+
+
+def test_apply_bitmask_matches_xgrammars_kernel() -> None:
+    vocab = 100
+    mask = torch.randint(-(2**31), 2**31 - 1, (3, (vocab + 31) // 32), dtype=torch.int32)
+    logits = torch.randn(3, vocab)
+    want = logits.clone()
+    xgr.apply_token_bitmask_inplace(want, mask)
+    got = apply_bitmask(logits.clone(), mask)
+    assert torch.equal(got.isfinite(), want.isfinite())
+    torch.testing.assert_close(got[got.isfinite()], logits[got.isfinite()])
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint: Any) -> Any:
+    engine = LLM(str(tiny_checkpoint("llama")), device="cpu", kv_cache_tokens=4096)
+    yield engine
+    engine.close()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_json_schema_output_is_valid(llm: Any, temperature: float) -> None:
+    params = SamplingParams(
+        max_tokens=80, temperature=temperature, seed=3, structured=StructuredOutput.json(SCHEMA)
+    )
+    outs = llm.generate(["order status please", "x", "the quick brown fox"], params)
+    for out in outs:
+        assert out.finish_reason == "stop", out.text  # the grammar ended, then eos
+        # strict=False: xgrammar's JSON strings admit raw control characters (random
+        # weights pick them), which Python's strict parser refuses.
+        value = json.loads(out.text, strict=False)
+        assert set(value) == {"order_id", "status", "note"}
+        assert (
+            isinstance(value["order_id"], int)
+            and value["status"] in SCHEMA["properties"]["status"]["enum"]
+        )
+        assert len(value["note"]) <= 12
+
+
+def test_json_object_stays_a_valid_prefix(llm: Any) -> None:
+    """Any JSON object: random weights may wander inside a string until max_tokens, so the
+    check is that every token was one the grammar allowed (a fresh matcher accepts them)."""
+    params = SamplingParams(
+        max_tokens=40, temperature=1.0, seed=5, structured=StructuredOutput.json()
+    )
+    outs = llm.generate(["a", "b", "c", "d"], params)
+    compiler = llm.engine.grammars._make_compiler()
+    for out in outs:
+        matcher = xgr.GrammarMatcher(
+            compiler.compile_json_schema(ANY_OBJECT, strict_mode=False, any_whitespace=False)
+        )
+        assert all(matcher.accept_token(t) for t in out.token_ids), out.text
+        assert out.text.startswith("{")
+        if out.finish_reason == "stop":
+            assert isinstance(json.loads(out.text, strict=False), dict)
+
+
+def test_regex_and_grammar(llm: Any) -> None:
+    cases = [
+        (
+            StructuredOutput("regex", r"(yes|no), [0-9]{3}"),
+            re.compile(r"(yes|no), [0-9]{3}").fullmatch,
+        ),
+        (
+            StructuredOutput("grammar", 'root ::= "A" ("b" | "c")+ "."'),
+            re.compile(r"A[bc]+\.").fullmatch,
+        ),
+    ]
+    for structured, valid in cases:
+        params = SamplingParams(max_tokens=60, temperature=1.0, seed=1, structured=structured)
+        [out] = llm.generate(["say something"], params)
+        assert out.finish_reason == "stop" and valid(out.text), (structured, out.text)
+
+
+def test_constrained_and_free_requests_share_a_batch(llm: Any) -> None:
+    free = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    constrained = SamplingParams(
+        max_tokens=80, temperature=0.0, structured=StructuredOutput.json(SCHEMA)
+    )
+    alone = llm.generate(["a b c d"], free)[0].token_ids
+    mixed = llm.generate(["a b c d", "order"], [free, constrained])
+    assert mixed[0].token_ids == alone  # the mask of one row leaves the others alone
+    json.loads(mixed[1].text, strict=False)
+
+
+def test_a_schema_that_does_not_compile_is_refused(llm: Any) -> None:
+    bad = StructuredOutput("json", '{"type": "no-such-type"}')
+    with pytest.raises(InvalidRequestError) as info:
+        llm.engine.add_request("bad", [1, 2, 3], SamplingParams(structured=bad))
+    assert info.value.reason is RefusalReason.INVALID_PARAMS
+    assert "structured" in str(info.value)
+    assert not llm.engine.has_unfinished()
+    with pytest.raises(InvalidRequestError, match=r"structured\.kind"):
+        StructuredOutput("yaml", "x")
+
+
+@pytest.mark.gpu
+def test_structured_output_on_cuda_matches_the_cpu_engine(tiny_checkpoint: Any) -> None:
+    """The same greedy constrained requests on CUDA and on the CPU give valid JSON; with
+    float32 on both, the same tokens."""
+    path = str(tiny_checkpoint("llama"))
+    params = SamplingParams(
+        max_tokens=80, temperature=0.0, structured=StructuredOutput.json(SCHEMA)
+    )
+    prompts = ["order status please", "x", "the quick brown fox"]
+    results = []
+    for device in ("cpu", "cuda"):
+        with LLM(path, device=device, dtype="float32", kv_cache_tokens=4096) as engine:
+            results.append(engine.generate(prompts, params))
+    for cpu, gpu in zip(*results, strict=True):
+        assert gpu.finish_reason == "stop"
+        json.loads(gpu.text, strict=False)
+        assert gpu.token_ids == cpu.token_ids
+
+
+def test_prefix_and_suffix_wrap_the_constrained_part(llm: Any) -> None:
+    """A forced tool call: tags around JSON matching the call's schema."""
+    call = {
+        "type": "object",
+        "properties": {
+            "name": {"const": "lookup_order"},
+            "arguments": {
+                "type": "object",
+                "properties": {"order_id": {"type": "integer", "minimum": 0, "maximum": 9999}},
+                "required": ["order_id"],
+                "additionalProperties": False,
+            },
+        },
+        "required": ["name", "arguments"],
+        "additionalProperties": False,
+    }
+    structured = StructuredOutput.json(call, prefix="<tool_call>\n", suffix="\n</tool_call>")
+    params = SamplingParams(max_tokens=80, temperature=0.0, structured=structured)
+    [out] = llm.generate(["where is my order?"], params)
+    assert out.finish_reason == "stop", out.text
+    assert out.text.startswith("<tool_call>\n") and out.text.endswith("\n</tool_call>")
+    value = json.loads(out.text.removeprefix("<tool_call>\n").removesuffix("\n</tool_call>"))
+    assert value["name"] == "lookup_order" and 0 <= value["arguments"]["order_id"] <= 9999
+
+
+def test_a_resumed_answer_keeps_its_grammar(llm: Any) -> None:
+    """A worker that takes over a half-finished answer prefills prompt + generated tokens
+    (``num_resumed_tokens`` of them): the grammar goes on from where they left it."""
+    schema = StructuredOutput.json(SCHEMA)
+    prompt = llm.tokenizer.encode("order status please")
+    full = SamplingParams(max_tokens=80, temperature=0.0, structured=schema)
+    [whole] = llm.generate([prompt], full)
+    assert whole.finish_reason == "stop"
+    head = whole.token_ids[:5]
+    resumed = SamplingParams(
+        max_tokens=80 - 5, temperature=0.0, structured=schema, num_resumed_tokens=5
+    )
+    [rest] = llm.generate([prompt + head], resumed)
+    assert head + rest.token_ids == whole.token_ids  # greedy: the same answer
+    json.loads(llm.tokenizer.decode(head + rest.token_ids, skip_special_tokens=True), strict=False)
+    # Without the count the grammar would start over: a second "{" after the first.
+    with pytest.raises(InvalidRequestError, match="resumed tokens"):
+        llm.engine.add_request(
+            "bad", prompt + [whole.token_ids[1]] * 3, replace(resumed, num_resumed_tokens=3)
+        )
