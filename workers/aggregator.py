@@ -319,13 +319,15 @@ class Aggregator:
         return True
 
     def drop(self, request_ids: list[str]) -> None:
-        """Requests whose entries another worker took over (its chunks were fenced off):
-        abort them in the engine, unanswered; the new holder answers them."""
+        """Requests whose entries another worker took over (its chunks were fenced off), or
+        whose streams lost chunks (Redis restarted from older data): abort them in the
+        engine, unanswered; whoever holds the entry then answers it, resuming from the
+        chunks its stream kept (this worker too, when it still holds it: reconcile)."""
         for request_id in request_ids:
             req = self._abort(request_id)
             if req is not None:
-                log.warning("%s: %s was taken over by another worker; dropped", self.worker,
-                            request_id)  # fmt: skip
+                log.warning("%s: %s was taken over, or its stream lost chunks; dropped",
+                            self.worker, request_id)  # fmt: skip
                 self._finish(req)
                 self.metrics.fenced += 1
 

@@ -16,7 +16,9 @@ or a ``CLIENT PAUSE`` longer than the TTL every heartbeat has expired, live work
 a reclaimer claims only once it has itself seen Redis healthy for longer than the heartbeat
 TTL (:meth:`Reclaimer.healthy_for_s`: its own beats landing promptly and on time, with no
 gap — a failed beat, a slow one, or its own process stalled, as a long GC pause or SIGSTOP
-would — starts the count again), by when every live worker has beaten again.
+would — starts the count again), by when every live worker has beaten again; and only from
+a read of the heartbeats that Redis answered promptly (a pause that catches the reclaim
+rather than a beat breaks the count as well).
 
 The worker calls these plain async methods from its one loop; nothing here runs its own loop.
 """
@@ -265,6 +267,14 @@ class Reclaimer:
             self._healthy_since_s = ended_s
         self._last_beat_end_s = ended_s
 
+    def _note_read(self, started_s: float, ended_s: float) -> None:
+        """The heartbeats were read: that read is a death verdict only if Redis answered it
+        promptly. A ``CLIENT PAUSE`` or an outage that caught this reclaim rather than a
+        beat has let every heartbeat expire meanwhile, live workers' too (their beats were
+        held up as well): the count starts again."""
+        if ended_s - started_s > self.heartbeat_ttl_ms * 0.75 / 1000:
+            self._healthy_since_s = ended_s
+
     def healthy_for_s(self) -> float:
         """How long this reclaimer has seen Redis healthy without a break (0: not now)."""
         if self._healthy_since_s is None:
@@ -290,6 +300,7 @@ class Reclaimer:
             # Without our own heartbeat, peers would judge us dead and take the claims back.
             raise WorkerError("beat() or register() before claiming entries")
         lanes = self._all_lanes(model)
+        started_s = time.monotonic()
         pipe = self.redis.pipeline(transaction=False)
         for stream in lanes:
             pipe.xinfo_consumers(stream, GROUP)
@@ -303,6 +314,7 @@ class Reclaimer:
             by_lane[stream] = [_s(c["name"]) for c in reply if _s(c["name"]) != self.worker]
         names = sorted({name for names in by_lane.values() for name in names})
         dead = await self._dead_among(names)  # the live ones' beats are remembered
+        self._note_read(started_s, time.monotonic())
         if not self.may_reclaim():
             self.reclaims_held_back += bool(dead)
             return []

@@ -14,7 +14,18 @@ raises); the next one is due after a backoff (:meth:`retry_in_s`), and meanwhile
 request's new deltas join its one open chunk. A chunk a flush took is sealed (its index and
 text fixed: that flush may have landed it, only its reply lost) and is sent again as it is;
 a resend is harmless, as finals are write-if-absent and chunks are appended only past the
-stream's last chunk index. Memory stays bounded however long Redis is away: by the text of
+stream's last chunk index.
+
+Order: a chunk lands only right behind its predecessor, and a final only behind its
+request's last chunk (CHUNKS and FINALIZE_MANY refuse them otherwise, writing nothing). Each
+command of a pipeline succeeds or fails on its own: without that, a call that failed (a
+NOSCRIPT while another process was loading the scripts after a Redis restart) could be
+followed by one that landed, leaving a final before the chunks it ends, or a gap that made
+the failed chunk "there already" for good. Refused ones are kept and sent again behind
+what they wait for; one whose predecessor is nowhere (Redis lost it) drops its request,
+which is then resumed from the chunks the stream kept.
+
+Memory stays bounded however long Redis is away: by the text of
 the requests the worker held when Redis went away (intake pulls nothing while writes fail),
 in at most one chunk per request per attempt.
 """
@@ -36,6 +47,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from producer.connection import is_cluster
 from producer.contract.finalize import (
+    CHUNKS_MISSING,
     FENCED,
     FinalBatch,
     FinalHooks,
@@ -56,6 +68,7 @@ MAX_PAYLOAD_IN_DEAD_LETTER = 64 * 1024
 # a worker notices Redis is back within seconds of a long outage.
 RETRY_DELAYS_S = (0.05, 0.2, 0.5, 1.0, 2.0)
 MAX_CHUNKS_PER_CALL = 256  # bounds one CHUNKS script's run time (Redis is single-threaded)
+OUT_OF_ORDER = -2  # CHUNKS' reply for a chunk whose predecessor is not the stream's last
 CONNECTION_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 
 Op = Callable[[Any], None]
@@ -308,6 +321,8 @@ class ResultWriter:
             if c.index < 0:
                 c.index = self._next_index[c.request_id]
                 self._next_index[c.request_id] = c.index + 1
+        assert sent.finals is not None
+        sent.finals.note_last_chunks(self._next_index)  # its request's chunks have indexes now
         return sent
 
     def _put_back(self, sent: Sent) -> None:
@@ -378,42 +393,81 @@ class ResultWriter:
         pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
 
     def _settle(self, sent: Sent, replies: list[Any]) -> None:
-        """Count what landed; report requests whose chunks were fenced off; keep (sealed)
-        the chunks of a call Redis refused whole (out of memory, read-only...), as a
-        dropped chunk would leave a gap in its stream."""
+        """Count what landed. Report requests whose chunks were fenced off, or whose stream
+        lost chunks (Redis restarted from older data: whoever holds the entry resumes it
+        from the chunks that are left). Keep (sealed) the chunks of a call Redis refused
+        whole (out of memory, read-only...) and those refused as out of order behind them,
+        as a dropped chunk would leave a gap in its stream; and the finals of requests
+        whose chunks are still on their way."""
         assert sent.finals is not None
         calls = self._chunk_calls(sent.chunks)
-        chunk_calls = len(calls)
-        fenced: list[str] = []
-        refused: list[PendingChunk] = []
-        for chunks, reply in zip(calls, replies[:chunk_calls], strict=True):
-            if isinstance(reply, Exception):
-                refused += chunks
-                continue
-            fenced += [c.request_id for c, ok in zip(chunks, reply, strict=True) if ok == 0]
-            if -1 in reply:
-                log.error("%d chunks could not be added (a result key of another type)",
-                          reply.count(-1))  # fmt: skip
-        if refused:
-            self._sealed = refused
-            errors = [r for r in replies[:chunk_calls] if isinstance(r, Exception)]
+        n_chunk_calls, n_final_calls = len(calls), sent.finals.num_calls()
+        chunk_replies = replies[:n_chunk_calls]
+        final_replies = replies[len(replies) - n_final_calls :] if n_final_calls else []
+        kept, fenced, lost = self._settle_chunks(sent.chunks, calls, chunk_replies)
+        waiting = {c.request_id for c in kept}
+        put_back: list[int] = []
+        for i, (request_id, reply) in enumerate(
+            zip(sent.finals.request_ids(), sent.finals.replies(final_replies), strict=True)
+        ):
+            if reply == CHUNKS_MISSING:
+                if request_id in waiting:
+                    put_back.append(i)
+                else:
+                    lost.append(request_id)
+            elif reply == 1:
+                self.finals_written += 1
+            elif reply == FENCED:
+                self.finals_fenced += 1
+        if kept:
+            self._sealed = kept
+            self._finals.put_back(sent.finals.select(put_back))
+            errors = [r for r in chunk_replies if isinstance(r, Exception)]
             self._failed(errors[0] if errors else ResponseError("chunks refused"))
-        self._forget(fenced)
         for reply in replies:
             if isinstance(reply, Exception):
                 log.error("result write command failed: %s", reply)
             elif isinstance(reply, list) and -1 in reply:
                 log.error("a batch of result writes had %d failures", reply.count(-1))
-        n_final_calls = sent.finals.num_calls()
-        for reply in replies[len(replies) - n_final_calls :] if n_final_calls else []:
-            if isinstance(reply, list):
-                self.finals_written += sum(1 for x in reply if x == 1)
-                self.finals_fenced += sum(1 for x in reply if x == FENCED)
+        if lost:
+            log.warning("%d requests' streams lost chunks (Redis restarted from older data?): "
+                        "dropped, to be resumed from the chunks kept", len(set(lost)))  # fmt: skip
+        self._forget(fenced + lost)
         for request_id in sent.finals.request_ids():
-            self._next_index.pop(request_id, None)
+            if request_id not in waiting:
+                self._next_index.pop(request_id, None)
+
+    def _settle_chunks(
+        self,
+        chunks: list[PendingChunk],
+        calls: list[list[PendingChunk]],
+        replies: list[Any],
+    ) -> tuple[list[PendingChunk], list[str], list[str]]:
+        """What CHUNKS did with ``chunks``: those to keep (sealed, in their order), and the
+        ids of requests fenced off and of those whose stream lost chunks. A chunk refused as
+        out of order waits for its predecessor when that one was refused too; otherwise
+        Redis lost the chunks before it."""
+        refused: list[PendingChunk] = []
+        fenced: list[str] = []
+        out_of_order: list[PendingChunk] = []
+        for call, reply in zip(calls, replies, strict=True):
+            if isinstance(reply, Exception):
+                refused += call
+                continue
+            for c, ok in zip(call, reply, strict=True):
+                if ok == 0:
+                    fenced.append(c.request_id)
+                elif ok == OUT_OF_ORDER:
+                    out_of_order.append(c)
+        waiting = {c.request_id for c in refused}
+        keep = {id(c) for c in refused}
+        keep |= {id(c) for c in out_of_order if c.request_id in waiting}
+        lost = sorted({c.request_id for c in out_of_order if c.request_id not in waiting})
+        return [c for c in chunks if id(c) in keep], fenced, lost
 
     def _forget(self, fenced: list[str]) -> None:
-        """Requests another worker took over: nothing more of theirs is written."""
+        """Requests another worker took over, or whose stream lost chunks: nothing more of
+        theirs is written (``on_fenced`` drops them; the entry's holder resumes them)."""
         if not fenced:
             return
         self.chunks_fenced += len(fenced)

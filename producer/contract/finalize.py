@@ -11,7 +11,7 @@ FINALIZE_MANY call; :func:`dead_letter_fields` is the entry both dead-letter scr
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,11 +25,14 @@ from producer.contract.webhook_job import JOB_KEY_PREFIX, encode_job
 # caller's ACL, and an empty name matches no pattern. One more key ends KEYS: the webhook queue.
 FINAL_KEYS = 6
 # Per final in its ARGV: group, entry id, type, body, TTL, cost tokens, request id, the
-# webhook job ("" for none: encode_job's bytes). One more ends ARGV: the consumer that must
-# hold every entry ("" for none), the fence against a worker that lost its entries.
-FINAL_ARGS = 8
+# webhook job ("" for none: encode_job's bytes), the index of the request's last chunk (-1:
+# none). One more ends ARGV: the consumer that must hold every entry ("" for none), the
+# fence against a worker that lost its entries.
+FINAL_ARGS = 9
+_LAST_CHUNK = 8  # where a final's last chunk index sits among its ARGV
 MAX_FINALS_PER_CALL = 256  # bounds one script's run time (Redis is single-threaded)
 FENCED = 2  # FINALIZE_MANY's reply for a final whose entry is not pending on the consumer
+CHUNKS_MISSING = 3  # its reply for a final whose stream lacks its last chunk (not written)
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,8 @@ class FinalBatch:
             result, final = self._names.result(request_id), self._names.final(request_id)
         if hooks is None:
             self.keys += (result, final, lane, backlog, result, result)
-            self.args += (GROUP, entry_id, kind, body, RESULT_TTL_S, cost_tokens, request_id, "")
+            self.args += (GROUP, entry_id, kind, body, RESULT_TTL_S, cost_tokens, request_id, "",
+                          -1)  # fmt: skip
             return
         job_key, job = result, b""
         if hooks.callback_url is not None:
@@ -117,7 +121,7 @@ class FinalBatch:
         inflight = result if hooks.tenant is None else self._names.tenant_inflight(hooks.tenant)
         self.keys += (result, final, lane, backlog, job_key, inflight)
         self.args += (GROUP, entry_id, kind, body, hooks.result_ttl_s, cost_tokens, request_id,
-                      job)  # fmt: skip
+                      job, -1)  # fmt: skip
 
     def entries(self) -> set[tuple[str, str]]:
         """(lane, entry id) of each final queued: pending in Redis until it lands."""
@@ -129,12 +133,37 @@ class FinalBatch:
         """The request id of each final queued."""
         return [self.args[FINAL_ARGS * i + 6] for i in range(len(self))]
 
+    def note_last_chunks(self, next_index: Mapping[str, int]) -> None:
+        """Give each final not told yet the index of its request's last chunk (the one
+        before ``next_index[request id]``; requests not there streamed none): FINALIZE_MANY
+        writes a final only behind it."""
+        for i in range(len(self)):
+            at = FINAL_ARGS * i
+            nxt = next_index.get(self.args[at + 6])
+            if nxt is not None and self.args[at + _LAST_CHUNK] == -1:
+                self.args[at + _LAST_CHUNK] = nxt - 1
+
+    def select(self, indexes: Sequence[int]) -> FinalBatch:
+        """A batch of the finals at ``indexes`` (in that order); this one is left as is."""
+        keys: list[Any] = []
+        args: list[Any] = []
+        for i in indexes:
+            keys += self.keys[FINAL_KEYS * i : FINAL_KEYS * (i + 1)]
+            args += self.args[FINAL_ARGS * i : FINAL_ARGS * (i + 1)]
+        return self._like(keys, args)
+
     def take(self) -> FinalBatch:
         """Everything queued so far, as a new batch; this one is left empty."""
-        taken = object.__new__(FinalBatch)
-        taken.__dict__.update(self.__dict__)
+        taken = self._like(self.keys, self.args)
         self.keys, self.args = [], []
         return taken
+
+    def _like(self, keys: list[Any], args: list[Any]) -> FinalBatch:
+        """A batch laid out as this one, holding ``keys`` and ``args``."""
+        out = object.__new__(FinalBatch)
+        out.__dict__.update(self.__dict__)
+        out.keys, out.args = keys, args
+        return out
 
     def put_back(self, taken: FinalBatch) -> None:
         """Queue ``taken``'s finals again, before the ones queued since."""
@@ -155,6 +184,15 @@ class FinalBatch:
             hooked = any(args[FINAL_ARGS * k + 7] for k in range(len(finals)))
             queue = self._names.webhook_queue if hooked else keys[0]
             yield [*keys, queue], [*args, self.consumer]
+
+    def replies(self, call_replies: Sequence[Any]) -> list[Any]:
+        """Each final's reply, in batch order, from the replies of :meth:`calls`' calls (a
+        call Redis refused whole gives each of its finals that error)."""
+        out: list[Any] = [None] * len(self)
+        for finals, reply in zip(self._groups(), call_replies, strict=True):
+            for k, i in enumerate(finals):
+                out[i] = reply[k] if isinstance(reply, list) else reply
+        return out
 
     def num_calls(self) -> int:
         """How many FINALIZE_MANY calls :meth:`calls` makes."""

@@ -351,6 +351,34 @@ async def test_no_reclaim_until_redis_was_seen_healthy_for_a_ttl(
         await pauser.aclose()
 
 
+async def test_a_pause_that_catches_the_reclaim_itself_holds_it_back(
+    redis_url: str, redis_client: Any
+) -> None:
+    """The pause begins after the reclaimer's last beat, while its reclaim reads the lanes:
+    when the read returns, the holder's heartbeat has expired (its beat waits behind the
+    pause too), yet nothing is claimed; the count of healthy time starts again."""
+    await make_lanes(redis_client)
+    await submit(redis_url, 2)
+    holder = Reclaimer(redis_client, KEYS, "w-holder", heartbeat_ttl_s=FAST_TTL_S)
+    await holder.beat({})
+    taken = await deliver(redis_client, "w-holder", 2)
+    other_client = aioredis.Redis.from_url(redis_url)
+    pauser = aioredis.Redis.from_url(redis_url)
+    try:
+        rec = Reclaimer(other_client, KEYS, "w-rec", heartbeat_ttl_s=FAST_TTL_S)
+        while not rec.may_reclaim():  # the holder beats alongside, as a live worker does
+            await asyncio.gather(rec.beat({}), holder.beat({}))
+            await asyncio.sleep(FAST_TTL_S / 4)
+        await pauser.execute_command("CLIENT", "PAUSE", int(FAST_TTL_S * 3000), "ALL")
+        assert await rec.reclaim(MODEL) == []  # its reads waited out the pause
+        assert await redis_client.exists(KEYS.heartbeat("w-holder")) == 0
+        assert rec.reclaims_held_back == 1 and not rec.may_reclaim()
+        assert await pending_of(redis_client, "w-holder") == taken
+    finally:
+        await other_client.aclose()
+        await pauser.aclose()
+
+
 async def test_a_reclaimer_that_stalled_waits_a_ttl_before_claiming(redis_client: Any) -> None:
     """Its own process stalled (SIGSTOP, a long GC) past half a TTL: the next beat starts the
     count again, as if Redis had been away."""

@@ -11,10 +11,10 @@ import redis.asyncio as aioredis
 from producer.contract.codec import encode_envelope, make_envelope
 from producer.contract.keys import GROUP, STREAM_FIELD, Keys
 from producer.contract.results import Chunk, Done, chunk_body, decode_result
-from producer.contract.scripts import CHUNKS
+from producer.contract.scripts import CHUNKS, FINALIZE_MANY
 from workers.lanes import Entry
 from workers.redis_server import RedisServer
-from workers.results import ResultWriter
+from workers.results import PendingChunk, ResultWriter
 
 KEYS = Keys()
 MODEL = "m"
@@ -87,6 +87,122 @@ async def test_chunks_redis_refuses_are_kept_not_dropped(redis_client: Any) -> N
     writer._retry_at_s = 0.0
     assert await writer.flush() and writer.pending == 0
     assert await _results(redis_client, "r0") == [Chunk(0, "a", (1,)), Chunk(1, "b", (2,))]
+
+
+async def test_a_chunk_is_appended_only_right_behind_its_predecessor(redis_client: Any) -> None:
+    """CHUNKS refuses a chunk one past the next index (-2, nothing written): appended, it
+    would make its predecessor "there already" for good."""
+    (e0,) = await _pending(redis_client, 1)
+    script = redis_client.register_script(CHUNKS)
+    keys = [KEYS.result("r0"), LANE]
+
+    async def send(index: int, delta: str) -> int:
+        args = [GROUP, "w1", e0.entry_id, index, chunk_body(index, delta, [index]), 60]
+        (reply,) = await script(keys=keys, args=args)
+        return int(reply)
+
+    assert await send(1, "b") == -2
+    assert await _results(redis_client, "r0") == []
+    assert [await send(0, "a"), await send(2, "c"), await send(1, "b")] == [1, -2, 1]
+    assert await _results(redis_client, "r0") == [Chunk(0, "a", (0,)), Chunk(1, "b", (1,))]
+
+
+async def test_a_final_never_lands_before_the_chunks_it_ends(redis_client: Any) -> None:
+    """After a Redis restart the scripts are gone, and other processes load them while this
+    writer's pipeline runs: its CHUNKS call fails with NOSCRIPT, the FINALIZE_MANY behind it
+    finds its script loaded. The final is refused (its last chunk is not there), so the
+    resend lands the chunk and then the final: the stream ends with its whole text."""
+    (e0,) = await _pending(redis_client, 1)
+    writer = ResultWriter(redis_client, KEYS, MODEL, "w1")
+    writer.chunk(e0, "r0", "one ", [1])
+    assert await writer.flush()
+    await redis_client.script_flush()
+    await redis_client.script_load(FINALIZE_MANY)  # another worker got this far
+    writer.chunk(e0, "r0", "two", [2])
+    writer.final(e0, "r0", Done("one two", "stop"))
+    assert await writer.flush() and writer.pending == 0
+    assert await _results(redis_client, "r0") == [
+        Chunk(0, "one ", (1,)),
+        Chunk(1, "two", (2,)),
+        Done("one two", "stop"),
+    ]
+    assert writer.finals_written == 1
+
+
+async def test_a_refused_chunk_holds_back_the_chunks_and_final_behind_it(
+    redis_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Of a flush's two CHUNKS calls for one request, Redis refuses the first whole (here a
+    script it does not have) and the second's chunk is refused as out of order; the final
+    behind them is refused too. All three are kept, and land in order on the next flush."""
+    monkeypatch.setattr("workers.results.MAX_CHUNKS_PER_CALL", 1)
+    (e0,) = await _pending(redis_client, 1)
+    writer = ResultWriter(redis_client, KEYS, MODEL, "w1")
+    writer.chunk(e0, "r0", "a", [1])
+    writer._sealed = writer._take().chunks  # chunk 0, sealed by a flush that failed
+    writer.chunk(e0, "r0", "b", [2])
+    writer.final(e0, "r0", Done("ab", "stop"))
+    sent = writer._take()
+    assert [c.index for c in sent.chunks] == [0, 1]
+    for script in (writer._chunks_script, writer._finalize_many):
+        await redis_client.script_load(script.script)
+    pipe = redis_client.pipeline(transaction=False)
+    pipe.execute_command("EVALSHA", "0" * 40, 0)  # chunk 0's call, refused whole
+    calls = [(keys, args) for keys, args in _chunk_call_args(writer, sent.chunks[1:])]
+    calls += list(sent.finals.calls())
+    scripts = [writer._chunks_script, writer._finalize_many]
+    for (keys, args), script in zip(calls, scripts, strict=True):
+        pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+    replies = await pipe.execute(raise_on_error=False)
+    assert replies[1:] == [[-2], [3]]
+    writer._settle(sent, replies)
+    assert await _results(redis_client, "r0") == []
+    assert writer.pending == 3 and writer.failing
+    writer._retry_at_s = 0.0
+    assert await writer.flush() and writer.pending == 0
+    assert await _results(redis_client, "r0") == [
+        Chunk(0, "a", (1,)),
+        Chunk(1, "b", (2,)),
+        Done("ab", "stop"),
+    ]
+
+
+def _chunk_call_args(writer: ResultWriter, chunks: list[PendingChunk]) -> list[tuple[Any, Any]]:
+    """CHUNKS' KEYS and ARGV for ``chunks`` in one call, as the writer lays them out."""
+    keys: list[Any] = []
+    args: list[Any] = [GROUP, writer.worker]
+    for c in chunks:
+        keys += (KEYS.result(c.request_id), c.lane)
+        args += (c.entry_id, c.index, chunk_body(c.index, "".join(c.parts), c.tokens), c.ttl_s)
+    return [(keys, args)]
+
+
+async def test_a_stream_that_lost_chunks_drops_its_request_for_a_resume(
+    redis_client: Any,
+) -> None:
+    """Redis restarted from older data lost a request's chunks while its worker holds it:
+    neither its next chunk nor its final lands (no gap, no final without its text), the
+    request is dropped, and its entry stays pending on the worker, for reconcile to resume
+    it from the chunks that are left."""
+    (e0,) = await _pending(redis_client, 1)
+    writer = ResultWriter(redis_client, KEYS, MODEL, "w1")
+    dropped: list[str] = []
+    writer.on_fenced = dropped.extend
+    writer.chunk(e0, "r0", "one ", [1])
+    writer.chunk(e0, "r0", "two ", [2])  # joins chunk 0
+    assert await writer.flush()
+    writer.chunk(e0, "r0", "three ", [3])
+    assert await writer.flush()
+    await redis_client.xtrim(KEYS.result("r0"), maxlen=1)  # chunk 0 lost... and chunk 1
+    await redis_client.delete(KEYS.result("r0"))
+    writer.chunk(e0, "r0", "four", [4])
+    writer.final(e0, "r0", Done("one two three four", "stop"))
+    assert await writer.flush() and writer.pending == 0
+    assert dropped == ["r0"] and writer.finals_written == 0
+    assert await _results(redis_client, "r0") == []
+    rows = await redis_client.xpending_range(LANE, GROUP, "-", "+", 10)
+    assert [(r["message_id"].decode(), r["consumer"]) for r in rows] == [(e0.entry_id, b"w1")]
+    assert writer.held_entries() == set()
 
 
 @pytest.fixture

@@ -28,6 +28,21 @@ local function holds(lane, group, entry_id, consumer)
   return type(mine) == 'table' and mine.err == nil and #mine == 1
 end
 
+-- last_index(result stream): the index of its last entry when that is a chunk, else -1
+--   (no stream, or one whose last entry is a final): where CHUNKS goes on from, and what
+--   FINALIZE_MANY checks a final's chunks against.
+local function last_index(result)
+  local last = redis.pcall('XREVRANGE', result, '+', '-', 'COUNT', 1)
+  if type(last) ~= 'table' or last.err or #last == 0 then return -1 end
+  local f = last[1][2]
+  if f[1] ~= 't' or f[2] ~= 'chunk' or f[3] ~= 'm' then return -1 end
+  local ok, body = pcall(cmsgpack.unpack, f[4])
+  if ok and type(body) == 'table' and type(body['index']) == 'number' then
+    return body['index']
+  end
+  return -1
+end
+
 local function write(KEYS, ARGV)
   local acked = redis.call('XACK', KEYS[3], ARGV[1], ARGV[2])
   if acked == 1 then

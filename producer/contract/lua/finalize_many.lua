@@ -3,10 +3,13 @@
 --   set (where the request has none, the slot repeats its result key: an empty key name would
 --   fail every ACL check, so "none" is a key the caller may touch anyway); last, one more:
 --   the webhook queue (arq's sorted set).
--- ARGV: 8 per final: FINALIZE's 6, then the request id and the webhook job ("" for none);
---   last, one more: the consumer that must hold every entry ("" for no such check).
+-- ARGV: 9 per final: FINALIZE's 6, then the request id, the webhook job ("" for none) and
+--   the index of the request's last chunk (-1: it streamed none); last, one more: the
+--   consumer that must hold every entry ("" for no such check).
 -- Returns FINALIZE's 1 / 0 for each final, 2 where the entry is not pending on that
--- consumer (fenced: nothing written, nothing acked), or -1 where one failed (pcall: one bad
+-- consumer (fenced: nothing written, nothing acked), 3 where the stream's last chunk is before
+-- the request's last chunk (nothing written, nothing acked: its chunks have not all landed,
+-- so a final now would end the stream before them), or -1 where one failed (pcall: one bad
 -- request must not stop the others' finals).
 -- The fence: a worker that lost its entry (paused longer than the heartbeat TTL, cut off by
 -- the network, or alive after Redis restarted from older data) must not answer it behind
@@ -26,15 +29,21 @@ local backlogs = {}
 local queue = KEYS[#KEYS]
 local consumer = ARGV[#ARGV]
 for i = 0, (#KEYS - 1) / 6 - 1 do
-  local k, a = 6 * i, 8 * i
+  local k, a = 6 * i, 9 * i
   local keys = {KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]}
   local args = {ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], ARGV[a + 5], ARGV[a + 6]}
   local ok, wrote, acked = true, 2, 0
   if consumer == '' or holds(keys[3], args[1], args[2], consumer) then
-    ok, wrote, acked = pcall(write, keys, args)
+    local last_chunk = tonumber(ARGV[a + 9]) or -1
+    if last_chunk >= 0 and redis.call('EXISTS', keys[2]) == 0
+        and last_index(keys[1]) < last_chunk then
+      wrote = 3
+    else
+      ok, wrote, acked = pcall(write, keys, args)
+    end
   end
-  if ok and wrote == 2 then
-    out[i + 1] = 2
+  if ok and wrote >= 2 then
+    out[i + 1] = wrote
   elseif ok then
     out[i + 1] = wrote
     if wrote == 1 then
