@@ -40,6 +40,38 @@ def test_apply_bitmask_matches_xgrammars_kernel() -> None:
     torch.testing.assert_close(got[got.isfinite()], logits[got.isfinite()])
 
 
+def test_logits_past_the_mask_are_masked_on_constrained_rows_only() -> None:
+    """A model's padded vocabulary: ids past the tokenizer's (past the mask) can never be
+    sampled on a constrained row, and stay as they were on a free one."""
+    logits = torch.randn(2, 100)
+    mask = torch.full((2, 2), -1, dtype=torch.int32)  # 64 ids: the tokenizer's
+    mask[1, 0] = 0b1010  # row 1 constrained: ids 1 and 3 (and 32..63) allowed
+    got = apply_bitmask(logits.clone(), mask)
+    assert torch.equal(got[0], logits[0])
+    allowed = got[1].isfinite().nonzero().flatten().tolist()
+    assert allowed == [1, 3, *range(32, 64)]
+
+
+def test_the_mask_covers_the_tokenizer_s_ids(tiny_checkpoint: Any) -> None:
+    """An engine whose logits are wider than its tokenizer (a vocabulary padded past it)
+    fills masks of the tokenizer's width, and its constrained output is still valid."""
+    path = tiny_checkpoint("llama", vocab_size=700)  # the tokenizer has 512 ids
+    engine = LLM(str(path), device="cpu", kv_cache_tokens=1024)
+    try:
+        grammars = engine.engine.grammars
+        assert engine.engine.model_runner.arch.vocab_size == 700
+        assert grammars.mask_vocab == len(engine.engine.tokenizer) == 512
+        params = SamplingParams(
+            max_tokens=80, temperature=1.0, seed=3, structured=StructuredOutput.json(SCHEMA)
+        )
+        [out] = engine.generate(["order"], params)
+        assert grammars._buffer.shape[1] == (grammars.mask_vocab + 31) // 32
+        assert out.finish_reason == "stop"
+        json.loads(out.text, strict=False)
+    finally:
+        engine.close()
+
+
 @pytest.fixture(scope="module")
 def llm(tiny_checkpoint: Any) -> Any:
     engine = LLM(str(tiny_checkpoint("llama")), device="cpu", kv_cache_tokens=4096)
