@@ -15,7 +15,8 @@ rm -rf .whl-structured
 # xgrammar's own requirements name torch and transformers: fetched without dependencies,
 # and pydantic (with its small dependencies, pydantic-core's pin included) on its own.
 "$PY" -m pip download -q --disable-pip-version-check --dest .whl-structured \
-  --only-binary=:all: --no-deps "${TARGET[@]}" "xgrammar>=0.2.8" apache-tvm-ffi
+  --only-binary=:all: --no-deps "${TARGET[@]}" "xgrammar>=0.2.8" apache-tvm-ffi \
+  "redis<6" PyJWT msgpack  # bench/structured.py imports the client (bench.spike)
 "$PY" -m pip download -q --disable-pip-version-check --dest .whl-structured \
   --only-binary=:all: "${TARGET[@]}" pydantic
 ls .whl-structured
