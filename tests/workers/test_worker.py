@@ -503,8 +503,9 @@ async def test_queue_full_retry_after_follows_the_rate_the_worker_measured(
         rate = 0.0
         for _ in range(50):  # rounds until a busy window has closed (a bound, not a target)
             # A longer answer still running when a short one ends: the backlog stays busy
-            # between the two finals, so a window opens and closes (idle time never counts).
-            long_rid = await client.submit(USER, model=MODEL, max_tokens=64, ignore_eos=True)
+            # between the two finals, so a window opens and closes (idle time never counts;
+            # nor does a window under 0.1 s: the long answer's last 250 tokens outlast it).
+            long_rid = await client.submit(USER, model=MODEL, max_tokens=256, ignore_eos=True)
             await client.chat(USER, model=MODEL, max_tokens=4, ignore_eos=True, timeout_s=60)
             await client.result(long_rid, timeout_s=60)
             rate = float(await redis_client.hget(KEYS.backlog(MODEL), "rate") or 0)
