@@ -362,21 +362,7 @@ class ResultWriter:
                 await self.redis.script_load(script.script)
         pipe = self.redis.pipeline(transaction=False)
         for call in self._chunk_calls(sent.chunks):
-            keys: list[Any] = []
-            args: list[Any] = [GROUP, self.worker]
-            for c in call:
-                keys += (self.keys.result(c.request_id), c.lane)
-                body = chunk_body(
-                    c.index,
-                    "".join(c.parts),
-                    c.tokens,
-                    reasoning="".join(c.reasoning),
-                    tool_calls=tuple(c.tool_calls),
-                    logprobs=c.logprobs,
-                    choice=c.choice,
-                )
-                args += (c.entry_id, c.index, body, c.ttl_s)
-            self._script(pipe, self._chunks_script, keys, args)
+            self._script(pipe, self._chunks_script, *self.chunks_call(call))
         for op in sent.ops:
             op(pipe)
         assert sent.finals is not None
@@ -384,6 +370,24 @@ class ResultWriter:
             self._script(pipe, self._finalize_many, keys, args)
         replies: list[Any] = await pipe.execute(raise_on_error=False)
         return replies
+
+    def chunks_call(self, chunks: list[PendingChunk]) -> tuple[list[Any], list[Any]]:
+        """CHUNKS' KEYS and ARGV for ``chunks`` (indexed already), in one call."""
+        keys: list[Any] = []
+        args: list[Any] = [GROUP, self.worker]
+        for c in chunks:
+            keys += (self.keys.result(c.request_id), c.lane)
+            body = chunk_body(
+                c.index,
+                "".join(c.parts),
+                c.tokens,
+                reasoning="".join(c.reasoning),
+                tool_calls=tuple(c.tool_calls),
+                logprobs=c.logprobs,
+                choice=c.choice,
+            )
+            args += (c.entry_id, c.index, body, c.ttl_s)
+        return keys, args
 
     def _script(self, pipe: Any, script: AsyncScript, keys: list[Any], args: list[Any]) -> None:
         """Queue EVALSHA on the pipeline being built."""

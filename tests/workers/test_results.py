@@ -14,7 +14,7 @@ from producer.contract.results import Chunk, Done, chunk_body, decode_result
 from producer.contract.scripts import CHUNKS, FINALIZE_MANY
 from workers.lanes import Entry
 from workers.redis_server import RedisServer
-from workers.results import PendingChunk, ResultWriter
+from workers.results import ResultWriter
 
 KEYS = Keys()
 MODEL = "m"
@@ -148,8 +148,7 @@ async def test_a_refused_chunk_holds_back_the_chunks_and_final_behind_it(
         await redis_client.script_load(script.script)
     pipe = redis_client.pipeline(transaction=False)
     pipe.execute_command("EVALSHA", "0" * 40, 0)  # chunk 0's call, refused whole
-    calls = [(keys, args) for keys, args in _chunk_call_args(writer, sent.chunks[1:])]
-    calls += list(sent.finals.calls())
+    calls = [writer.chunks_call(sent.chunks[1:]), *sent.finals.calls()]
     scripts = [writer._chunks_script, writer._finalize_many]
     for (keys, args), script in zip(calls, scripts, strict=True):
         pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
@@ -165,16 +164,6 @@ async def test_a_refused_chunk_holds_back_the_chunks_and_final_behind_it(
         Chunk(1, "b", (2,)),
         Done("ab", "stop"),
     ]
-
-
-def _chunk_call_args(writer: ResultWriter, chunks: list[PendingChunk]) -> list[tuple[Any, Any]]:
-    """CHUNKS' KEYS and ARGV for ``chunks`` in one call, as the writer lays them out."""
-    keys: list[Any] = []
-    args: list[Any] = [GROUP, writer.worker]
-    for c in chunks:
-        keys += (KEYS.result(c.request_id), c.lane)
-        args += (c.entry_id, c.index, chunk_body(c.index, "".join(c.parts), c.tokens), c.ttl_s)
-    return [(keys, args)]
 
 
 async def test_a_stream_that_lost_chunks_drops_its_request_for_a_resume(
