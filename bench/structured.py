@@ -33,6 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import smoke
+from bench.phase_timer import PhaseTimer
 from bench.spike import build_model
 
 SCHEMA = {
@@ -63,6 +64,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=256, help="finished requests per round")
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--phases",
+        action="store_true",
+        help="also print each mode's host time per step by phase (the engine's own methods)",
+    )
     smoke.add_smoke_flag(p, f"{SMOKE}")
     return smoke.parse_args(p, SMOKE, None)
 
@@ -101,18 +107,26 @@ def run(args: argparse.Namespace) -> None:
         enable_prefix_caching=False,  # every prompt is computed in both loops alike
     )
     prompts = _prompts(engine.tokenizer, args.requests)
+    timer = _phase_timer(engine) if args.phases else None
     _loop(engine, prompts[: args.batch], _constrained(args.max_tokens), args.batch)  # warm-up
     best: dict[str, tuple[float, int, float]] = {}
     ended = valid = 0
+    phases: dict[str, dict[str, float]] = {}
     for _ in range(args.rounds):
+        before = _snapshot(timer)
         lengths, answers, took = _loop(engine, prompts, _constrained(args.max_tokens), args.batch)
-        _keep_best(best, "json_schema", sum(lengths), took)
+        if _keep_best(best, "json_schema", sum(lengths), took):
+            phases["json_schema"] = _per_step(timer, before, took)
         ended, valid = _count_valid(engine.tokenizer, answers, args.max_tokens)
         free = [_free(n) for n in lengths]
+        before = _snapshot(timer)
         free_lengths, _, took = _loop(engine, prompts, free, args.batch)
         assert free_lengths == lengths, "the free loop must generate what the constrained did"
-        _keep_best(best, "free", sum(free_lengths), took)
+        if _keep_best(best, "free", sum(free_lengths), took):
+            phases["free"] = _per_step(timer, before, took)
     _print_table(args, best, ended, valid)
+    if timer is not None:
+        _print_phases(phases)
     stats = engine.stats()
     if stats["grammar_masks"]:
         per_mask_ms = 1e3 * stats["grammar_mask_fill_s"] / stats["grammar_masks"]
@@ -190,10 +204,68 @@ def _count_valid(tokenizer: Any, answers: list[list[int]], max_tokens: int) -> t
     return len(ended), valid
 
 
-def _keep_best(best: dict[str, tuple[float, int, float]], mode: str, n: int, s: float) -> None:
+def _keep_best(best: dict[str, tuple[float, int, float]], mode: str, n: int, s: float) -> bool:
+    """Keep the round if it is the mode's fastest so far; whether it was."""
     rate = n / s
     if mode not in best or rate > best[mode][0]:
         best[mode] = (rate, n, s)
+        return True
+    return False
+
+
+# Host phases of a step, by the engine methods that run them. ``end_step`` holds the wait
+# for the device (``gpu_wait``) and the bookkeeping of the step's tokens (``complete``,
+# ``after_sampling``: the grammar matchers accept them); a deferred step's sampling is
+# ``mask_fill`` (the host bitmask) plus ``sample_deferred`` (copy, mask, sample launches).
+PHASES = (
+    ("engine", "begin_step"),
+    ("engine", "end_step"),
+    ("runner", "collect"),
+    ("scheduler", "complete"),
+    ("engine", "_after_sampling"),
+    ("grammars", "bitmask"),
+    ("runner", "sample_deferred"),
+)
+
+
+def _phase_timer(engine: Any) -> PhaseTimer:
+    owners = dict(
+        engine=engine,
+        runner=engine.model_runner,
+        scheduler=engine.scheduler,
+        grammars=engine.grammars,
+    )
+    return PhaseTimer([(owners[owner], attr, attr) for owner, attr in PHASES])
+
+
+def _snapshot(timer: PhaseTimer | None) -> tuple[dict[str, float], dict[str, int]]:
+    if timer is None:
+        return {}, {}
+    return dict(timer.totals), dict(timer.calls)
+
+
+def _per_step(
+    timer: PhaseTimer | None, before: tuple[dict[str, float], dict[str, int]], took: float
+) -> dict[str, float]:
+    """Milliseconds per step of each phase since ``before`` (steps: begin_step calls), and
+    the wall time per step."""
+    if timer is None:
+        return {}
+    totals, calls = before
+    steps = max(1, timer.calls["begin_step"] - calls["begin_step"])
+    out = {k: 1e3 * (v - totals[k]) / steps for k, v in timer.totals.items()}
+    out["wall"] = 1e3 * took / steps
+    out["steps"] = steps
+    return out
+
+
+def _print_phases(phases: dict[str, dict[str, float]]) -> None:
+    labels = ["steps", "wall"] + [attr for _, attr in PHASES]
+    print("host ms per step, by phase (the best round of each mode):")
+    print(f"{'phase':<16}" + "".join(f"{mode:>12}" for mode in phases))
+    for label in labels:
+        cells = "".join(f"{phases[m].get(label, 0.0):>12.3f}" for m in phases)
+        print(f"{label:<16}{cells}")
 
 
 def _print_table(

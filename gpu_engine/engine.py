@@ -6,8 +6,9 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Sequence as SequenceABC
+from concurrent.futures import Future
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpu_engine.block_manager import BlockManager
 from gpu_engine.config import EngineConfig
@@ -28,6 +29,9 @@ from gpu_engine.sequence import (
 )
 from gpu_engine.tp_runner import close_model_runner, make_model_runner
 
+if TYPE_CHECKING:
+    import torch
+
 
 @dataclass
 class PendingStep:
@@ -37,6 +41,8 @@ class PendingStep:
     finished: list[StepOutput]  # finished at scheduling (aborts, deadlines)
     launched: LaunchedStep | None
     sampled: list[tuple[Sequence, int]]  # (sequence, placeholder position) per sampled row
+    # A deferred step's grammar mask, being filled on the grammar thread (pipelined_step).
+    mask: Future[torch.Tensor | None] | None = None
 
 
 class LLMEngine:
@@ -99,6 +105,7 @@ class LLMEngine:
     def close(self) -> None:
         """Stop the tensor-parallel worker processes (idempotent; a no-op on one device).
         Also runs when the engine is garbage-collected or the interpreter exits."""
+        self.grammars.close()
         close_model_runner(self.model_runner)
 
     def __enter__(self) -> LLMEngine:
@@ -183,16 +190,23 @@ class LLMEngine:
         """Launch the next step, then wait for the one launched by the previous call and
         return its outputs ([] on the first call). The host work of both steps overlaps the
         device; call ``finish_pipeline`` when ``has_unfinished`` turns False or before
-        anything that needs every step's outputs."""
+        anything that needs every step's outputs.
+
+        A step whose sampling waits for the host (a grammar mask, penalties: ``deferred``)
+        is sampled at the start of the next call, after the next step is scheduled: its
+        mask is filled on the grammar thread from the tokens of the step before, while this
+        call returns and the next one schedules, so neither waits for the other."""
         if not self.config.async_scheduling:
             return self.step()
         if not self.scheduler.has_unfinished():
             return self.finish_pipeline()
-        prev, self._pipelined = self._pipelined, self.begin_step()
+        prev = self._pipelined
+        batch = self._schedule()
+        # prev's samples are the next step's input ids: sampled before it is launched.
+        self._sample_deferred(prev)
+        self._pipelined = self._launch(batch)
         outputs = self.end_step(prev) if prev is not None else []
-        # The new step's forward pass ran on the device meanwhile; its sampling (if
-        # deferred) waited for prev's tokens: masks and penalties are built from them now.
-        self._sample_deferred(self._pipelined)
+        self._start_mask(self._pipelined)
         return outputs
 
     def finish_pipeline(self) -> list[StepOutput]:
@@ -205,9 +219,16 @@ class LLMEngine:
         its outputs. One earlier step may still be in flight (its samples reach the new step
         on the device; see ``Scheduler.commit``); end steps in the order they began. In
         between the caller may do host work, ``add_request`` and ``abort``."""
+        for pending in self._launched:  # a deferred step samples before the next launches
+            self._sample_deferred(pending)
+        return self._launch(self._schedule())
+
+    def _schedule(self) -> ScheduledBatch:
         if len(self._launched) >= 2:
             raise EngineError("two steps are in flight: call end_step first")
-        batch = self.scheduler.schedule(time.time())
+        return self.scheduler.schedule(time.time())
+
+    def _launch(self, batch: ScheduledBatch) -> PendingStep:
         finished = [self._output(seq, []) for seq in batch.finished]
         launched = None
         sampled: list[tuple[Sequence, int]] = []
@@ -255,6 +276,14 @@ class LLMEngine:
                 release(out.request_id)
         return outputs
 
+    def _start_mask(self, pending: PendingStep) -> None:
+        """Start filling a deferred step's grammar mask on the grammar thread: every earlier
+        step's tokens are on the host and their matchers advanced by now."""
+        launched = pending.launched
+        if launched is not None and launched.deferred and len(self.grammars):
+            assert launched.seqs is not None
+            pending.mask = self.grammars.bitmask_async([s.request_id for s in launched.seqs])
+
     def _sample_deferred(self, pending: PendingStep | None) -> None:
         """Sample a step whose sampling waited for the host (grammar masks, penalties); every
         earlier step's tokens are on the host by now."""
@@ -262,11 +291,12 @@ class LLMEngine:
         if launched is None or not launched.deferred:
             return
         assert pending is not None and launched.seqs is not None
-        bitmask = (
-            self.grammars.bitmask([s.request_id for s in launched.seqs])
-            if len(self.grammars)
-            else None
-        )
+        if pending.mask is not None:
+            bitmask, pending.mask = pending.mask.result(), None
+        elif len(self.grammars):
+            bitmask = self.grammars.bitmask([s.request_id for s in launched.seqs])
+        else:
+            bitmask = None
         pending.launched = self.model_runner.sample_deferred(launched, bitmask)
 
     def _after_sampling(

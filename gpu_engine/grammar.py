@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -51,6 +52,7 @@ class Grammars:
         self._compiler: Any | None = None
         self._batch: Any | None = None  # xgrammar's BatchGrammarMatcher (fills on threads)
         self._matchers: dict[str, Any] = {}
+        self._thread: ThreadPoolExecutor | None = None  # bitmask_async's (started on use)
         self.fill_s = 0.0  # host time spent filling masks (for stats / benchmarks)
         self.num_fills = 0
         # [rows, words] int32 host buffer, reused: a step's mask is filled after the step
@@ -95,18 +97,41 @@ class Grammars:
     def bitmask(self, request_ids: Sequence[str]) -> torch.Tensor | None:
         """[N, ceil(vocab / 32)] int32 on the host (bit ``t % 32`` of word ``t // 32`` set
         when token ``t`` is allowed) for the rows' next tokens; every bit set on rows
-        without a matcher (or whose grammar has ended). None if no row is constrained."""
+        without a matcher (or whose grammar has ended). None if no row is constrained. The
+        buffer is reused: the next fill overwrites it."""
+        return self._fill(*self._live_rows(request_ids))
+
+    def bitmask_async(self, request_ids: Sequence[str]) -> Future[torch.Tensor | None]:
+        """``bitmask`` filled on the grammar thread (xgrammar lets go of the GIL while it
+        fills, so the caller's Python runs meanwhile). Until the result is taken, the rows'
+        matchers must not accept tokens and no other fill may start."""
+        rows = self._live_rows(request_ids)
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="chatq-grammar")
+        return self._thread.submit(self._fill, *rows)
+
+    def close(self) -> None:
+        """Stop the grammar thread (idempotent)."""
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
+
+    def _live_rows(self, request_ids: Sequence[str]) -> tuple[int, list[Any], list[int]]:
+        """(rows, the matchers of the constrained rows whose grammar goes on, their rows)."""
         get = self._matchers.get
         rows = [(i, m) for i, m in enumerate(map(get, request_ids)) if m is not None]
         rows = [(i, m) for i, m in rows if not m.is_terminated()]
-        if not rows:
+        return len(request_ids), [m for _, m in rows], [i for i, _ in rows]
+
+    def _fill(self, n: int, matchers: list[Any], indices: list[int]) -> torch.Tensor | None:
+        if not matchers:
             return None
         start = time.perf_counter()
-        mask = self._rows(len(request_ids))
+        mask = self._rows(n)
         mask.fill_(-1)  # every bit set: rows without a grammar may pick any token
         if self._batch is None:
             self._batch = _xgrammar().BatchGrammarMatcher(max_threads=fill_threads())
-        self._batch.batch_fill_next_token_bitmask([m for _, m in rows], mask, [i for i, _ in rows])
+        self._batch.batch_fill_next_token_bitmask(matchers, mask, indices)
         self.fill_s += time.perf_counter() - start
         self.num_fills += 1
         return mask

@@ -517,9 +517,10 @@ class ModelRunner:
         params = [s.sampling_params for s in seqs]
         histories = [_history(s) for s in seqs] if any(needs_history(p) for p in params) else None
         mask = None if bitmask is None else bitmask_to_device(bitmask, self.device)
-        sampled = self.sampler.sample_async(
-            logits, params, [s.request_id for s in seqs], histories, mask
-        )
+        # A deferred step samples after the step before it landed: a row whose request
+        # finished there (it released its generator) is sampled as no one's.
+        ids = [None if s.is_finished else s.request_id for s in seqs]
+        sampled = self.sampler.sample_async(logits, params, ids, histories, mask)
         tokens = sampled.tokens
         self.last_tokens[: len(rows)].copy_(tokens)
         extras = None if sampled.logprobs is None else sampled[1:]

@@ -82,7 +82,7 @@ class Sampler:
         self,
         logits: torch.Tensor,
         params: Sequence[SamplingParams],
-        request_ids: Sequence[str],
+        request_ids: Sequence[str | None],
         histories: Sequence[History] | None = None,
         bitmask: torch.Tensor | None = None,
     ) -> list[int]:
@@ -94,14 +94,16 @@ class Sampler:
         self,
         logits: torch.Tensor,
         params: Sequence[SamplingParams],
-        request_ids: Sequence[str],
+        request_ids: Sequence[str | None],
         histories: Sequence[History] | None = None,
         bitmask: torch.Tensor | None = None,
     ) -> Sampled:
         """Like ``sample`` but returns the samples on the logits' device without waiting
         for them (the caller's ``tolist()`` is the step's one synchronisation).
         ``histories`` (one per row) are needed when a row has a penalty (``needs_history``);
-        ``bitmask`` [N, words] int32 on the logits' device: the grammar mask of each row."""
+        ``bitmask`` [N, words] int32 on the logits' device: the grammar mask of each row.
+        A ``request_ids`` entry of None: the row's request has finished (its sample is
+        dropped), so a seeded one draws from the shared generator, not a new one of its own."""
         # The input is never changed: adjusted in place only when .float() made a copy that
         # the logprobs do not need (bf16 logits on CUDA).
         copied = logits.dtype != torch.float32
@@ -148,7 +150,7 @@ class Sampler:
     def _plan_for(
         self,
         params: Sequence[SamplingParams],
-        request_ids: Sequence[str],
+        request_ids: Sequence[str | None],
         device: torch.device,
     ) -> _BatchPlan:
         # Tuple equality checks identity first, so an unchanged batch compares in C.
@@ -175,7 +177,7 @@ def needs_history(params: SamplingParams) -> bool:
 
 
 def _random_plan(
-    params: Sequence[SamplingParams], request_ids: Sequence[str], device: torch.device
+    params: Sequence[SamplingParams], request_ids: Sequence[str | None], device: torch.device
 ) -> _BatchPlan:
     top_k, top_p = [p.top_k for p in params], [p.top_p for p in params]
     vocab_inf = 1 << 62  # "no top-k": larger than any vocabulary
@@ -195,7 +197,7 @@ def _random_plan(
         seeded=tuple(
             (i, request_ids[i], p.seed)
             for i, p in enumerate(params)
-            if p.seed is not None and not p.greedy
+            if p.seed is not None and not p.greedy and request_ids[i] is not None
         ),
     )
 

@@ -23,14 +23,14 @@ if want tests; then
   echo "== pytest -m gpu (sampling, grammar) $(($(date +%s) - t0))s"
   timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider -o addopts="" \
     tests/gpu_engine/test_sampling.py tests/gpu_engine/test_grammar.py 2>&1 \
-    | tee "$OUT/pytest_gpu.log" | tail -8
+    | tee "$OUT/pytest_gpu.log" | tail -22
 fi
 if want bench; then
   echo "== bench/structured.py $(($(date +%s) - t0))s"
   timeout 60 python3 bench/structured.py --smoke --device cuda > "$OUT/smoke.log" 2>&1
   echo "smoke on cuda: rc $?"
   timeout 330 python3 bench/structured.py --out /tmp/chatq-st --tokenizer .cache/tok-smollm2 \
-    --batch 64 --requests 256 --max-tokens 256 --rounds 3 2>&1 | tee "$OUT/structured.log" \
-    | grep -v -E "leaked|skipped remainder|nanobind" | tail -8
+    --batch 64 --requests 256 --max-tokens 256 --rounds 3 --phases 2>&1 | tee "$OUT/structured.log" \
+    | grep -v -E "leaked|skipped remainder|nanobind" | tail -22
 fi
 echo "== done in $(($(date +%s) - t0))s"

@@ -219,3 +219,50 @@ def test_a_resumed_answer_keeps_its_grammar(llm: Any) -> None:
         llm.engine.add_request(
             "bad", prompt + [whole.token_ids[1]] * 3, replace(resumed, num_resumed_tokens=3)
         )
+
+
+def _run_steps(engine: Any, requests: dict[str, Any], pipelined: bool) -> dict[str, list[int]]:
+    """Every request's tokens, driving ``engine`` by pipelined_step() or step()."""
+    tokens: dict[str, list[int]] = {rid: [] for rid in requests}
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    step = engine.pipelined_step if pipelined else engine.step
+    while engine.has_unfinished():
+        for out in step():
+            tokens[out.request_id] += out.new_token_ids
+    for out in engine.finish_pipeline():
+        tokens[out.request_id] += out.new_token_ids
+    return tokens
+
+
+def test_pipelined_steps_fill_masks_on_the_grammar_thread(llm: Any) -> None:
+    """pipelined_step fills a deferred step's mask on the grammar thread while the next
+    step is scheduled; the tokens are those of plain step() calls (seeded sampling: any
+    mask filled from the wrong tokens, or a sample taken before its mask, changes them),
+    and a seeded request's generator is gone once it finished (rows sampled after it did
+    must not make a new one)."""
+    engine = llm.engine
+    schema = StructuredOutput.json(SCHEMA)
+    requests = {
+        f"r{i}": (
+            llm.tokenizer.encode(f"order {i} status"),
+            SamplingParams(max_tokens=60, temperature=1.0, seed=i, structured=schema)
+            if i % 3
+            else SamplingParams(max_tokens=20, temperature=1.0, seed=i),
+        )
+        for i in range(6)
+    }
+    fills = engine.grammars.num_fills
+    plain = _run_steps(engine, requests, pipelined=False)
+    assert engine.grammars._thread is None  # step() fills on the engine's thread
+    pipelined = _run_steps(engine, requests, pipelined=True)
+    assert pipelined == plain
+    assert engine.grammars._thread is not None
+    assert engine.grammars.num_fills > fills
+    for rid, (_, params) in requests.items():
+        if params.structured is not None:
+            text = llm.tokenizer.decode(pipelined[rid], skip_special_tokens=True)
+            json.loads(text, strict=False)
+    assert engine.model_runner.sampler._request_generators == {}
+    engine.grammars.close()
+    assert engine.grammars._thread is None
