@@ -116,21 +116,79 @@ def linear_rows(smoke: bool) -> list[str]:
     return rows
 
 
+GEMV_CONFIGS = [(16, 256), (32, 128), (32, 256), (32, 512), (64, 128), (64, 256)]
+
+
+def gemv_rows(smoke: bool) -> list[str]:
+    """The split-K batch-1 kernel (``fp8_gemv``) over block shapes and splits, per layer of
+    the 7B shape: the automatic choice and the best three, against bf16 and checked against
+    the reference arithmetic."""
+    from gpu_engine.kernels.fp8_gemm import fp8_gemv, gemv_split, gemv_workspace
+
+    shapes = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584),
+              "down": (3584, 18944)}  # fmt: skip
+    configs, splits = GEMV_CONFIGS, [1, 2, 4, 8]
+    if smoke:
+        shapes, configs, splits = {"tiny": (64, 512)}, [(32, 128)], [1, 2]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 132
+    rows = []
+    for name, (n, k) in shapes.items():
+        w = torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02
+        w_q, w_s = quantize_rows(w)
+        x = torch.randn(1, k, device=DEV, dtype=torch.bfloat16)
+        ws = gemv_workspace(n, x.device)
+        want = (quantize_rows(x)[0].float() @ w_q.float().t()) * quantize_rows(x)[1][:, None]
+        want = want * w_s[None, :]
+        t_bf16 = bench(partial(F.linear, x, w), smoke)
+        timed = []
+        for bn, bk in configs:
+            for split in [*splits, None]:
+                run = partial(fp8_gemv, x, w_q, w_s, None, ws, sms, bn, bk, split)
+                err = (run().float() - want).abs().max().item() / want.abs().max().item()
+                if err > 1e-2:
+                    raise AssertionError(f"fp8_gemv {name} {bn}x{bk} split {split}: err {err}")
+                auto = split is None
+                used = gemv_split(n, k, bn, bk, sms) if auto else split
+                timed.append((bench(run, smoke), bn, bk, used, auto))
+        best = sorted(t for t in timed if not t[4])[:3]
+        shown = [t for t in timed if t[4] and (t[1], t[2]) == (32, 256)] + best
+        for t, bn, bk, split, auto in shown:
+            rows.append(
+                f"| {name} {n}x{k} | {bn}x{bk} split {split}{' (auto)' if auto else ''} | "
+                f"{t_bf16 * 1e3:.1f} | {t * 1e3:.1f} | {n * k / (t * 1e-3) / 1e12:.2f} TB/s | "
+                f"{t_bf16 / t:.2f}x |"
+            )
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true")
-    args = ap.parse_args()
-    lin = linear_rows(args.smoke)
-    print(
-        "\n| linear (Qwen2.5-7B) | M | bf16 us | fp8 layer us | quant alone | _scaled_mm alone "
-        "| fused small-M | weight read bf16 / fp8 | speed-up |\n"
-        "|---|---|---|---|---|---|---|---|---|",
-        flush=True,
+    ap.add_argument(
+        "--parts", default="linear,gemv,decode", help="comma-separated: linear, gemv, decode"
     )
-    print("\n".join(lin), flush=True)
-    dec = decode_rows(args.smoke)
-    print("\n| attention | shape | us | K/V read | vs bf16 |\n|---|---|---|---|---|")
-    print("\n".join(dec))
+    args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    if parts - {"linear", "gemv", "decode"}:
+        ap.error(f"--parts: unknown {sorted(parts - {'linear', 'gemv', 'decode'})}")
+    if "linear" in parts:
+        print(
+            "\n| linear (Qwen2.5-7B) | M | bf16 us | fp8 layer us | quant alone "
+            "| _scaled_mm alone | fused small-M | weight read bf16 / fp8 | speed-up |\n"
+            "|---|---|---|---|---|---|---|---|---|",
+            flush=True,
+        )
+        print("\n".join(linear_rows(args.smoke)), flush=True)
+    if "gemv" in parts:
+        print(
+            "\n| batch-1 FP8 GEMV (fp8_gemv) | blocks, split | bf16 us | fp8 us | weight read "
+            "| speed-up |\n|---|---|---|---|---|---|",
+            flush=True,
+        )
+        print("\n".join(gemv_rows(args.smoke)), flush=True)
+    if "decode" in parts:
+        print("\n| attention | shape | us | K/V read | vs bf16 |\n|---|---|---|---|---|")
+        print("\n".join(decode_rows(args.smoke)))
     return 0
 
 

@@ -33,6 +33,9 @@ FUSED_KERNELS: bool = os.environ.get("CHATQ_FUSED_KERNELS", "1") != "0"
 # FP8 linear layers with at most 16 rows use the fused quantize-and-multiply Triton kernel
 # (kernels.fp8_gemm) on CUDA; CHATQ_FP8_SMALL_M=0 sends them to torch._scaled_mm as well.
 FP8_SMALL_M: bool = os.environ.get("CHATQ_FP8_SMALL_M", "1") != "0"
+# ... and one row (batch-1 decode) the split-K kernel (kernels.fp8_gemm.fp8_gemv);
+# CHATQ_FP8_GEMV=0 leaves it to the choice above.
+FP8_GEMV: bool = os.environ.get("CHATQ_FP8_GEMV", "1") != "0"
 
 
 def use_fused(x: torch.Tensor) -> bool:

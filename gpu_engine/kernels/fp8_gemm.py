@@ -111,3 +111,132 @@ def fp8_small_m_linear(
         num_stages=4,
     )
     return out
+
+
+@triton.jit
+def _fp8_gemv_kernel(
+    x_ptr,
+    w_ptr,
+    w_scale_ptr,
+    bias_ptr,
+    out_ptr,
+    ws_ptr,
+    count_ptr,
+    N,
+    K,
+    K_PER_SPLIT,
+    stride_w,
+    SPLIT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    k = tl.arange(0, BLOCK_K)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < N
+    # The row's scale needs its whole absolute maximum: x is one row, read from L2.
+    amax = tl.zeros([BLOCK_K], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_ptr + k0 + k, mask=k0 + k < K, other=0.0)
+        amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
+    x_scale, x_inv = e4m3_scale(tl.max(amax, 0))
+    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    w_rows = w_ptr + n[:, None].to(tl.int64) * stride_w
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k_mask = k0 + k < k_end
+        x = tl.load(x_ptr + k0 + k, mask=k_mask, other=0.0)
+        xq = to_e4m3(x.to(tl.float32), x_inv).to(tl.float32)
+        w = tl.load(w_rows + k0 + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        acc += w.to(tl.float32) * xq[None, :]  # e4m3 x e4m3 products are exact in fp32
+    part = tl.sum(acc, 1) * x_scale * tl.load(w_scale_ptr + n, mask=n_mask, other=0.0)
+    if SPLIT > 1:
+        # Each split adds its part; the last one to arrive (the counter) takes the sum and
+        # leaves the workspace and counter at zero for the next call (no memset launch).
+        tl.atomic_add(ws_ptr + n, part, mask=n_mask)
+        arrived = tl.atomic_add(count_ptr + pid_n, 1)
+        if arrived == SPLIT - 1:
+            zero = tl.zeros([BLOCK_N], tl.float32)
+            part = tl.atomic_add(ws_ptr + n, zero, mask=n_mask)  # the sum, read from L2
+            tl.store(ws_ptr + n, zero, mask=n_mask)
+            tl.store(count_ptr + pid_n, 0)
+            if HAS_BIAS:
+                part += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + n, part.to(out_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        if HAS_BIAS:
+            part += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + n, part.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+GEMV_BLOCK_N = 32
+GEMV_BLOCK_K = 256
+
+
+def gemv_workspace(out_features: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The zeroed fp32 partial sums [N] and arrival counters of ``fp8_gemv``'s split-K
+    programs: each call leaves them at zero again."""
+    blocks = triton.cdiv(out_features, 16)  # enough counters for any block_n >= 16
+    return (
+        torch.zeros(out_features, dtype=torch.float32, device=device),
+        torch.zeros(blocks, dtype=torch.int32, device=device),
+    )
+
+
+def gemv_split(n: int, k: int, block_n: int, block_k: int, num_sms: int) -> int:
+    """Splits of K so that about four programs per SM stream the weights (1 to 8, each at
+    least one K step)."""
+    blocks = triton.cdiv(n, block_n)
+    return max(1, min(8, triton.cdiv(4 * num_sms, blocks), k // block_k))
+
+
+def fp8_gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    workspace: tuple[torch.Tensor, torch.Tensor],
+    num_sms: int = 132,
+    block_n: int = GEMV_BLOCK_N,
+    block_k: int = GEMV_BLOCK_K,
+    split: int | None = None,
+) -> torch.Tensor:
+    """One row: x [1, K] (bf16 or fp32, contiguous), weight [N, K] e4m3, weight_scale [N] fp32,
+    bias [N] or None -> [1, N] in x's dtype, the per-token-quantized product of
+    ``fp8_small_m_linear``. Batch-1 decode only streams the weights: programs own
+    ``block_n`` channels of one of ``split`` K ranges, so narrow layers (a 3,584-channel
+    output) still keep every SM reading."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if m != 1 or not x.is_contiguous() or not weight.is_contiguous():
+        raise ValueError(f"x {tuple(x.shape)} / weight {tuple(weight.shape)} do not fit")
+    split = split or gemv_split(n, k, block_n, block_k, num_sms)
+    k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    split = triton.cdiv(k, k_per_split)
+    ws, counts = workspace
+    if split > 1 and (ws.numel() < n or counts.numel() < triton.cdiv(n, block_n)):
+        raise ValueError(f"the workspace is smaller than {n} channels")
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    _fp8_gemv_kernel[(triton.cdiv(n, block_n), split)](
+        x,
+        weight,
+        weight_scale,
+        bias if bias is not None else weight_scale,
+        out,
+        ws,
+        counts,
+        n,
+        k,
+        k_per_split,
+        weight.stride(0),
+        SPLIT=split,
+        HAS_BIAS=bias is not None,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=4,
+        num_stages=4,
+    )
+    return out

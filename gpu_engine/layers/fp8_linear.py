@@ -5,7 +5,9 @@ activations quantized per token, one scaled matmul.
 for bf16 activations on a CUDA device of compute capability ≥ 8.9 through
 ``torch._scaled_mm`` (Hopper's FP8 tensor cores with row-wise scales; the activation is
 quantized by one Triton kernel) or, for at most 16 rows and wide outputs (decode at small
-batch), one Triton kernel that quantizes and multiplies (``kernels.fp8_gemm``); elsewhere
+batch), one Triton kernel that quantizes and multiplies, and for one row (batch-1 decode) a
+split-K version of it that keeps every SM streaming narrow layers (``kernels.fp8_gemm``);
+elsewhere
 (CPU, fp32/fp16 models) the same arithmetic in fp32 torch ops: the reference the CPU tests
 and the accuracy bench use.
 
@@ -50,14 +52,21 @@ def fused_wins(out_features: int, device: torch.device) -> bool:
 
 
 def fp8_linear(
-    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """x [M, K] (model dtype), weight [N, K] e4m3, weight_scale [N] fp32 -> [M, N]."""
+    """x [M, K] (model dtype), weight [N, K] e4m3, weight_scale [N] fp32 -> [M, N].
+    ``workspace`` (``gemv_workspace``): lets one contiguous row take the split-K kernel."""
     if x.dtype == torch.bfloat16 and fp8_matmul_supported(x.device):
-        from gpu_engine.kernels import FP8_SMALL_M
-        from gpu_engine.kernels.fp8_gemm import MAX_ROWS, fp8_small_m_linear
+        from gpu_engine.kernels import FP8_GEMV, FP8_SMALL_M
+        from gpu_engine.kernels.fp8_gemm import MAX_ROWS, fp8_gemv, fp8_small_m_linear
         from gpu_engine.kernels.quant import quantize_per_token
 
+        if FP8_GEMV and workspace is not None and x.shape[0] == 1 and x.is_contiguous():
+            return fp8_gemv(x, weight, weight_scale, bias, workspace, _num_sms(x.device))
         if FP8_SMALL_M and x.shape[0] <= MAX_ROWS and fused_wins(weight.shape[0], x.device):
             return fp8_small_m_linear(x, weight, weight_scale, bias, _num_sms(x.device))
 
@@ -99,6 +108,12 @@ class Fp8Linear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.reduce = reduce
         self.in_features, self.out_features = in_features, out_features
+        from gpu_engine.kernels.fp8_gemm import gemv_workspace
+
+        # The batch-1 kernel's split-K partial sums and counters (zero between calls).
+        ws, counts = gemv_workspace(out_features, weight.device)
+        self.register_buffer("gemv_partials", ws, persistent=False)
+        self.register_buffer("gemv_counts", counts, persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
@@ -116,10 +131,11 @@ class Fp8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] == 0:
             return x.new_empty(*lead, self.out_features)
+        workspace = (self.gemv_partials, self.gemv_counts)
         if self.reduce is None:
-            y = fp8_linear(x2, self.weight, self.weight_scale, self.bias)
+            y = fp8_linear(x2, self.weight, self.weight_scale, self.bias, workspace)
         else:
-            y = self.reduce(fp8_linear(x2, self.weight, self.weight_scale, None))
+            y = self.reduce(fp8_linear(x2, self.weight, self.weight_scale, None, workspace))
             if self.bias is not None:
                 y = y + self.bias
         return y.reshape(*lead, self.out_features)

@@ -201,3 +201,31 @@ def test_fused_small_m_kernel_matches_the_reference(m: int, n: int, k: int, bias
         want = want + b.double()
     err = float((y.double() - want).norm() / want.norm())
     assert y.dtype == dtype and err < (1e-2 if CUDA else 1e-6), err
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "split", "bias"), [(48, 256, 1, True), (40, 272, 3, False), (96, 512, 4, True)]
+)
+def test_split_k_gemv_matches_the_reference(n: int, k: int, split: int, bias: bool) -> None:
+    """The batch-1 kernel (interpreted on the CPU): split over K, the last program of each
+    channel block sums the parts; the same product as quantize_rows and the fp32 product of
+    the e4m3 operands, twice in a row (each call leaves its workspace at zero)."""
+    from gpu_engine.kernels.fp8_gemm import fp8_gemv, gemv_workspace
+
+    gen = _gen()
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    x = (torch.randn(1, k, generator=gen) * 3).to(dtype).to(DEV)
+    w_q, w_s = quantize_rows(torch.randn(n, k, generator=gen).to(DEV))
+    b = torch.randn(n, generator=gen).to(dtype).to(DEV) if bias else None
+    x_q, x_s = quantize_rows(x)
+    want = (x_q.double() @ w_q.double().t()) * x_s.double()[:, None] * w_s.double()[None, :]
+    if b is not None:
+        want = want + b.double()
+    workspace = gemv_workspace(n, x.device)
+    for _ in range(2):
+        y = fp8_gemv(x, w_q, w_s, b, workspace, block_n=16, block_k=64, split=split)
+        err = float((y.double() - want).norm() / want.norm())
+        assert y.dtype == dtype and err < (1e-2 if CUDA else 1e-6), err
+        assert not workspace[0].any() and not workspace[1].any()
+    with pytest.raises(ValueError, match="do not fit"):
+        fp8_gemv(x.expand(2, k), w_q, w_s, b, workspace)
