@@ -214,16 +214,19 @@ def _keep_best(best: dict[str, tuple[float, int, float]], mode: str, n: int, s: 
 
 
 # Host phases of a step, by the engine methods that run them. ``end_step`` holds the wait
-# for the device (``gpu_wait``) and the bookkeeping of the step's tokens (``complete``,
-# ``after_sampling``: the grammar matchers accept them); a deferred step's sampling is
-# ``mask_fill`` (the host bitmask) plus ``sample_deferred`` (copy, mask, sample launches).
+# for the device (``collect``), the grammar matchers' ``_accept`` of the step's tokens and
+# the scheduler's ``complete``; a deferred step's ``_sample_deferred`` holds the wait for its
+# mask (``_fill``, on the grammar thread while the next step is scheduled: not on the engine
+# thread's time) and ``sample_deferred`` (the mask's copy, masking, sampling launches).
 PHASES = (
-    ("engine", "begin_step"),
+    ("engine", "_schedule"),
+    ("engine", "_launch"),
     ("engine", "end_step"),
     ("runner", "collect"),
+    ("engine", "_accept"),
     ("scheduler", "complete"),
-    ("engine", "_after_sampling"),
-    ("grammars", "bitmask"),
+    ("grammars", "_fill"),
+    ("engine", "_sample_deferred"),
     ("runner", "sample_deferred"),
 )
 
@@ -247,12 +250,12 @@ def _snapshot(timer: PhaseTimer | None) -> tuple[dict[str, float], dict[str, int
 def _per_step(
     timer: PhaseTimer | None, before: tuple[dict[str, float], dict[str, int]], took: float
 ) -> dict[str, float]:
-    """Milliseconds per step of each phase since ``before`` (steps: begin_step calls), and
+    """Milliseconds per step of each phase since ``before`` (steps: ``_launch`` calls), and
     the wall time per step."""
     if timer is None:
         return {}
     totals, calls = before
-    steps = max(1, timer.calls["begin_step"] - calls["begin_step"])
+    steps = max(1, timer.calls["_launch"] - calls["_launch"])
     out = {k: 1e3 * (v - totals[k]) / steps for k, v in timer.totals.items()}
     out["wall"] = 1e3 * took / steps
     out["steps"] = steps

@@ -205,9 +205,7 @@ class LLMEngine:
         # prev's samples are the next step's input ids: sampled before it is launched.
         self._sample_deferred(prev)
         self._pipelined = self._launch(batch)
-        outputs = self.end_step(prev) if prev is not None else []
-        self._start_mask(self._pipelined)
-        return outputs
+        return self.end_step(prev) if prev is not None else []
 
     def finish_pipeline(self) -> list[StepOutput]:
         """Outputs of the step ``pipelined_step`` left in flight ([] if none)."""
@@ -252,6 +250,10 @@ class LLMEngine:
             self._launched.popleft()
         outputs = pending.finished
         self.step_logprobs = {}
+        if pending.sampled and len(self.grammars):
+            self._accept(pending.sampled, tokens)
+            if self._launched:  # the step after this one: its mask can be filled now
+                self._start_mask(self._launched[0])
         if pending.sampled:
             assert pending.launched is not None
             new_tokens = self.scheduler.complete(pending.sampled, tokens)
@@ -276,11 +278,20 @@ class LLMEngine:
                 release(out.request_id)
         return outputs
 
+    def _accept(self, sampled: list[tuple[Sequence, int]], tokens: list[int]) -> None:
+        """Advance the grammar matchers by a step's tokens, before the scheduler takes them,
+        so the next step's mask can start filling (a row of a request that finished in an
+        earlier step is skipped; a request this token finishes is released right after)."""
+        accept = self.grammars.accept
+        for (seq, _), token in zip(sampled, tokens, strict=True):
+            if not seq.is_finished:
+                accept(seq.request_id, token)
+
     def _start_mask(self, pending: PendingStep) -> None:
         """Start filling a deferred step's grammar mask on the grammar thread: every earlier
         step's tokens are on the host and their matchers advanced by now."""
         launched = pending.launched
-        if launched is not None and launched.deferred and len(self.grammars):
+        if launched is not None and launched.deferred and pending.mask is None:
             assert launched.seqs is not None
             pending.mask = self.grammars.bitmask_async([s.request_id for s in launched.seqs])
 
@@ -305,12 +316,7 @@ class LLMEngine:
         sampled: list[tuple[Sequence, int]],
         tokens: list[int],
     ) -> None:
-        """Advance grammar matchers by the step's tokens and keep the logprobs asked for."""
-        if len(self.grammars):
-            accept = self.grammars.accept
-            for (seq, _), token in zip(sampled, tokens, strict=True):
-                if not seq.is_finished or seq.finish_reason == "stop":
-                    accept(seq.request_id, token)
+        """Keep the logprobs asked for."""
         logprobs = self.model_runner.collect_logprobs(launched)
         if logprobs is not None:
             self.step_logprobs = {

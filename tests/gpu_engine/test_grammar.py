@@ -252,6 +252,7 @@ def test_pipelined_steps_fill_masks_on_the_grammar_thread(llm: Any) -> None:
         )
         for i in range(6)
     }
+    engine.grammars.close()  # the module's earlier tests may have started it
     fills = engine.grammars.num_fills
     plain = _run_steps(engine, requests, pipelined=False)
     assert engine.grammars._thread is None  # step() fills on the engine's thread
