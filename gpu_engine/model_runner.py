@@ -27,7 +27,7 @@ from gpu_engine.layers.base import AttentionMetadata
 from gpu_engine.loader import build_model, load_hf_config, resolve_model_dir
 from gpu_engine.models import LlamaArchConfig
 from gpu_engine.outputs import TokenLogprobs
-from gpu_engine.sampling import History, Sampler, needs_history, resolve_pending
+from gpu_engine.sampling import Drawn, History, Sampler, needs_history, resolve_pending
 from gpu_engine.scheduler import ScheduledBatch
 from gpu_engine.sequence import SamplingParams, Sequence
 from gpu_engine.tp_group import current as current_tp_group
@@ -58,6 +58,7 @@ class LaunchedStep:
     # until ``sample_deferred``.
     logits: torch.Tensor | None = None
     seqs: list[Sequence] | None = None
+    drawn: Drawn | None = None  # its plan and random draws, made at launch
 
     @property
     def deferred(self) -> bool:
@@ -496,7 +497,15 @@ class ModelRunner:
         # rows are increasing indices into batch.seqs: all of them on decode steps.
         seqs = batch.seqs if len(rows) == len(batch.seqs) else [batch.seqs[i] for i in rows]
         if defer:
-            return LaunchedStep(None, rows, logits=logits, seqs=list(seqs))
+            # The random draws are made now, in launch order: the deferred sampling then
+            # launches only what needs the host's mask or history.
+            drawn = self.sampler.draw(
+                [s.sampling_params for s in seqs],
+                [s.request_id for s in seqs],
+                logits.shape[-1],
+                self.device,
+            )
+            return LaunchedStep(None, rows, logits=logits, seqs=list(seqs), drawn=drawn)
         return self._sample(rows, logits, seqs, None)
 
     @torch.inference_mode()
@@ -505,7 +514,7 @@ class ModelRunner:
         its rows, or None); the returned step replaces it. Must run before the next step is
         launched (that step reads these samples from ``last_tokens``)."""
         assert step.logits is not None and step.seqs is not None
-        return self._sample(step.rows, step.logits, step.seqs, bitmask)
+        return self._sample(step.rows, step.logits, step.seqs, bitmask, step.drawn)
 
     def _sample(
         self,
@@ -513,14 +522,14 @@ class ModelRunner:
         logits: torch.Tensor,
         seqs: list[Sequence],
         bitmask: torch.Tensor | None,
+        drawn: Drawn | None = None,
     ) -> LaunchedStep:
         params = [s.sampling_params for s in seqs]
         histories = [_history(s) for s in seqs] if any(needs_history(p) for p in params) else None
         mask = None if bitmask is None else bitmask_to_device(bitmask, self.device)
-        # A deferred step samples after the step before it landed: a row whose request
-        # finished there (it released its generator) is sampled as no one's.
-        ids = [None if s.is_finished else s.request_id for s in seqs]
-        sampled = self.sampler.sample_async(logits, params, ids, histories, mask)
+        sampled = self.sampler.sample_async(
+            logits, params, [s.request_id for s in seqs], histories, mask, drawn
+        )
         tokens = sampled.tokens
         self.last_tokens[: len(rows)].copy_(tokens)
         extras = None if sampled.logprobs is None else sampled[1:]

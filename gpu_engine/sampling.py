@@ -55,6 +55,15 @@ class _BatchPlan:
     num_logprobs: int | None = None  # the most top logprobs any row asks for
 
 
+class Drawn(NamedTuple):
+    """A batch's sampling plan and random draws, made when its step launches (``draw``): a
+    step whose sampling waits for the host (grammar masks, penalties) then launches only
+    the masking and the pick between the step before landing and its own sampling."""
+
+    plan: _BatchPlan
+    noise: torch.Tensor | None  # [N, vocab] Exp(1) draws; None when every row is greedy
+
+
 class Sampler:
     """Turns a step's logits into tokens: logit bias, penalties, the grammar mask, then
     greedy or temperature / top-k / top-p / min_p sampling (see ``SamplingParams``)."""
@@ -82,7 +91,7 @@ class Sampler:
         self,
         logits: torch.Tensor,
         params: Sequence[SamplingParams],
-        request_ids: Sequence[str | None],
+        request_ids: Sequence[str],
         histories: Sequence[History] | None = None,
         bitmask: torch.Tensor | None = None,
     ) -> list[int]:
@@ -94,21 +103,23 @@ class Sampler:
         self,
         logits: torch.Tensor,
         params: Sequence[SamplingParams],
-        request_ids: Sequence[str | None],
+        request_ids: Sequence[str],
         histories: Sequence[History] | None = None,
         bitmask: torch.Tensor | None = None,
+        drawn: Drawn | None = None,
     ) -> Sampled:
         """Like ``sample`` but returns the samples on the logits' device without waiting
         for them (the caller's ``tolist()`` is the step's one synchronisation).
         ``histories`` (one per row) are needed when a row has a penalty (``needs_history``);
         ``bitmask`` [N, words] int32 on the logits' device: the grammar mask of each row.
-        A ``request_ids`` entry of None: the row's request has finished (its sample is
-        dropped), so a seeded one draws from the shared generator, not a new one of its own."""
+        ``drawn``: the batch's plan and random draws made earlier (``draw``), else now."""
         # The input is never changed: adjusted in place only when .float() made a copy that
         # the logprobs do not need (bf16 logits on CUDA).
         copied = logits.dtype != torch.float32
         logits = logits.float()
-        plan = self._plan_for(params, request_ids, logits.device)
+        plan = (
+            drawn.plan if drawn is not None else self._plan_for(params, request_ids, logits.device)
+        )
         raw = logits
         in_place = copied and plan.num_logprobs is None
         if plan.logit_bias is not None:
@@ -127,12 +138,34 @@ class Sampler:
         if bitmask is not None:
             fresh = in_place or logits is not raw
             logits = apply_bitmask(logits if fresh else logits.clone(), bitmask)
-        tokens = self._pick(logits, plan)
+        tokens = self._pick(logits, plan, None if drawn is None else drawn.noise)
         if plan.num_logprobs is None:
             return Sampled(tokens)
         return _with_logprobs(raw, tokens, plan.num_logprobs)
 
-    def _pick(self, logits: torch.Tensor, plan: _BatchPlan) -> torch.Tensor:
+    def draw(
+        self,
+        params: Sequence[SamplingParams],
+        request_ids: Sequence[str],
+        vocab: int,
+        device: torch.device,
+    ) -> Drawn:
+        """The plan and random draws ``sample_async`` would make for this batch, made now
+        (in the same order, so the samples are the same)."""
+        plan = self._plan_for(params, request_ids, device)
+        noise = None if plan.all_greedy else self._noise(plan, len(params), vocab, device)
+        return Drawn(plan, noise)
+
+    def _noise(self, plan: _BatchPlan, rows: int, vocab: int, device: torch.device) -> torch.Tensor:
+        noise = torch.empty(rows, vocab, dtype=torch.float32, device=device)
+        noise.exponential_(generator=self.generator)
+        for i, request_id, seed in plan.seeded:
+            noise[i].exponential_(generator=self.generator_for(request_id, seed))
+        return noise
+
+    def _pick(
+        self, logits: torch.Tensor, plan: _BatchPlan, noise: torch.Tensor | None
+    ) -> torch.Tensor:
         if plan.all_greedy:
             return logits.argmax(dim=-1)
         assert plan.greedy is not None and plan.temperature is not None
@@ -140,17 +173,15 @@ class Sampler:
         if plan.min_p is not None:
             masked = _mask_min_p(masked, plan.min_p)
         probs = masked.softmax(dim=-1)
-        noise = torch.empty_like(probs)
-        noise.exponential_(generator=self.generator)
-        for i, request_id, seed in plan.seeded:
-            noise[i].exponential_(generator=self.generator_for(request_id, seed))
+        if noise is None:
+            noise = self._noise(plan, probs.shape[0], probs.shape[1], probs.device)
         sampled = (probs / noise).argmax(dim=-1)
         return torch.where(plan.greedy, logits.argmax(dim=-1), sampled)
 
     def _plan_for(
         self,
         params: Sequence[SamplingParams],
-        request_ids: Sequence[str | None],
+        request_ids: Sequence[str],
         device: torch.device,
     ) -> _BatchPlan:
         # Tuple equality checks identity first, so an unchanged batch compares in C.
@@ -177,7 +208,7 @@ def needs_history(params: SamplingParams) -> bool:
 
 
 def _random_plan(
-    params: Sequence[SamplingParams], request_ids: Sequence[str | None], device: torch.device
+    params: Sequence[SamplingParams], request_ids: Sequence[str], device: torch.device
 ) -> _BatchPlan:
     top_k, top_p = [p.top_k for p in params], [p.top_p for p in params]
     vocab_inf = 1 << 62  # "no top-k": larger than any vocabulary
@@ -197,7 +228,7 @@ def _random_plan(
         seeded=tuple(
             (i, request_ids[i], p.seed)
             for i, p in enumerate(params)
-            if p.seed is not None and not p.greedy and request_ids[i] is not None
+            if p.seed is not None and not p.greedy
         ),
     )
 

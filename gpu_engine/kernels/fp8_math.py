@@ -28,7 +28,10 @@ def round_e4m3(v):
     normal = ((bits + 0x7FFFF + lsb) & 0xFFF00000).to(tl.float32, bitcast=True)
     sub = (a + 24576.0) - 24576.0
     r = tl.where(a < 0.015625, sub, normal)
-    return tl.where(v < 0, -r, r)
+    # v's sign bit onto r: a tiny negative value that rounds to zero stays -0.0 (e4m3 0x80,
+    # as torch stores it); compiled code negates as 0 - r, which makes +0.0.
+    sign = v.to(tl.uint32, bitcast=True) & 0x80000000
+    return (r.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -66,7 +66,7 @@ def fp8_linear(
         from gpu_engine.kernels.quant import quantize_per_token
 
         if FP8_GEMV and workspace is not None and x.shape[0] == 1 and x.is_contiguous():
-            return fp8_gemv(x, weight, weight_scale, bias, workspace, _num_sms(x.device))
+            return fp8_gemv(x, weight, weight_scale, bias, workspace)
         if FP8_SMALL_M and x.shape[0] <= MAX_ROWS and fused_wins(weight.shape[0], x.device):
             return fp8_small_m_linear(x, weight, weight_scale, bias, _num_sms(x.device))
 
