@@ -17,7 +17,7 @@ from gpu_engine.grammar import Grammars
 from gpu_engine.loader import load_tokenizer, read_eos_token_ids
 from gpu_engine.model_runner import LaunchedStep, ModelRunner
 from gpu_engine.outputs import EngineCapacity, RequestOutput, StepOutput, TokenLogprobs
-from gpu_engine.sampling import needs_history
+from gpu_engine.sampling import Drawn, needs_history
 from gpu_engine.scheduler import ScheduledBatch, Scheduler
 from gpu_engine.sequence import (
     InvalidRequestError,
@@ -202,9 +202,11 @@ class LLMEngine:
             return self.finish_pipeline()
         prev = self._pipelined
         batch = self._schedule()
+        # While prev's mask fills: the random draws of a deferred step (in launch order).
+        drawn = self.model_runner.draw(batch) if self._host_sampled else None
         # prev's samples are the next step's input ids: sampled before it is launched.
         self._sample_deferred(prev)
-        self._pipelined = self._launch(batch)
+        self._pipelined = self._launch(batch, drawn)
         return self.end_step(prev) if prev is not None else []
 
     def finish_pipeline(self) -> list[StepOutput]:
@@ -226,7 +228,7 @@ class LLMEngine:
             raise EngineError("two steps are in flight: call end_step first")
         return self.scheduler.schedule(time.time())
 
-    def _launch(self, batch: ScheduledBatch) -> PendingStep:
+    def _launch(self, batch: ScheduledBatch, drawn: Drawn | None = None) -> PendingStep:
         finished = [self._output(seq, []) for seq in batch.finished]
         launched = None
         sampled: list[tuple[Sequence, int]] = []
@@ -234,7 +236,7 @@ class LLMEngine:
             self._num_steps += 1
             waste, slots = self.block_manager.paging_waste(self.scheduler.running)
             self._waste_sum += waste / slots if slots else 0.0
-            launched = self.model_runner.launch(batch, defer=bool(self._host_sampled))
+            launched = self.model_runner.launch(batch, bool(self._host_sampled), drawn)
             sampled = self.scheduler.commit(batch, launched.rows)
         pending = PendingStep(batch, finished, launched, sampled)
         self._launched.append(pending)
@@ -282,10 +284,10 @@ class LLMEngine:
         """Advance the grammar matchers by a step's tokens, before the scheduler takes them,
         so the next step's mask can start filling (a row of a request that finished in an
         earlier step is skipped; a request this token finishes is released right after)."""
-        accept = self.grammars.accept
-        for (seq, _), token in zip(sampled, tokens, strict=True):
-            if not seq.is_finished:
-                accept(seq.request_id, token)
+        self.grammars.accept_batch(
+            [(seq.request_id, t) for (seq, _), t in zip(sampled, tokens, strict=True)
+             if not seq.is_finished]
+        )  # fmt: skip
 
     def _start_mask(self, pending: PendingStep) -> None:
         """Start filling a deferred step's grammar mask on the grammar thread: every earlier

@@ -91,6 +91,18 @@ class Grammars:
         if not ended and not matcher.accept_token(token):
             log.debug("grammar of %s refused token %d", request_id, token)
 
+    def accept_batch(self, rows: Sequence[tuple[str, int]]) -> None:
+        """``accept`` for (request id, token) rows, in one call into xgrammar."""
+        get = self._matchers.get
+        pairs = [(m, t) for rid, t in rows if (m := get(rid)) is not None]
+        pairs = [(m, t) for m, t in pairs if not m.is_terminated()]
+        if pairs:
+            accepted = _xgrammar().BatchGrammarMatcher.batch_accept_token(
+                [m for m, _ in pairs], [t for _, t in pairs]
+            )
+            if not all(accepted):
+                log.debug("grammar refused %d of %d tokens", accepted.count(False), len(pairs))
+
     def release(self, request_id: str) -> None:
         self._matchers.pop(request_id, None)
 

@@ -481,7 +481,27 @@ class ModelRunner:
         return graphs.stage_and_run(batch.seqs, batch.query_lens, batch.num_prefill_seqs)
 
     @torch.inference_mode()
-    def launch(self, batch: ScheduledBatch, defer: bool = False) -> LaunchedStep:
+    def draw(self, batch: ScheduledBatch) -> Drawn | None:
+        """The sampling plan and random draws of a decode-only step (every sequence at its
+        last token), made before it launches: a caller waiting on the host (a grammar mask
+        being filled) draws now what ``launch(defer=True)`` would. None for other steps
+        (which of their rows sample is settled at launch)."""
+        seqs = batch.seqs
+        if batch.num_prefill_seqs or not seqs:
+            return None
+        if any(s.num_computed_tokens + 1 != len(s.token_ids) for s in seqs):
+            return None
+        return self.sampler.draw(
+            [s.sampling_params for s in seqs],
+            [s.request_id for s in seqs],
+            self.arch.vocab_size,
+            self.device,
+        )
+
+    @torch.inference_mode()
+    def launch(
+        self, batch: ScheduledBatch, defer: bool = False, drawn: Drawn | None = None
+    ) -> LaunchedStep:
         """Queue one step's forward pass and sampling on the device without waiting for it;
         ``collect`` returns its tokens. The host is free in between: it may schedule and
         launch the next step, whose input ids may be placeholders of this step's samples
@@ -490,21 +510,25 @@ class ModelRunner:
 
         ``defer``: queue the forward pass only; ``sample_deferred`` samples later, once the
         host knows what the sampling depends on (grammar masks, penalties need the tokens
-        of the step before, which lands while this forward pass runs)."""
+        of the step before, which lands while this forward pass runs); ``drawn``: this
+        step's ``draw``, if made before."""
         logits, rows = self.forward_logits(batch)
         if not rows:
             return LaunchedStep(None, rows)
         # rows are increasing indices into batch.seqs: all of them on decode steps.
         seqs = batch.seqs if len(rows) == len(batch.seqs) else [batch.seqs[i] for i in rows]
         if defer:
-            # The random draws are made now, in launch order: the deferred sampling then
-            # launches only what needs the host's mask or history.
-            drawn = self.sampler.draw(
-                [s.sampling_params for s in seqs],
-                [s.request_id for s in seqs],
-                logits.shape[-1],
-                self.device,
-            )
+            # The random draws are made now (or were, by ``draw``), in launch order: the
+            # deferred sampling then launches only what needs the host's mask or history.
+            if drawn is None:
+                drawn = self.sampler.draw(
+                    [s.sampling_params for s in seqs],
+                    [s.request_id for s in seqs],
+                    logits.shape[-1],
+                    self.device,
+                )
+            elif len(rows) != len(batch.seqs):
+                raise EngineError("drawn for every sequence of a step that samples fewer")
             return LaunchedStep(None, rows, logits=logits, seqs=list(seqs), drawn=drawn)
         return self._sample(rows, logits, seqs, None)
 
