@@ -82,17 +82,11 @@ class Grammars:
                 )
         self._matchers[request_id] = matcher
 
-    def accept(self, request_id: str, token: int) -> None:
-        """Advance the request's matcher by its sampled token (a no-op for unconstrained
-        requests). A token the matcher refuses can only be a stop token after the grammar
-        ended (ignore_eos) or a row sampled after the request finished: both harmless."""
-        matcher = self._matchers.get(request_id)
-        ended = matcher is None or matcher.is_terminated()
-        if not ended and not matcher.accept_token(token):
-            log.debug("grammar of %s refused token %d", request_id, token)
-
     def accept_batch(self, rows: Sequence[tuple[str, int]]) -> None:
-        """``accept`` for (request id, token) rows, in one call into xgrammar."""
+        """Advance each (request id, token) row's matcher by its sampled token, in one call
+        into xgrammar (unconstrained requests and ended grammars are skipped). A token the
+        matcher refuses can only be a stop token after the grammar ended (ignore_eos) or a
+        row sampled after the request finished: both harmless."""
         get = self._matchers.get
         pairs = [(m, t) for rid, t in rows if (m := get(rid)) is not None]
         pairs = [(m, t) for m, t in pairs if not m.is_terminated()]
