@@ -111,9 +111,9 @@ def run(args: argparse.Namespace) -> None:
     def span_s(start, end) -> float:
         return start.elapsed_time(end) / 1000 if cuda else end - start
 
-    def launch(batch, defer=False):
+    def launch(batch, *args, **kwargs):
         start = mark()
-        out = orig_launch(batch, defer)
+        out = orig_launch(batch, *args, **kwargs)
         ev.append((start, mark()))
         return out
 

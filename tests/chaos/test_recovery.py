@@ -144,10 +144,13 @@ async def test_redis_restarted_from_an_older_snapshot_answers_what_it_kept_once(
     r = chaos_cluster.client()
     try:
         kept = await _finals_kept(r, in_snapshot, timeout_s=90.0)
+        counts = {rid: len(finals) for rid, finals in kept.items()}
+        wrong = {rid: n for rid, n in counts.items() if n != 1}
+        # What Redis holds of each, to tell a slow answer from a stuck one.
+        traces = {rid: sorted(k.decode() for k in r.keys(f"*{rid}*")) for rid in wrong}
     finally:
         r.close()
-    counts = {rid: len(finals) for rid, finals in kept.items()}
-    assert all(n == 1 for n in counts.values()), {rid: n for rid, n in counts.items() if n != 1}
+    assert not wrong, (wrong, traces)
 
 
 async def _finals_kept(r: Any, ids: set[str], timeout_s: float) -> dict[str, list[Any]]:

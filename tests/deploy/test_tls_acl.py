@@ -302,8 +302,11 @@ async def _attacks(tls: TlsRedis) -> None:
         # Bounds: set by the operator; a client asking for more gets no more.
         with pytest.raises(redis.exceptions.NoPermissionError):
             await raw.hset(KEYS.bounds(), "max_models", 10**6)
+        # Two models no worker serves keep requests queued ("other" above and one more), so
+        # the bound is reached whatever the worker has finished of MODEL's by now.
+        await attacker.submit(USER, model="other-2", tenant="b", max_tokens=4)
         with redis.Redis.from_url(tls.url("operator", db=2)) as operator:
-            operator.hset(KEYS.bounds(), "max_models", 2)  # models: MODEL and "other"
+            operator.hset(KEYS.bounds(), "max_models", 2)
         greedy = ChatClient(
             settings=ClientSettings(tls.url("producer", db=2), max_backlog_tokens=10**12)
         )
