@@ -252,12 +252,12 @@ class LLMEngine:
             self._launched.popleft()
         outputs = pending.finished
         self.step_logprobs = {}
-        if pending.sampled and len(self.grammars):
-            self._accept(pending.sampled, tokens)
-            if self._launched:  # the step after this one: its mask can be filled now
-                self._start_mask(self._launched[0])
         if pending.sampled:
             assert pending.launched is not None
+            if len(self.grammars):
+                self._accept(pending.sampled, tokens)
+                if self._launched:  # the step after this one: its mask can be filled now
+                    self._start_mask(self._launched[0])
             new_tokens = self.scheduler.complete(pending.sampled, tokens)
             self._after_sampling(pending.launched, pending.sampled, tokens)
             self._num_generated_tokens += len(new_tokens)
