@@ -1,9 +1,16 @@
-"""Token sampling in torch: logit bias, penalties, grammar masks, greedy, temperature, top-k,
-top-p, min_p, logprobs, per-request generators.
+"""Token sampling: logit bias, penalties, grammar masks, greedy, temperature, top-k, top-p,
+min_p, logprobs, seeded requests.
 
 Random rows are drawn with the exponential race (argmax of p / E, E ~ Exp(1)), which equals a
-categorical draw from p. A request with a seed draws its E from its own ``torch.Generator``,
-so its tokens do not depend on which other requests share the batch.
+categorical draw from p. A request with a seed draws its own E, so its tokens do not depend
+on which other requests share the batch. Two sources of E:
+
+- keyed (the default on CUDA): E of token ``v`` is -log of Philox(key, v), each row's key
+  derived on the host from the request's seed and how many tokens it drew (or from the
+  engine's seed and a draw counter). Drawing costs no launch, and a step with no top-k /
+  top-p / min_p row is sampled by one fused kernel (``kernels.sampling.sample_keyed``:
+  mask, temperature, race, greedy rows), which keeps a constrained step's host work small;
+- a ``torch.Generator`` per seeded request (the CPU default): one draw per row per step.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from gpu_engine.grammar import apply_bitmask
@@ -54,6 +62,11 @@ class _BatchPlan:
     penalties: bool = False  # some row has a repetition / presence / frequency penalty
     num_logprobs: int | None = None  # the most top logprobs any row asks for
 
+    @property
+    def filtered(self) -> bool:
+        """Some row filters by top-k, top-p or min_p (the fused keyed pick does not)."""
+        return self.top_k is not None or self.top_p is not None or self.min_p is not None
+
 
 class Drawn(NamedTuple):
     """A batch's sampling plan and random draws, made when its step launches (``draw``): a
@@ -61,18 +74,25 @@ class Drawn(NamedTuple):
     the masking and the pick between the step before landing and its own sampling."""
 
     plan: _BatchPlan
-    noise: torch.Tensor | None  # [N, vocab] Exp(1) draws; None when every row is greedy
+    noise: torch.Tensor | None  # [N, vocab] Exp(1) draws (generator source), or None
+    keys: torch.Tensor | None = None  # [N] int64 Philox keys (keyed source), or None
 
 
 class Sampler:
     """Turns a step's logits into tokens: logit bias, penalties, the grammar mask, then
-    greedy or temperature / top-k / top-p / min_p sampling (see ``SamplingParams``)."""
+    greedy or temperature / top-k / top-p / min_p sampling (see ``SamplingParams``).
+    ``keyed``: draw E from Philox keys (see the module's doc); default: on CUDA."""
 
-    def __init__(self, device: torch.device, seed: int) -> None:
+    def __init__(self, device: torch.device, seed: int, keyed: bool | None = None) -> None:
         self.device = device
+        self.keyed = device.type == "cuda" if keyed is None else keyed
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         self._request_generators: dict[str, torch.Generator] = {}
+        # Keyed draws: the engine's stream (unseeded rows) and each seeded request's count.
+        self._stream_key = _splitmix64(np.array([(seed ^ _UNSEEDED) & _U64], dtype=np.uint64))[0]
+        self._num_draws = 0
+        self._request_draws: dict[str, int] = {}
         self._plan_key: tuple[tuple[SamplingParams, ...], tuple[str, ...]] | None = None
         self._plan: _BatchPlan | None = None
 
@@ -86,6 +106,12 @@ class Sampler:
 
     def release(self, request_id: str) -> None:
         self._request_generators.pop(request_id, None)
+        self._request_draws.pop(request_id, None)
+
+    @property
+    def num_request_streams(self) -> int:
+        """Seeded requests whose random stream this sampler holds (until ``release``)."""
+        return len(self._request_generators) + len(self._request_draws)
 
     def sample(
         self,
@@ -112,36 +138,20 @@ class Sampler:
         for them (the caller's ``tolist()`` is the step's one synchronisation).
         ``histories`` (one per row) are needed when a row has a penalty (``needs_history``);
         ``bitmask`` [N, words] int32 on the logits' device: the grammar mask of each row.
-        ``drawn``: the batch's plan and random draws made earlier (``draw``), else now."""
-        # The input is never changed: adjusted in place only when .float() made a copy that
-        # the logprobs do not need (bf16 logits on CUDA).
-        copied = logits.dtype != torch.float32
-        logits = logits.float()
-        plan = (
-            drawn.plan if drawn is not None else self._plan_for(params, request_ids, logits.device)
-        )
-        raw = logits
-        in_place = copied and plan.num_logprobs is None
-        if plan.logit_bias is not None:
-            logits = apply_logit_bias(logits if in_place else logits.clone(), plan.logit_bias)
-        if plan.penalties:
-            if histories is None:
-                raise ValueError("a row has a penalty: sample needs each row's history")
-            logits = apply_penalties(
-                logits,
-                [h.prompt for h in histories],
-                [h.output for h in histories],
-                [p.repetition_penalty for p in params],
-                [p.presence_penalty for p in params],
-                [p.frequency_penalty for p in params],
-            )
-        if bitmask is not None:
-            fresh = in_place or logits is not raw
-            logits = apply_bitmask(logits if fresh else logits.clone(), bitmask)
-        tokens = self._pick(logits, plan, None if drawn is None else drawn.noise)
+        ``drawn``: the batch's plan and random draws made earlier (``draw``), else now.
+        The input logits are never changed."""
+        if drawn is None:
+            drawn = self.draw(params, request_ids, logits.shape[-1], logits.device, lazy=True)
+        plan = drawn.plan
+        if plan.penalties and histories is None:
+            raise ValueError("a row has a penalty: sample needs each row's history")
+        if self.keyed and not plan.filtered:
+            tokens = self._pick_fused(logits, drawn, params, histories, bitmask)
+        else:
+            tokens = self._pick(logits, drawn, params, histories, bitmask)
         if plan.num_logprobs is None:
             return Sampled(tokens)
-        return _with_logprobs(raw, tokens, plan.num_logprobs)
+        return _with_logprobs(logits.float(), tokens, plan.num_logprobs)
 
     def draw(
         self,
@@ -149,12 +159,35 @@ class Sampler:
         request_ids: Sequence[str],
         vocab: int,
         device: torch.device,
+        lazy: bool = False,
     ) -> Drawn:
         """The plan and random draws ``sample_async`` would make for this batch, made now
-        (in the same order, so the samples are the same)."""
+        (in the same order, so the samples are the same). ``lazy``: leave the generator
+        source's noise to the pick (drawn there, in the same order)."""
         plan = self._plan_for(params, request_ids, device)
-        noise = None if plan.all_greedy else self._noise(plan, len(params), vocab, device)
-        return Drawn(plan, noise)
+        if plan.all_greedy:
+            return Drawn(plan, None)
+        if self.keyed:
+            return Drawn(plan, None, self._keys(plan, len(params), device))
+        return Drawn(plan, None if lazy else self._noise(plan, len(params), vocab, device))
+
+    def _keys(self, plan: _BatchPlan, rows: int, device: torch.device) -> torch.Tensor:
+        """One Philox key per row: seeded rows from (seed, draws so far by the request),
+        the others from (the engine's stream, this draw, the row)."""
+        self._num_draws += 1
+        counters = (np.uint64(self._num_draws) << np.uint64(24)) + np.arange(rows, dtype=np.uint64)
+        keys = _splitmix64(counters ^ self._stream_key)
+        if plan.seeded:
+            rows_s = [i for i, _, _ in plan.seeded]
+            seeds = np.array([seed & _U64 for _, _, seed in plan.seeded], dtype=np.uint64)
+            counts = np.array([self._count_draw(rid) for _, rid, _ in plan.seeded], np.uint64)
+            keys[rows_s] = _splitmix64(_splitmix64(seeds) + counts)
+        return _array_to_device(keys.view(np.int64), device)
+
+    def _count_draw(self, request_id: str) -> int:
+        n = self._request_draws.get(request_id, 0)
+        self._request_draws[request_id] = n + 1
+        return n
 
     def _noise(self, plan: _BatchPlan, rows: int, vocab: int, device: torch.device) -> torch.Tensor:
         noise = torch.empty(rows, vocab, dtype=torch.float32, device=device)
@@ -163,9 +196,65 @@ class Sampler:
             noise[i].exponential_(generator=self.generator_for(request_id, seed))
         return noise
 
-    def _pick(
-        self, logits: torch.Tensor, plan: _BatchPlan, noise: torch.Tensor | None
+    def _adjusted(
+        self,
+        logits: torch.Tensor,
+        plan: _BatchPlan,
+        params: Sequence[SamplingParams],
+        histories: Sequence[History] | None,
+        private: bool,
     ) -> torch.Tensor:
+        """``logits`` after logit bias and penalties; ``private``: the caller's own copy
+        (changed in place), else copied before any change."""
+        if plan.logit_bias is not None:
+            logits = apply_logit_bias(logits if private else logits.clone(), plan.logit_bias)
+        if plan.penalties:
+            assert histories is not None
+            logits = apply_penalties(
+                logits,
+                [h.prompt for h in histories],
+                [h.output for h in histories],
+                [p.repetition_penalty for p in params],
+                [p.presence_penalty for p in params],
+                [p.frequency_penalty for p in params],
+            )
+        return logits
+
+    def _pick_fused(
+        self,
+        logits: torch.Tensor,
+        drawn: Drawn,
+        params: Sequence[SamplingParams],
+        histories: Sequence[History] | None,
+        bitmask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Keyed rows without top-k / top-p / min_p: the mask, temperature and race in one
+        kernel, on the logits as they are (a float copy only for bias and penalties)."""
+        from gpu_engine.kernels.sampling import sample_keyed
+
+        plan = drawn.plan
+        if plan.logit_bias is not None or plan.penalties:
+            floated = logits.float()
+            logits = self._adjusted(floated, plan, params, histories, floated is not logits)
+        elif plan.all_greedy and bitmask is None:
+            return logits.argmax(dim=-1)
+        return sample_keyed(logits.contiguous(), drawn.keys, plan.temperature, plan.greedy, bitmask)
+
+    def _pick(
+        self,
+        logits: torch.Tensor,
+        drawn: Drawn,
+        params: Sequence[SamplingParams],
+        histories: Sequence[History] | None,
+        bitmask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The torch path: bias, penalties and the mask on a float32 copy, then greedy or
+        the race over the top-k / top-p / min_p survivors."""
+        plan, original = drawn.plan, logits
+        floated = logits.float()  # a copy of 16-bit logits: changed in place from here on
+        logits = self._adjusted(floated, plan, params, histories, floated is not original)
+        if bitmask is not None:
+            logits = apply_bitmask(logits.clone() if logits is original else logits, bitmask)
         if plan.all_greedy:
             return logits.argmax(dim=-1)
         assert plan.greedy is not None and plan.temperature is not None
@@ -173,7 +262,12 @@ class Sampler:
         if plan.min_p is not None:
             masked = _mask_min_p(masked, plan.min_p)
         probs = masked.softmax(dim=-1)
-        if noise is None:
+        noise = drawn.noise
+        if drawn.keys is not None:
+            from gpu_engine.kernels.sampling import exponential_keyed
+
+            noise = exponential_keyed(drawn.keys, probs.shape[1])
+        elif noise is None:
             noise = self._noise(plan, probs.shape[0], probs.shape[1], probs.device)
         sampled = (probs / noise).argmax(dim=-1)
         return torch.where(plan.greedy, logits.argmax(dim=-1), sampled)
@@ -200,6 +294,26 @@ class Sampler:
         plan.num_logprobs = max(wanted) if wanted else None
         self._plan_key, self._plan = key, plan
         return plan
+
+
+_U64 = (1 << 64) - 1
+_UNSEEDED = 0x5EED_0F_E9_61_9E  # mixed into the engine's stream: apart from request seeds
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function over uint64 values (wrapping arithmetic): neighbouring
+    inputs give unrelated keys."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _array_to_device(values: np.ndarray, device: torch.device) -> torch.Tensor:
+    t = torch.from_numpy(values)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def needs_history(params: SamplingParams) -> bool:

@@ -30,6 +30,7 @@ from gpu_engine.kernels import (
     prefill_attention,
     quant,
     rotary,
+    sampling,
     shared_prefix,
 )
 
@@ -141,12 +142,28 @@ def _fp8_linear(dt: str, p: str):
     yield f"quant rows {dt}", sig(quant._quantize_rows_kernel, p, consts, {"out_ptr": PF8}), 4, 1
 
 
+def _sampling(dt: str, p: str):
+    """The keyed sampler (random and greedy rows, with and without a grammar mask) and its
+    exponential draws."""
+    types = {"keys_ptr": PI64, "temperature_ptr": P32, "greedy_ptr": "*i1", "mask_ptr": PI32,
+             "out_ptr": PI64}  # fmt: skip
+    for random in (False, True):
+        for masked in (False, True):
+            consts = dict(RANDOM=random, MASKED=masked, ROWS=1, BLOCK=sampling.BLOCK_V)
+            name = f"sample {dt}{' random' if random else ''}{' masked' if masked else ''}"
+            yield name, sig(sampling._sample_keyed_kernel, p, consts, types), 8, 1
+    consts = dict(ROWS=1, BLOCK=sampling.BLOCK_V)
+    types = {"keys_ptr": PI64, "out_ptr": P32}
+    yield f"exponential {dt}", sig(sampling._exponential_keyed_kernel, p, consts, types), 4, 1
+
+
 def variants():
     for dt, p in (("bf16", "*bf16"), ("fp32", "*fp32")):
         for fp8 in (False, True):
             yield from _attention(dt, p, fp8)
         yield from _elementwise(dt, p)
         yield from _fp8_linear(dt, p)
+        yield from _sampling(dt, p)
 
 
 def uncovered() -> list[str]:

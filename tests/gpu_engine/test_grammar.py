@@ -235,13 +235,18 @@ def _run_steps(engine: Any, requests: dict[str, Any], pipelined: bool) -> dict[s
     return tokens
 
 
-def test_pipelined_steps_fill_masks_on_the_grammar_thread(llm: Any) -> None:
+@pytest.mark.parametrize("keyed", [False, True], ids=["generators", "keyed"])
+def test_pipelined_steps_fill_masks_on_the_grammar_thread(
+    llm: Any, keyed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """pipelined_step fills a deferred step's mask on the grammar thread while the next
     step is scheduled; the tokens are those of plain step() calls (seeded sampling: any
     mask filled from the wrong tokens, or a sample taken before its mask, changes them),
-    and a seeded request's generator is gone once it finished (rows sampled after it did
-    must not make a new one)."""
+    and a seeded request's random stream is gone once it finished (rows sampled after it
+    did must not make a new one). Both sources of draws: per-request generators and the
+    keyed kernels (CUDA's default; interpreted here)."""
     engine = llm.engine
+    monkeypatch.setattr(engine.model_runner.sampler, "keyed", keyed)
     schema = StructuredOutput.json(SCHEMA)
     requests = {
         f"r{i}": (
@@ -264,6 +269,6 @@ def test_pipelined_steps_fill_masks_on_the_grammar_thread(llm: Any) -> None:
         if params.structured is not None:
             text = llm.tokenizer.decode(pipelined[rid], skip_special_tokens=True)
             json.loads(text, strict=False)
-    assert engine.model_runner.sampler._request_generators == {}
+    assert engine.model_runner.sampler.num_request_streams == 0
     engine.grammars.close()
     assert engine.grammars._thread is None

@@ -1,12 +1,23 @@
-"""Sampler: greedy rows, top-k / top-p masks, per-request generators, distribution."""
+"""Sampler: greedy rows, top-k / top-p masks, seeded requests, distribution; the keyed
+sampling kernels against the torch path."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from gpu_engine.kernels import INTERPRET
 from gpu_engine.sampling import Sampler, apply_top_k_top_p
 from gpu_engine.sequence import InvalidRequestError, RefusalReason, SamplingParams
+
+
+@pytest.fixture(params=[False, True], ids=["generators", "keyed"])
+def keyed(request: pytest.FixtureRequest) -> bool:
+    """Each sampler test runs with both sources of random draws (the keyed kernels run under
+    Triton's interpreter on the CPU; the GPU tests below run them compiled)."""
+    if request.param and not INTERPRET:
+        pytest.skip("the keyed kernels take CPU tensors only under Triton's interpreter")
+    return bool(request.param)
 
 
 def test_top_k_and_top_p_masks() -> None:
@@ -20,8 +31,8 @@ def test_top_k_and_top_p_masks() -> None:
     assert kept.tolist() == [[True, True, False, False], [False, False, False, True]]
 
 
-def test_greedy_rows_take_the_argmax_in_a_mixed_batch() -> None:
-    sampler = Sampler(torch.device("cpu"), seed=0)
+def test_greedy_rows_take_the_argmax_in_a_mixed_batch(keyed: bool) -> None:
+    sampler = Sampler(torch.device("cpu"), seed=0, keyed=keyed)
     logits = torch.randn(4, 50)
     params = [
         SamplingParams(temperature=0),
@@ -34,12 +45,12 @@ def test_greedy_rows_take_the_argmax_in_a_mixed_batch() -> None:
     assert out[0] == argmax[0] and out[2] == argmax[2] and out[3] == argmax[3]
 
 
-def test_seeded_rows_ignore_the_rest_of_the_batch() -> None:
+def test_seeded_rows_ignore_the_rest_of_the_batch(keyed: bool) -> None:
     logits = torch.randn(3, 100)
     seeded = SamplingParams(seed=7)
     draws = []
     for engine_seed, neighbours in ((0, 1), (5, 2)):
-        sampler = Sampler(torch.device("cpu"), seed=engine_seed)
+        sampler = Sampler(torch.device("cpu"), seed=engine_seed, keyed=keyed)
         rows = torch.cat([logits[1 : 1 + neighbours], logits[:1]])
         params = [SamplingParams()] * neighbours + [seeded]
         ids = [f"n{i}" for i in range(neighbours)] + ["s"]
@@ -47,9 +58,9 @@ def test_seeded_rows_ignore_the_rest_of_the_batch() -> None:
     assert draws[0] == draws[1]
 
 
-def test_sampling_follows_the_distribution() -> None:
+def test_sampling_follows_the_distribution(keyed: bool) -> None:
     probs = torch.tensor([0.6, 0.3, 0.1, 0.0])
-    sampler = Sampler(torch.device("cpu"), seed=0)
+    sampler = Sampler(torch.device("cpu"), seed=0, keyed=keyed)
     logits = probs.log().expand(4000, -1).contiguous()
     out = torch.tensor(sampler.sample(logits, [SamplingParams()] * 4000, ["x"] * 4000))
     freq = torch.bincount(out, minlength=4).float() / 4000
@@ -100,10 +111,10 @@ def test_min_p_top_k_top_p_match_transformers_warpers() -> None:
         assert torch.equal(got.isfinite(), want.isfinite())
 
 
-def test_min_p_rows_sample_only_kept_tokens() -> None:
+def test_min_p_rows_sample_only_kept_tokens(keyed: bool) -> None:
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log().expand(2000, -1).contiguous()
-    sampler = Sampler(torch.device("cpu"), seed=0)
+    sampler = Sampler(torch.device("cpu"), seed=0, keyed=keyed)
     out = sampler.sample(logits, [SamplingParams(min_p=0.4)] * 2000, ["m"] * 2000)
     freq = torch.bincount(torch.tensor(out), minlength=4).float() / 2000
     # 0.15 and 0.05 are below 0.4 * 0.5: only the first two remain, renormalised.
@@ -111,9 +122,9 @@ def test_min_p_rows_sample_only_kept_tokens() -> None:
     assert abs(freq[0].item() - 0.5 / 0.8) < 0.04
 
 
-def test_logprobs_are_the_models_log_softmax_with_top_alternatives() -> None:
+def test_logprobs_are_the_models_log_softmax_with_top_alternatives(keyed: bool) -> None:
     logits = torch.randn(3, 50)
-    sampler = Sampler(torch.device("cpu"), seed=0)
+    sampler = Sampler(torch.device("cpu"), seed=0, keyed=keyed)
     params = [
         SamplingParams(logprobs=5),
         SamplingParams(temperature=0, logprobs=0),
@@ -129,13 +140,13 @@ def test_logprobs_are_the_models_log_softmax_with_top_alternatives() -> None:
     torch.testing.assert_close(sampled.top_logprobs.double(), top.values, atol=1e-5, rtol=0)
 
 
-def test_greedy_rows_pick_after_bias_and_penalties() -> None:
+def test_greedy_rows_pick_after_bias_and_penalties(keyed: bool) -> None:
     from gpu_engine.sampling import History
 
     logits = torch.zeros(2, 10)
     logits[:, 4] = 3.0
     logits[:, 6] = 2.0
-    sampler = Sampler(torch.device("cpu"), seed=0)
+    sampler = Sampler(torch.device("cpu"), seed=0, keyed=keyed)
     params = [
         SamplingParams(temperature=0, logit_bias={6: 2.0}),
         SamplingParams(temperature=0, frequency_penalty=2.0),
@@ -164,6 +175,50 @@ def test_new_params_are_checked() -> None:
         assert info.value.reason is RefusalReason.INVALID_PARAMS
         assert next(iter(bad)) in str(info.value)
     assert SamplingParams(logit_bias={"7": 1, 2: -3}).logit_bias == ((2, -3.0), (7, 1.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "device",
+    [
+        pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRET, reason="compiled Triton")),
+        pytest.param("cuda", marks=pytest.mark.gpu),
+    ],
+)
+def test_the_keyed_kernel_picks_what_the_torch_path_picks_from_the_same_keys(
+    dtype: torch.dtype, device: str
+) -> None:
+    """sample_keyed (grammar mask, ids past the mask, temperature, greedy rows, in one
+    kernel) against apply_bitmask, softmax and the race with exponential_keyed's E."""
+    from gpu_engine.grammar import apply_bitmask
+    from gpu_engine.kernels.sampling import exponential_keyed, sample_keyed
+
+    gen = torch.Generator().manual_seed(3)
+    rows, vocab, mask_vocab = 12, 300, 270  # 9 mask words: ids 288.. are past the mask
+    logits = torch.randn(rows, vocab, generator=gen) * 2
+    logits[1:3, 295] = 50.0  # an id past the mask, far ahead of the rest
+    keys = torch.randint(-(2**62), 2**62, (rows,), generator=gen)
+    temperature = torch.rand(rows, generator=gen) + 0.3
+    greedy = torch.arange(rows) % 4 == 0
+    words = (mask_vocab + 31) // 32
+    mask = torch.randint(-(2**31), 2**31 - 1, (rows, words), dtype=torch.int32, generator=gen)
+    mask[1] = -1  # no grammar on row 1: the ids past the mask stay allowed there
+    logits, keys, temperature, greedy, mask = (
+        t.to(device) for t in (logits.to(dtype), keys, temperature, greedy, mask)
+    )
+    masked = apply_bitmask(logits.float(), mask)
+    race = (masked / temperature[:, None]).softmax(-1) / exponential_keyed(keys, vocab)
+    want = torch.where(greedy, masked.argmax(-1), race.argmax(-1))
+    got = sample_keyed(logits, keys, temperature, greedy, mask)
+    assert got.tolist() == want.tolist()
+    assert got[1] == 295 and got[2] != 295  # row 2 has a grammar: past the mask is out
+    allowed = (mask[torch.arange(rows), got.clamp(max=287) // 32] >> (got % 32)) & 1
+    assert all(allowed[r] == 1 for r in range(rows) if r != 1)
+    # The same keys give the same picks; other keys other picks (not every row greedy).
+    assert sample_keyed(logits, keys, temperature, greedy, mask).tolist() == got.tolist()
+    assert sample_keyed(logits, keys + 1, temperature, greedy, mask).tolist() != got.tolist()
+    # Greedy without keys: the masked argmax.
+    assert sample_keyed(logits, None, None, None, mask).tolist() == masked.argmax(-1).tolist()
 
 
 @pytest.mark.gpu
@@ -205,7 +260,7 @@ def test_cuda_sampler_matches_the_cpu_reference() -> None:
     assert torch.equal(kept_gpu.isfinite().cpu(), kept_cpu.isfinite())
 
 
-def test_the_sampler_leaves_its_input_alone_in_either_dtype() -> None:
+def test_the_sampler_leaves_its_input_alone_in_either_dtype(keyed: bool) -> None:
     from gpu_engine.sampling import History
 
     params = [SamplingParams(temperature=0, logit_bias={1: 50.0}, presence_penalty=1.0)] * 2
@@ -215,7 +270,7 @@ def test_the_sampler_leaves_its_input_alone_in_either_dtype() -> None:
     for dtype in (torch.float32, torch.bfloat16):
         logits = torch.randn(2, 20).to(dtype)
         before = logits.clone()
-        out = Sampler(torch.device("cpu"), seed=0).sample(
+        out = Sampler(torch.device("cpu"), seed=0, keyed=keyed).sample(
             logits, params, ["a", "b"], histories, mask
         )
         assert torch.equal(logits, before)
