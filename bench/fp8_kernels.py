@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -147,19 +148,21 @@ def gemv_rows(smoke: bool) -> list[str]:
         t_bf16 = bench(partial(F.linear, x, w), smoke)
         timed = []
         for bn, bk in configs:
-            for split in [*splits, None]:
-                run = partial(fp8_gemv, x, w_q, w_s, None, ws, bn, bk, split)
+            for split, pre in itertools.product([*splits, None], (False, True)):
+                run = partial(fp8_gemv, x, w_q, w_s, None, ws, bn, bk, split, pre)
                 err = (run().float() - want).abs().max().item() / want.abs().max().item()
                 if err > 1e-2:
                     raise AssertionError(f"fp8_gemv {name} {bn}x{bk} split {split}: err {err}")
                 auto = split is None
                 used = gemv_split(k, bk) if auto else split
-                timed.append((bench(run, smoke), bn, bk, used, auto))
+                timed.append((bench(run, smoke), bn, bk, used, auto, pre))
         best = sorted(t for t in timed if not t[4])[:3]
-        shown = [t for t in timed if t[4] and (t[1], t[2]) == (GEMV_BLOCK_N, GEMV_BLOCK_K)] + best
-        for t, bn, bk, split, auto in shown:
+        default = (GEMV_BLOCK_N, GEMV_BLOCK_K)
+        shown = [t for t in timed if t[4] and (t[1], t[2]) == default] + best
+        for t, bn, bk, split, auto, pre in shown:
             rows.append(
-                f"| {name} {n}x{k} | {bn}x{bk} split {split}{' (auto)' if auto else ''} | "
+                f"| {name} {n}x{k} | {bn}x{bk} split {split}{' (auto)' if auto else ''}"
+                f"{' prefetch' if pre else ''} | "
                 f"{t_bf16 * 1e3:.1f} | {t * 1e3:.1f} | {n * k / (t * 1e-3) / 1e12:.2f} TB/s | "
                 f"{t_bf16 / t:.2f}x |"
             )

@@ -133,11 +133,12 @@ def _fp8_linear(dt: str, p: str):
         consts = dict(HAS_BIAS=bias, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, UPCAST=False)
         kernel = fp8_gemm._fp8_small_m_kernel
         yield f"fp8 gemm {dt} bias={bias}", sig(kernel, p, consts, {"w_ptr": PF8}), 4, 4
-    for split in (1, 4):  # one program per channel block, or the split-K sum
-        consts = dict(SPLIT=split, HAS_BIAS=True, BLOCK_N=32, BLOCK_K=256)
+    for split, prefetch in ((1, False), (4, False), (1, True), (4, True)):
+        consts = dict(SPLIT=split, HAS_BIAS=True, BLOCK_N=32, BLOCK_K=256, PREFETCH=prefetch)
         types = {"w_ptr": PF8, "ws_ptr": P32, "count_ptr": PI32}
         kernel = fp8_gemm._fp8_gemv_kernel
-        yield f"fp8 gemv {dt} split={split}", sig(kernel, p, consts, types), 4, 4
+        name = f"fp8 gemv {dt} split={split}{' prefetch' if prefetch else ''}"
+        yield name, sig(kernel, p, consts, types), 4, 4
     consts = dict(BLOCK=4096)
     yield f"quant rows {dt}", sig(quant._quantize_rows_kernel, p, consts, {"out_ptr": PF8}), 4, 1
 

@@ -36,6 +36,9 @@ FP8_SMALL_M: bool = os.environ.get("CHATQ_FP8_SMALL_M", "1") != "0"
 # ... and one row (batch-1 decode) the split-K kernel (kernels.fp8_gemm.fp8_gemv);
 # CHATQ_FP8_GEMV=0 leaves it to the choice above.
 FP8_GEMV: bool = os.environ.get("CHATQ_FP8_GEMV", "1") != "0"
+# CHATQ_FP8_GEMV_PREFETCH=1: the GEMV's programs load the next weight tile while they multiply
+# one (an A/B switch until the H100 says which wins).
+FP8_GEMV_PREFETCH: bool = os.environ.get("CHATQ_FP8_GEMV_PREFETCH", "0") == "1"
 
 
 def use_fused(x: torch.Tensor) -> bool:

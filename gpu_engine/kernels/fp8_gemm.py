@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gpu_engine.kernels import INTERPRET
+from gpu_engine.kernels import FP8_GEMV_PREFETCH, INTERPRET
 from gpu_engine.kernels.fp8_math import e4m3_scale, to_e4m3
 
 MAX_ROWS = 16
@@ -130,12 +130,24 @@ def _fp8_gemv_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     k = tl.arange(0, BLOCK_K)
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
+    w_rows = w_ptr + n[:, None].to(tl.int64) * stride_w
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    if PREFETCH:
+        # The first weight tile is asked for before x's scale is computed, and each step
+        # asks for the next tile before it multiplies: a load in flight while one computes.
+        w_next = tl.load(
+            w_rows + k_start + k[None, :],
+            mask=n_mask[:, None] & (k_start + k < k_end)[None, :],
+            other=0.0,
+        )
     # The row's scale needs its whole absolute maximum: x is one row, read from L2.
     amax = tl.zeros([BLOCK_K], tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -143,14 +155,20 @@ def _fp8_gemv_kernel(
         amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
     x_scale, x_inv = e4m3_scale(tl.max(amax, 0))
     acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    w_rows = w_ptr + n[:, None].to(tl.int64) * stride_w
-    k_start = pid_k * K_PER_SPLIT
-    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     for k0 in range(k_start, k_end, BLOCK_K):
         k_mask = k0 + k < k_end
         x = tl.load(x_ptr + k0 + k, mask=k_mask, other=0.0)
         xq = to_e4m3(x.to(tl.float32), x_inv).to(tl.float32)
-        w = tl.load(w_rows + k0 + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
+        if PREFETCH:
+            w = w_next
+            k1 = k0 + BLOCK_K
+            w_next = tl.load(
+                w_rows + k1 + k[None, :],
+                mask=n_mask[:, None] & (k1 + k < k_end)[None, :],
+                other=0.0,
+            )
+        else:
+            w = tl.load(w_rows + k0 + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         acc += w.to(tl.float32) * xq[None, :]  # e4m3 x e4m3 products are exact in fp32
     part = tl.sum(acc, 1) * x_scale * tl.load(w_scale_ptr + n, mask=n_mask, other=0.0)
     if SPLIT > 1:
@@ -205,12 +223,14 @@ def fp8_gemv(
     block_n: int = GEMV_BLOCK_N,
     block_k: int = GEMV_BLOCK_K,
     split: int | None = None,
+    prefetch: bool | None = None,
 ) -> torch.Tensor:
     """One row: x [1, K] (bf16 or fp32, contiguous), weight [N, K] e4m3, weight_scale [N] fp32,
     bias [N] or None -> [1, N] in x's dtype, the per-token-quantized product of
     ``fp8_small_m_linear``. Batch-1 decode only streams the weights: programs own
     ``block_n`` channels of one of ``split`` K ranges (``gemv_split``: long inputs are split
-    so their programs stream shorter rows)."""
+    so their programs stream shorter rows); ``prefetch``: each program loads the next
+    weight tile while it multiplies one (default: ``FP8_GEMV_PREFETCH``)."""
     m, k = x.shape
     n = weight.shape[0]
     if m != 1 or not x.is_contiguous() or not weight.is_contiguous():
@@ -238,6 +258,7 @@ def fp8_gemv(
         HAS_BIAS=bias is not None,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        PREFETCH=FP8_GEMV_PREFETCH if prefetch is None else prefetch,
         num_warps=4,
         num_stages=4,
     )

@@ -203,13 +203,17 @@ def test_fused_small_m_kernel_matches_the_reference(m: int, n: int, k: int, bias
     assert y.dtype == dtype and err < (1e-2 if CUDA else 1e-6), err
 
 
+@pytest.mark.parametrize("prefetch", [False, True], ids=["plain", "prefetch"])
 @pytest.mark.parametrize(
     ("n", "k", "split", "bias"), [(48, 256, 1, True), (40, 272, 3, False), (96, 512, 4, True)]
 )
-def test_split_k_gemv_matches_the_reference(n: int, k: int, split: int, bias: bool) -> None:
+def test_split_k_gemv_matches_the_reference(
+    n: int, k: int, split: int, bias: bool, prefetch: bool
+) -> None:
     """The batch-1 kernel (interpreted on the CPU): split over K, the last program of each
     channel block sums the parts; the same product as quantize_rows and the fp32 product of
-    the e4m3 operands, twice in a row (each call leaves its workspace at zero)."""
+    the e4m3 operands, twice in a row (each call leaves its workspace at zero); with and
+    without the next weight tile loaded ahead."""
     from gpu_engine.kernels.fp8_gemm import fp8_gemv, gemv_workspace
 
     gen = _gen()
@@ -223,7 +227,7 @@ def test_split_k_gemv_matches_the_reference(n: int, k: int, split: int, bias: bo
         want = want + b.double()
     workspace = gemv_workspace(n, x.device)
     for _ in range(2):
-        y = fp8_gemv(x, w_q, w_s, b, workspace, block_n=16, block_k=64, split=split)
+        y = fp8_gemv(x, w_q, w_s, b, workspace, 16, 64, split, prefetch)
         err = float((y.double() - want).norm() / want.norm())
         assert y.dtype == dtype and err < (1e-2 if CUDA else 1e-6), err
         assert not workspace[0].any() and not workspace[1].any()
