@@ -57,7 +57,8 @@ class _BatchPlan:
     top_k: torch.Tensor | None = None  # [N] int64, or None when no row filters by top-k
     top_p: torch.Tensor | None = None  # [N] float32, or None when no row filters by top-p
     min_p: torch.Tensor | None = None  # [N] float32, or None when no row uses min_p
-    seeded: tuple[tuple[int, str, int], ...] = ()  # (row, request id, seed)
+    # (row, request id, seed, tokens the request generated before it was resumed here)
+    seeded: tuple[tuple[int, str, int, int], ...] = ()
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     penalties: bool = False  # some row has a repetition / presence / frequency penalty
     num_logprobs: int | None = None  # the most top logprobs any row asks for
@@ -172,27 +173,31 @@ class Sampler:
         return Drawn(plan, None if lazy else self._noise(plan, len(params), vocab, device))
 
     def _keys(self, plan: _BatchPlan, rows: int, device: torch.device) -> torch.Tensor:
-        """One Philox key per row: seeded rows from (seed, draws so far by the request),
-        the others from (the engine's stream, this draw, the row)."""
+        """One Philox key per row: seeded rows from (seed, the request's draws so far),
+        the others from (the engine's stream, this draw, the row). A resumed request counts
+        the tokens it generated before (one draw each), so it goes on with the draws an
+        uninterrupted run would have made."""
         self._num_draws += 1
         counters = (np.uint64(self._num_draws) << np.uint64(24)) + np.arange(rows, dtype=np.uint64)
         keys = _splitmix64(counters ^ self._stream_key)
         if plan.seeded:
-            rows_s = [i for i, _, _ in plan.seeded]
-            seeds = np.array([seed & _U64 for _, _, seed in plan.seeded], dtype=np.uint64)
-            counts = np.array([self._count_draw(rid) for _, rid, _ in plan.seeded], np.uint64)
+            rows_s = [i for i, _, _, _ in plan.seeded]
+            seeds = np.array([seed & _U64 for _, _, seed, _ in plan.seeded], dtype=np.uint64)
+            counts = np.array(
+                [self._count_draw(rid, first) for _, rid, _, first in plan.seeded], np.uint64
+            )
             keys[rows_s] = _splitmix64(_splitmix64(seeds) + counts)
         return _array_to_device(keys.view(np.int64), device)
 
-    def _count_draw(self, request_id: str) -> int:
-        n = self._request_draws.get(request_id, 0)
+    def _count_draw(self, request_id: str, first: int) -> int:
+        n = self._request_draws.get(request_id, first)
         self._request_draws[request_id] = n + 1
         return n
 
     def _noise(self, plan: _BatchPlan, rows: int, vocab: int, device: torch.device) -> torch.Tensor:
         noise = torch.empty(rows, vocab, dtype=torch.float32, device=device)
         noise.exponential_(generator=self.generator)
-        for i, request_id, seed in plan.seeded:
+        for i, request_id, seed, _ in plan.seeded:
             noise[i].exponential_(generator=self.generator_for(request_id, seed))
         return noise
 
@@ -340,7 +345,7 @@ def _random_plan(
         if any(p.min_p > 0.0 for p in params)
         else None,
         seeded=tuple(
-            (i, request_ids[i], p.seed)
+            (i, request_ids[i], p.seed, p.num_resumed_tokens)
             for i, p in enumerate(params)
             if p.seed is not None and not p.greedy
         ),

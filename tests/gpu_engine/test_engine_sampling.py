@@ -127,3 +127,26 @@ def test_a_resumed_answer_keeps_its_penalties(llm: Any) -> None:
     )  # fmt: skip
     [rest] = llm.generate([prompt + head], resumed)
     assert head + rest.token_ids == whole.token_ids
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["generators", "keyed"])
+def test_a_resumed_seeded_answer_goes_on_with_its_draws_when_keyed(
+    llm: Any, keyed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keyed draws (CUDA's default; interpreted here) count a resumed request's earlier
+    tokens, so its continuation is what the uninterrupted run sampled; a per-request
+    generator restarts from the seed (docs/reliability.md), so there it differs."""
+    from gpu_engine.kernels import INTERPRET
+
+    if keyed and not INTERPRET:
+        pytest.skip("the keyed kernels take CPU tensors only under Triton's interpreter")
+    monkeypatch.setattr(llm.engine.model_runner.sampler, "keyed", keyed)
+    prompt = [31, 32, 33]
+    params = SamplingParams(temperature=1.5, max_tokens=16, ignore_eos=True, seed=11)
+    [whole] = llm.generate([prompt], params)
+    head = whole.token_ids[:6]
+    resumed = SamplingParams(
+        temperature=1.5, max_tokens=10, ignore_eos=True, seed=11, num_resumed_tokens=6
+    )
+    [rest] = llm.generate([prompt + head], resumed)
+    assert (head + rest.token_ids == whole.token_ids) is keyed
