@@ -22,7 +22,7 @@ import signal
 import time
 from dataclasses import dataclass
 
-from testkit.chaos.cluster import ChaosCluster
+from testkit.chaos.cluster import ChaosCluster, ChaosWorker
 
 KINDS = (
     "kill_worker", "kill_host", "pause_worker", "kill_redis", "client_pause", "net_delay",
@@ -40,6 +40,11 @@ class Fault:
     target: str
     at_s: float
     duration_s: float
+    # Monotonic, just before it is applied: what was acknowledged earlier happened before
+    # the fault (a rollback's snapshot holds it). ``began_s`` is noted only once applying it
+    # has returned, which under load can be well after it took effect, so a write
+    # acknowledged before ``began_s`` may still be one the fault lost.
+    applying_s: float | None = None
     began_s: float | None = None  # monotonic, once applied
     ended_s: float | None = None  # monotonic, once healed
 
@@ -74,20 +79,23 @@ class Nemesis:
         t0 = time.monotonic()
         for fault in faults:
             await asyncio.sleep(max(0.0, t0 + fault.at_s - time.monotonic()))
+            fault.applying_s = time.monotonic()
             await asyncio.to_thread(self._begin, fault)
             fault.began_s = time.monotonic()
             await asyncio.sleep(fault.duration_s)
             await asyncio.to_thread(self._end, fault)
             fault.ended_s = time.monotonic()
 
+    def _worker(self, fault: Fault) -> ChaosWorker:
+        return self.cluster.workers[fault.target]
+
     def _begin(self, fault: Fault) -> None:
-        worker = self.cluster.workers[fault.target]
         if fault.kind == "kill_worker":
-            worker.kill9()
+            self._worker(fault).kill9()
         elif fault.kind == "kill_host":
             os.kill(self._host_pid(fault.target), signal.SIGKILL)
         elif fault.kind == "pause_worker":
-            worker.signal_all(signal.SIGSTOP)
+            self._worker(fault).signal_all(signal.SIGSTOP)
         elif fault.kind == "kill_redis":
             self.cluster.redis_server.kill()
         elif fault.kind == "client_pause":
@@ -104,9 +112,9 @@ class Nemesis:
             finally:
                 r.close()
         elif fault.kind == "net_delay":
-            worker.proxy.delay_s = NET_DELAY_S
+            self._worker(fault).proxy.delay_s = NET_DELAY_S
         elif fault.kind == "net_partition":
-            worker.proxy.partition()
+            self._worker(fault).proxy.partition()
         else:
             raise ValueError(f"unknown fault kind {fault.kind!r}")
 
@@ -122,19 +130,19 @@ class Nemesis:
         raise RuntimeError(f"{name} has no host process 1 (host_processes >= 2 needed)")
 
     def _end(self, fault: Fault) -> None:
-        worker = self.cluster.workers[fault.target]
         if fault.kind in ("kill_worker", "kill_host"):
-            if fault.kind == "kill_host" and worker.proc is not None:
-                worker.proc.wait(30)  # the other processes end with it
+            proc = self._worker(fault).proc
+            if fault.kind == "kill_host" and proc is not None:
+                proc.wait(30)  # the other processes end with it
             self.cluster.respawn(fault.target)
         elif fault.kind == "pause_worker":
-            worker.signal_all(signal.SIGCONT)
+            self._worker(fault).signal_all(signal.SIGCONT)
         elif fault.kind == "kill_redis":
             self.cluster.redis_server.restart()
         elif fault.kind == ROLLBACK:
             self.cluster.redis_server.appendfsync = None
             self.cluster.redis_server.restart()
         elif fault.kind == "net_delay":
-            worker.proxy.delay_s = 0.0
+            self._worker(fault).proxy.delay_s = 0.0
         elif fault.kind == "net_partition":
-            worker.proxy.heal()
+            self._worker(fault).proxy.heal()
