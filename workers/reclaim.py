@@ -18,7 +18,9 @@ TTL (:meth:`Reclaimer.healthy_for_s`: its own beats landing promptly and on time
 gap — a failed beat, a slow one, or its own process stalled, as a long GC pause or SIGSTOP
 would — starts the count again), by when every live worker has beaten again; and only from
 a read of the heartbeats that Redis answered promptly (a pause that catches the reclaim
-rather than a beat breaks the count as well).
+rather than a beat breaks the count as well). A Redis restarted from older data (a snapshot,
+a lagging replica) may have lost every heartbeat without any beat failing: RECLAIM checks the
+claimer's own heartbeat too, and its absence starts the count again.
 
 The worker calls these plain async methods from its one loop; nothing here runs its own loop.
 """
@@ -321,7 +323,7 @@ class Reclaimer:
         claimed: list[ClaimedEntry] = []
         for stream, consumers in by_lane.items():
             for name in consumers:
-                if name in dead:
+                if name in dead and self.may_reclaim():  # a claim may find Redis rolled back
                     claimed += await self._claim_from(model, stream, name)
         now_s = time.monotonic()
         if now_s - self._last_sweep_s.get(model, 0.0) >= self.sweep_interval_s:
@@ -397,9 +399,14 @@ class Reclaimer:
         if not self._has_beaten:
             # Without our own heartbeat, peers would judge us dead and take the claims back.
             raise WorkerError("beat() or register() before claiming entries")
+        partition = self.keys.partition_in(stream)
         try:
             reply = await self._reclaim(
-                keys=[stream, self.keys.heartbeat(owner, self.keys.partition_in(stream))],
+                keys=[
+                    stream,
+                    self.keys.heartbeat(owner, partition),
+                    self.keys.heartbeat(self.worker, partition),
+                ],
                 args=[GROUP, owner, self.worker, self.batch, "1" if own else "0"],
             )
         except ResponseError as err:
@@ -410,6 +417,12 @@ class Reclaimer:
             raise
         if int(reply[0]) == -1:
             return []  # it beat again in the meantime: alive
+        if int(reply[0]) == -2:
+            # Our own beat is gone though we beat on time: Redis lost writes (restarted from
+            # older data), every heartbeat may have gone with it. Count again from now.
+            self._healthy_since_s = time.monotonic()
+            self.reclaims_held_back += 1
+            return []
         removed, rows = bool(int(reply[0])), reply[1]
         claimed_ms = _now_ms()
         out: list[ClaimedEntry] = []

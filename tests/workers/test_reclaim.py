@@ -96,11 +96,13 @@ async def test_dead_workers_entries_are_claimed_and_time_is_measured(
     assert await live.reclaim(MODEL) == []
     assert await pending_of(redis_client, "w-dead") == taken
 
-    # w-dead stops beating (killed); the live worker polls reclaim like its loop would.
+    # w-dead stops beating (killed); the live worker beats and polls reclaim like its loop
+    # would (a reclaimer whose own heartbeat is gone claims nothing).
     start = time.monotonic()
     claimed: list[ClaimedEntry] = []
     while not claimed and time.monotonic() - start < 30:  # eventual: the TTL runs out
         await asyncio.sleep(0.05)
+        await live.beat({})
         claimed = await live.reclaim(MODEL)
     assert [c.entry_id for c in claimed] == taken
     assert all(c.delivery_count == 2 and c.stream == LANE for c in claimed)
@@ -342,7 +344,9 @@ async def test_no_reclaim_until_redis_was_seen_healthy_for_a_ttl(
         assert await pending_of(redis_client, "w-holder") == taken
         # A holder that really stopped beating is claimed once Redis was seen healthy.
         beating.cancel()
-        await asyncio.sleep(FAST_TTL_S * 1.5)
+        for _ in range(6):  # 1.5 TTLs of the reclaimer's own beats
+            await rec.beat({})
+            await asyncio.sleep(FAST_TTL_S / 4)
         claimed = await rec.reclaim(MODEL)
         assert [c.entry_id for c in claimed] == taken
     finally:
@@ -387,3 +391,33 @@ async def test_a_reclaimer_that_stalled_waits_a_ttl_before_claiming(redis_client
     time.sleep(FAST_TTL_S)  # the loop blocked: no beat for a whole TTL
     await rec.beat({})
     assert not rec.may_reclaim() and rec.healthy_for_s() < FAST_TTL_S
+
+
+async def test_a_redis_that_lost_the_heartbeats_gets_no_reclaim_until_seen_healthy(
+    redis_url: str, redis_client: Any
+) -> None:
+    """Redis restarted from a snapshot older than the heartbeat TTL: every heartbeat in it
+    has expired, the live holder's and the reclaimer's own, though no beat of either failed
+    (the restart fell between beats). RECLAIM finds the reclaimer's own heartbeat missing
+    and claims nothing; the count of healthy time starts again, and only a holder still
+    without a heartbeat after it is claimed."""
+    await make_lanes(redis_client)
+    await submit(redis_url, 2)
+    holder = Reclaimer(redis_client, KEYS, "w-holder")  # the default TTL: it stays live
+    await holder.beat({})
+    taken = await deliver(redis_client, "w-holder", 2)
+    rec = await healthy(Reclaimer(redis_client, KEYS, "w-rec", heartbeat_ttl_s=FAST_TTL_S))
+    # The rollback: both heartbeat keys gone at once, with no failed beat on either side.
+    await redis_client.delete(KEYS.heartbeat("w-holder"), KEYS.heartbeat("w-rec"))
+    assert rec.may_reclaim()  # nothing the reclaimer saw itself says Redis was away
+    assert await rec.reclaim(MODEL) == []
+    assert not rec.may_reclaim() and rec.reclaims_held_back == 1
+    assert await pending_of(redis_client, "w-holder") == taken
+    await holder.beat({})  # the live holder beats again within the reclaimer's TTL count
+    await healthy(rec)
+    assert await rec.reclaim(MODEL) == []
+    assert await pending_of(redis_client, "w-holder") == taken
+    # A holder that really is gone is claimed once the reclaimer saw Redis healthy again.
+    await redis_client.delete(KEYS.heartbeat("w-holder"))
+    claimed = await rec.reclaim(MODEL)
+    assert [c.entry_id for c in claimed] == taken

@@ -85,7 +85,7 @@ def test_worker_scripts_touch_one_slot() -> None:
     for p in range(P):
         lanes = KEYS.request_lanes("tiny", p)
         _one_slot(lanes)  # PULL
-        _one_slot([lanes[0], KEYS.heartbeat("w1", p)])  # RECLAIM
+        _one_slot([lanes[0], KEYS.heartbeat("w1", p), KEYS.heartbeat("w2", p)])  # RECLAIM
         _one_slot([KEYS.heartbeat("w1", p), KEYS.served(p)])  # BEAT
         _one_slot([lanes[1], KEYS.backlog("tiny", p), KEYS.totals(p)])  # PURGE
         for rid in _ids(p, 5):
