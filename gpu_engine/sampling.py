@@ -82,11 +82,16 @@ class Drawn(NamedTuple):
 class Sampler:
     """Turns a step's logits into tokens: logit bias, penalties, the grammar mask, then
     greedy or temperature / top-k / top-p / min_p sampling (see ``SamplingParams``).
-    ``keyed``: draw E from Philox keys (see the module's doc); default: on CUDA."""
+    ``keyed``: draw E from Philox keys (see the module's doc); default: on CUDA unless
+    ``CHATQ_KEYED_SAMPLING=0``."""
 
     def __init__(self, device: torch.device, seed: int, keyed: bool | None = None) -> None:
         self.device = device
-        self.keyed = device.type == "cuda" if keyed is None else keyed
+        if keyed is None:
+            from gpu_engine.kernels import KEYED_SAMPLING
+
+            keyed = device.type == "cuda" and KEYED_SAMPLING
+        self.keyed = keyed
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         self._request_generators: dict[str, torch.Generator] = {}

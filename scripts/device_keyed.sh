@@ -2,7 +2,8 @@
 # One device call for issue 19's keyed sampling and issue 21's GEMV prefetch (first run
 # 2026-12-07), most important first, each part under its own time limit so a short lease
 # still brings back the first ones:
-#   1. bench/structured.py --phases: constrained vs free tokens/s, host ms per step;
+#   1. bench/structured.py --phases: constrained vs free tokens/s, host ms per step; then the
+#      same without keyed sampling (CHATQ_KEYED_SAMPLING=0: the generators and torch ops);
 #   2. the gpu-marked tests of the sampler, grammars, engine and FP8 linears (keyed draws and
 #      the fused sampling kernel are CUDA's default);
 #   3. bench/fp8_kernels.py --parts gemv: the batch-1 FP8 GEMV with and without prefetch;
@@ -20,6 +21,10 @@ echo "== structured $(($(date +%s) - t0))s"
 timeout "${T1:-150}" python3 bench/structured.py --out /tmp/chatq-st --tokenizer .cache/tok-smollm2 \
   --batch 64 --requests 256 --max-tokens 256 --rounds 3 --phases 2>&1 \
   | grep -v -E "leaked|skipped remainder|nanobind|refleaks" | tail -18
+echo "== structured, generators (CHATQ_KEYED_SAMPLING=0) $(($(date +%s) - t0))s"
+CHATQ_KEYED_SAMPLING=0 timeout "${T1B:-120}" python3 bench/structured.py --out /tmp/chatq-st \
+  --tokenizer .cache/tok-smollm2 --batch 64 --requests 256 --max-tokens 256 --rounds 3 \
+  2>&1 | grep -E "^(mode|free|json)"
 echo "== sampler tests $(($(date +%s) - t0))s"
 timeout "${T2:-120}" python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu \
   tests/gpu_engine/test_sampling.py tests/gpu_engine/test_grammar.py \

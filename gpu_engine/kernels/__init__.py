@@ -41,6 +41,11 @@ FP8_GEMV: bool = os.environ.get("CHATQ_FP8_GEMV", "1") != "0"
 FP8_GEMV_PREFETCH: bool = os.environ.get("CHATQ_FP8_GEMV_PREFETCH", "0") == "1"
 
 
+# CUDA samplers draw from Philox keys and sample in one kernel (kernels.sampling);
+# CHATQ_KEYED_SAMPLING=0 keeps them on per-request torch.Generators and torch ops (A/B).
+KEYED_SAMPLING: bool = os.environ.get("CHATQ_KEYED_SAMPLING", "1") != "0"
+
+
 def use_fused(x: torch.Tensor) -> bool:
     return FUSED_KERNELS and x.is_cuda
 
