@@ -124,6 +124,7 @@ class ModelRunner:
         )
         self.block_size = self._block_size()
         self.sampler = Sampler(self.device, config.seed)
+        self.sampler.warm_up(self.arch.vocab_size, self.dtype)  # keyed kernels compiled now
         # The last launched step's sampled tokens, on the device: the next step's input ids
         # may refer to them by placeholder before they reach the host (resolve_pending).
         self.last_tokens = torch.zeros(

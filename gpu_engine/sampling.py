@@ -119,6 +119,26 @@ class Sampler:
         """Seeded requests whose random stream this sampler holds (until ``release``)."""
         return len(self._request_generators) + len(self._request_draws)
 
+    def warm_up(self, vocab: int, dtype: torch.dtype) -> None:
+        """Compile the keyed kernels for this model's logits (their dtype and fp32, with and
+        without a grammar mask, random and greedy rows) before a request waits on it; a
+        no-op unless keyed."""
+        if not self.keyed:
+            return
+        from gpu_engine.kernels.sampling import exponential_keyed, sample_keyed
+
+        dev = self.device
+        keys = torch.zeros(1, dtype=torch.int64, device=dev)
+        temperature = torch.ones(1, dtype=torch.float32, device=dev)
+        greedy = torch.zeros(1, dtype=torch.bool, device=dev)
+        mask = torch.full((1, (vocab + 31) // 32), -1, dtype=torch.int32, device=dev)
+        for logits_dtype in {dtype, torch.float32}:
+            logits = torch.zeros(1, vocab, dtype=logits_dtype, device=dev)
+            for bitmask in (None, mask):
+                sample_keyed(logits, keys, temperature, greedy, bitmask)
+                sample_keyed(logits, None, None, None, bitmask)
+        exponential_keyed(keys, vocab)
+
     def sample(
         self,
         logits: torch.Tensor,

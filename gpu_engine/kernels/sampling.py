@@ -37,7 +37,9 @@ def _cleared_words(mask_ptr, stride_m, rows, row_ok, mask_words, WORD_BLOCK: tl.
     return clear
 
 
-@triton.jit
+# Sizes and strides are not specialized on: one compiled variant per dtype and flags serves
+# every batch, so the warm-up at load (``Sampler.warm_up``) compiles all a server needs.
+@triton.jit(do_not_specialize=["stride_l", "n_rows", "vocab", "stride_m", "mask_words"])
 def _sample_keyed_kernel(
     logits_ptr,
     stride_l,
@@ -91,7 +93,7 @@ def _sample_keyed_kernel(
     tl.store(out_ptr + row_ids, best_idx.to(tl.int64), mask=row_ids < n_rows)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_o", "n_rows", "vocab"])
 def _exponential_keyed_kernel(
     keys_ptr, out_ptr, stride_o, n_rows, vocab, ROWS: tl.constexpr, BLOCK: tl.constexpr
 ):

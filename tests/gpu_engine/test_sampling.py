@@ -275,3 +275,25 @@ def test_the_sampler_leaves_its_input_alone_in_either_dtype(keyed: bool) -> None
         )
         assert torch.equal(logits, before)
         assert out[0] == 1 and out[1] != 1
+
+
+def test_the_warm_up_compiles_the_keyed_kernels_and_is_a_no_op_otherwise(
+    keyed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A keyed sampler runs each keyed kernel variant once at warm-up (the model's dtype and
+    fp32, random and greedy, with and without a mask: interpreted here); a generator sampler
+    runs none."""
+    from gpu_engine.kernels import sampling as kernels
+
+    calls: list[tuple[bool, bool, torch.dtype]] = []
+    real = kernels.sample_keyed
+
+    def counted(logits, keys, temperature, greedy, bitmask):  # type: ignore[no-untyped-def]
+        calls.append((keys is not None, bitmask is not None, logits.dtype))
+        return real(logits, keys, temperature, greedy, bitmask)
+
+    monkeypatch.setattr(kernels, "sample_keyed", counted)
+    Sampler(torch.device("cpu"), seed=0, keyed=keyed).warm_up(300, torch.bfloat16)
+    want = {(r, m, d) for r in (True, False) for m in (True, False)
+            for d in (torch.bfloat16, torch.float32)}  # fmt: skip
+    assert set(calls) == (want if keyed else set())
