@@ -16,9 +16,11 @@ whose logprobs do not match its tokens ends what can be resumed from, as a gap d
 A request for n > 1 answers is resumed answer by answer: each chunk names its answer
 (``Chunk.choice``), each answer goes on from its own tokens.
 
-What the chunks do not carry is the random generator of a seeded request: the continuation
-restarts it from the seed, so a resumed seeded answer is not the one an uninterrupted run
-would have given (greedy answers are, as far as the engine's batch numerics are).
+What the chunks do not carry is the random generator of a seeded request: on a CPU engine the
+continuation restarts it from the seed, so a resumed seeded answer is not the one an
+uninterrupted run would have given (greedy answers are, as far as the engine's batch numerics
+are). A CUDA engine's keyed draws count the resumed tokens (``num_resumed_tokens``), so there
+the continuation makes the draws the uninterrupted run would have made.
 """
 
 from __future__ import annotations
