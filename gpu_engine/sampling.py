@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from gpu_engine.grammar import apply_bitmask
-from gpu_engine.penalties import apply_logit_bias, apply_penalties, logit_bias_tensors
+from gpu_engine.penalties import apply_logit_bias, apply_penalties, logit_bias_tensors, staged
 from gpu_engine.sequence import SamplingParams
 
 
@@ -212,7 +212,7 @@ class Sampler:
                 [self._count_draw(rid, first) for _, rid, _, first in plan.seeded], np.uint64
             )
             keys[rows_s] = _splitmix64(_splitmix64(seeds) + counts)
-        return _array_to_device(keys.view(np.int64), device)
+        return staged(torch.from_numpy(keys.view(np.int64)), device)
 
     def _count_draw(self, request_id: str, first: int) -> int:
         n = self._request_draws.get(request_id, first)
@@ -337,13 +337,6 @@ def _splitmix64(x: np.ndarray) -> np.ndarray:
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return x ^ (x >> np.uint64(31))
-
-
-def _array_to_device(values: np.ndarray, device: torch.device) -> torch.Tensor:
-    t = torch.from_numpy(values)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def needs_history(params: SamplingParams) -> bool:
