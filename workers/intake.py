@@ -153,7 +153,7 @@ class Intake:
         while not self.stopping.is_set():
             try:
                 await self._round()
-                if self._prefetch is None and time.monotonic() >= self._next_reconcile_s:
+                if self._prefetch is None and self._reconcile_due():
                     await self.reconcile()
             except (RedisConnectionError, RedisTimeoutError) as err:
                 if being_cancelled():
@@ -172,6 +172,9 @@ class Intake:
         await self.lanes.close()
         if entries:
             await self.process(entries)
+
+    def _reconcile_due(self) -> bool:
+        return time.monotonic() >= self._next_reconcile_s
 
     async def _settle_prefetch(self) -> list[Entry]:
         task, self._prefetch = self._prefetch, None
@@ -207,10 +210,12 @@ class Intake:
         if not entries:
             return
         self.metrics.pulled += len(entries)
-        if full and not self.stopping.is_set():
+        if full and not self.stopping.is_set() and not self._reconcile_due():
             # More is queued: the next round's pull flies while this one is processed (its
             # Redis round trip hidden behind the CPU work), sized as if this round were
-            # admitted already; at most two rounds are in the worker unprocessed.
+            # admitted already; at most two rounds are in the worker unprocessed. Not when
+            # a reconcile is due: it waits for a round with no pull in flight, and under a
+            # backlog every round would otherwise start one.
             n_next = min(self.admission.pull_count() - len(entries), MAX_PULL_PER_ROUND)
             if n_next > 0:
                 self._prefetch_count = n_next

@@ -1,7 +1,9 @@
-"""Intake's pieces: prompt building with the model's chat template, id salvage for errors."""
+"""Intake's pieces: prompt building with the model's chat template, id salvage for errors;
+and a real worker's intake under a backlog."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -9,9 +11,15 @@ from typing import Any
 import msgpack
 import pytest
 
+from producer.client import ChatClient
 from producer.contract.codec import make_envelope, salvage_request_id
+from producer.contract.keys import GROUP, Keys
 from producer.contract.limits import DEFAULT_LIMITS
+from tests.workers.conftest import MODEL, ThreadWorker, tiny_settings
 from workers.prompts import PromptBuilder
+
+KEYS = Keys()
+USER = [{"role": "user", "content": "Where is my order?"}]
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +91,50 @@ def test_salvage_request_id() -> None:
     assert salvage_request_id(b"\xc1garbage", DEFAULT_LIMITS) is None
     assert salvage_request_id(msgpack.packb([1, 2]), DEFAULT_LIMITS) is None
     assert salvage_request_id(None, DEFAULT_LIMITS) is None
+
+
+async def test_a_worker_whose_every_pull_is_full_still_reconciles_on_time(
+    redis_server: Any, redis_client: Any, tiny_checkpoint: Callable[..., Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Under a backlog every round's pull comes back full and starts the next one; reconcile
+    used to wait for a round with no pull in flight, i.e. for the backlog to be pulled. An
+    entry made pending on the worker behind its back (a lost XREADGROUP reply) must be
+    re-handled while the backlog is still being pulled. One entry per pull and room for
+    every request keep each round full (production: 256 per pull, a large engine)."""
+    import workers.intake
+
+    monkeypatch.setattr(workers.intake, "MAX_PULL_PER_ROUND", 1)
+    settings = tiny_settings(
+        redis_server.url, tiny_checkpoint("llama"), name="tw-full", max_num_seqs=8,
+        max_inflight_factor=1000.0, headroom_tokens=10**8, reconcile_interval_s=0.3,
+    )  # fmt: skip
+    async with ChatClient(redis_server.url, allow_unserved=True) as client:
+        ids = await client.submit_many([USER] * BACKLOG, model=MODEL, max_tokens=1)
+    handle = ThreadWorker(settings).start()
+    try:
+        async with ChatClient(redis_server.url) as client:
+            # The next undelivered entry, pending on the worker's consumer without its knowing.
+            lane = KEYS.requests(MODEL, "normal")
+            taken = await redis_client.xreadgroup(GROUP, "tw-full", {lane: ">"}, count=1)
+            assert taken and taken[0][1], "the backlog was pulled before the test took one"
+            metrics = handle.worker.metrics
+            pulled_at_reconcile = await _pulled_when_reconciled(metrics, timeout_s=120)
+            await client.results_many(ids, timeout_s=180)
+    finally:
+        handle.stop()
+    # Without the fix it is BACKLOG - 1: nothing was reconciled until the backlog was pulled.
+    assert pulled_at_reconcile < BACKLOG // 2, pulled_at_reconcile
+
+
+BACKLOG = 1000  # one submit_many call
+
+
+async def _pulled_when_reconciled(metrics: Any, timeout_s: float) -> int:
+    """The worker's count of pulled entries when it first reconciles one."""
+    for _ in range(int(timeout_s / 0.002)):
+        pulled = metrics.pulled
+        if metrics.reconciled:
+            return int(pulled)
+        await asyncio.sleep(0.002)
+    raise AssertionError("the worker never reconciled the entry")
