@@ -22,6 +22,8 @@ import triton.language as tl
 from gpu_engine.kernels import INTERPRET
 
 BLOCK_V = 2048  # vocabulary tile of one iteration
+# Grammar-mask words read at once (checking which rows are constrained).
+WORD_BLOCK: tl.constexpr = tl.constexpr(1024)
 
 
 @triton.jit
@@ -68,7 +70,7 @@ def _sample_keyed_kernel(
         inv_t = 1.0 / tl.load(temperature_ptr + rows, mask=row_ok, other=1.0)
     if MASKED:
         # Ids past the mask (a padded vocabulary) are allowed only on unconstrained rows.
-        tail_allowed = _cleared_words(mask_ptr, stride_m, rows, row_ok, mask_words, 1024) == 0
+        tail_allowed = _cleared_words(mask_ptr, stride_m, rows, row_ok, mask_words, WORD_BLOCK) == 0
     best = tl.full((ROWS,), -float("inf"), tl.float32)
     best_idx = tl.zeros((ROWS,), tl.int32)
     for start in range(0, vocab, BLOCK):
@@ -108,10 +110,11 @@ def _exponential_keyed_kernel(
 
 def _rows_per_program(rows: int, block: int) -> int:
     """1 on the GPU (a row per program: parallel enough, one reduction per row); under the
-    interpreter as many as keep a tile near 64k values."""
+    interpreter as many as keep a tile (a vocabulary block or the mask words read at once)
+    near 64k values."""
     if not INTERPRET:
         return 1
-    return max(1, min(triton.next_power_of_2(rows), (1 << 16) // block))
+    return max(1, min(triton.next_power_of_2(rows), (1 << 16) // max(block, WORD_BLOCK.value)))
 
 
 def sample_keyed(
