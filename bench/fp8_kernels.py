@@ -117,7 +117,11 @@ def linear_rows(smoke: bool) -> list[str]:
     return rows
 
 
-GEMV_CONFIGS = [(16, 256), (32, 256), (32, 512), (64, 256)]
+# (block_n, block_k, num_warps); the tiles past 16k values accumulate per step (ACC_1D).
+GEMV_CONFIGS = [
+    (16, 256, 4), (32, 256, 4), (32, 512, 4), (64, 256, 4), (32, 512, 8),
+    (16, 1024, 4), (16, 1024, 8), (32, 1024, 8), (16, 2048, 8), (8, 2048, 4),
+]  # fmt: skip
 
 
 def gemv_rows(smoke: bool) -> list[str]:
@@ -127,6 +131,7 @@ def gemv_rows(smoke: bool) -> list[str]:
     from gpu_engine.kernels.fp8_gemm import (
         GEMV_BLOCK_K,
         GEMV_BLOCK_N,
+        GEMV_WARPS,
         fp8_gemv,
         gemv_split,
         gemv_workspace,
@@ -136,7 +141,7 @@ def gemv_rows(smoke: bool) -> list[str]:
               "down": (3584, 18944)}  # fmt: skip
     configs, splits = GEMV_CONFIGS, [1, 2, 4, 8]
     if smoke:
-        shapes, configs, splits = {"tiny": (64, 512)}, [(32, 128)], [1, 2]
+        shapes, configs, splits = {"tiny": (64, 512)}, [(32, 128, 4), (16, 512, 4)], [1, 2]
     rows = []
     for name, (n, k) in shapes.items():
         w = torch.randn(n, k, device=DEV, dtype=torch.bfloat16) * 0.02
@@ -147,21 +152,22 @@ def gemv_rows(smoke: bool) -> list[str]:
         want = want * w_s[None, :]
         t_bf16 = bench(partial(F.linear, x, w), smoke)
         timed = []
-        for bn, bk in configs:
-            for split, pre in itertools.product([*splits, None], (False, True)):
-                run = partial(fp8_gemv, x, w_q, w_s, None, ws, bn, bk, split, pre)
+        default = (GEMV_BLOCK_N, GEMV_BLOCK_K, GEMV_WARPS)
+        for (bn, bk, warps), split in itertools.product(configs, [*splits, None]):
+            # The prefetching variant only for the default blocks (it lost everywhere else).
+            for pre in (False, True) if (bn, bk, warps) == default else (False,):
+                run = partial(fp8_gemv, x, w_q, w_s, None, ws, bn, bk, split, pre, warps)
                 err = (run().float() - want).abs().max().item() / want.abs().max().item()
                 if err > 1e-2:
                     raise AssertionError(f"fp8_gemv {name} {bn}x{bk} split {split}: err {err}")
                 auto = split is None
                 used = gemv_split(k, bk) if auto else split
-                timed.append((bench(run, smoke), bn, bk, used, auto, pre))
-        best = sorted(t for t in timed if not t[4])[:3]
-        default = (GEMV_BLOCK_N, GEMV_BLOCK_K)
-        shown = [t for t in timed if t[4] and (t[1], t[2]) == default] + best
-        for t, bn, bk, split, auto, pre in shown:
+                timed.append((bench(run, smoke), bn, bk, warps, used, auto, pre))
+        best = sorted(t for t in timed if not t[5])[:3]
+        shown = [t for t in timed if t[5] and t[1:4] == default] + best
+        for t, bn, bk, warps, split, auto, pre in shown:
             rows.append(
-                f"| {name} {n}x{k} | {bn}x{bk} split {split}{' (auto)' if auto else ''}"
+                f"| {name} {n}x{k} | {bn}x{bk} w{warps} split {split}{' (auto)' if auto else ''}"
                 f"{' prefetch' if pre else ''} | "
                 f"{t_bf16 * 1e3:.1f} | {t * 1e3:.1f} | {n * k / (t * 1e-3) / 1e12:.2f} TB/s | "
                 f"{t_bf16 / t:.2f}x |"

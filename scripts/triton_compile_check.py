@@ -133,12 +133,16 @@ def _fp8_linear(dt: str, p: str):
         consts = dict(HAS_BIAS=bias, BLOCK_M=16, BLOCK_N=64, BLOCK_K=128, UPCAST=False)
         kernel = fp8_gemm._fp8_small_m_kernel
         yield f"fp8 gemm {dt} bias={bias}", sig(kernel, p, consts, {"w_ptr": PF8}), 4, 4
-    for split, prefetch in ((1, False), (4, False), (1, True), (4, True)):
-        consts = dict(SPLIT=split, HAS_BIAS=True, BLOCK_N=32, BLOCK_K=256, PREFETCH=prefetch)
+    gemv = ((1, False, 32, 256, 4), (4, False, 32, 256, 4), (1, True, 32, 256, 4),
+            (4, True, 32, 256, 4), (2, False, 16, 2048, 8), (2, True, 16, 2048, 8))  # fmt: skip
+    for split, prefetch, block_n, block_k, warps in gemv:
+        consts = dict(SPLIT=split, HAS_BIAS=True, BLOCK_N=block_n, BLOCK_K=block_k,
+                      PREFETCH=prefetch, X_BLOCK=4096,
+                      ACC_1D=block_n * block_k > fp8_gemm.GEMV_ACC_2D_MAX)  # fmt: skip
         types = {"w_ptr": PF8, "ws_ptr": P32, "count_ptr": PI32}
         kernel = fp8_gemm._fp8_gemv_kernel
-        name = f"fp8 gemv {dt} split={split}{' prefetch' if prefetch else ''}"
-        yield name, sig(kernel, p, consts, types), 4, 4
+        name = f"fp8 gemv {dt} {block_n}x{block_k} split={split}{' prefetch' if prefetch else ''}"
+        yield name, sig(kernel, p, consts, types), warps, 4
     consts = dict(BLOCK=4096)
     yield f"quant rows {dt}", sig(quant._quantize_rows_kernel, p, consts, {"out_ptr": PF8}), 4, 1
 

@@ -131,6 +131,8 @@ def _fp8_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PREFETCH: tl.constexpr,
+    X_BLOCK: tl.constexpr,
+    ACC_1D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -148,13 +150,21 @@ def _fp8_gemv_kernel(
             mask=n_mask[:, None] & (k_start + k < k_end)[None, :],
             other=0.0,
         )
-    # The row's scale needs its whole absolute maximum: x is one row, read from L2.
-    amax = tl.zeros([BLOCK_K], tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptr + k0 + k, mask=k0 + k < K, other=0.0)
+    # The row's scale needs its whole absolute maximum: x is one row (from L2), read in as
+    # few wide loads as X_BLOCK allows (one up to 4096 inputs): each is a round trip every
+    # program waits for before its weights stream, whatever its share of K.
+    xk = tl.arange(0, X_BLOCK)
+    amax = tl.zeros([X_BLOCK], tl.float32)
+    for k0 in range(0, K, X_BLOCK):
+        x = tl.load(x_ptr + k0 + xk, mask=k0 + xk < K, other=0.0)
         amax = tl.maximum(amax, tl.abs(x.to(tl.float32)))
     x_scale, x_inv = e4m3_scale(tl.max(amax, 0))
-    acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    # Large tiles sum each step's products at once (a [BLOCK_N, BLOCK_K] fp32 accumulator
+    # would not fit in registers).
+    if ACC_1D:  # noqa: SIM108 (a constexpr branch: one shape per compiled variant)
+        acc = tl.zeros([BLOCK_N], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         k_mask = k0 + k < k_end
         x = tl.load(x_ptr + k0 + k, mask=k_mask, other=0.0)
@@ -169,8 +179,14 @@ def _fp8_gemv_kernel(
             )
         else:
             w = tl.load(w_rows + k0 + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
-        acc += w.to(tl.float32) * xq[None, :]  # e4m3 x e4m3 products are exact in fp32
-    part = tl.sum(acc, 1) * x_scale * tl.load(w_scale_ptr + n, mask=n_mask, other=0.0)
+        # e4m3 x e4m3 products are exact in fp32.
+        if ACC_1D:
+            acc += tl.sum(w.to(tl.float32) * xq[None, :], 1)
+        else:
+            acc += w.to(tl.float32) * xq[None, :]
+    if not ACC_1D:
+        acc = tl.sum(acc, 1)
+    part = acc * x_scale * tl.load(w_scale_ptr + n, mask=n_mask, other=0.0)
     if SPLIT > 1:
         # Each split adds its part; the last one to arrive (the counter) takes the sum and
         # leaves the workspace and counter at zero for the next call (no memset launch).
@@ -196,6 +212,9 @@ def _fp8_gemv_kernel(
 GEMV_BLOCK_N = 32
 GEMV_BLOCK_K = 512
 GEMV_INPUTS_PER_SPLIT = 8192
+GEMV_WARPS = 4
+GEMV_X_BLOCK = 4096  # inputs of x read at once for its scale
+GEMV_ACC_2D_MAX = 16384  # larger tiles accumulate [BLOCK_N] sums (registers)
 
 
 def gemv_workspace(out_features: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,13 +243,15 @@ def fp8_gemv(
     block_k: int = GEMV_BLOCK_K,
     split: int | None = None,
     prefetch: bool | None = None,
+    num_warps: int = GEMV_WARPS,
 ) -> torch.Tensor:
     """One row: x [1, K] (bf16 or fp32, contiguous), weight [N, K] e4m3, weight_scale [N] fp32,
     bias [N] or None -> [1, N] in x's dtype, the per-token-quantized product of
     ``fp8_small_m_linear``. Batch-1 decode only streams the weights: programs own
     ``block_n`` channels of one of ``split`` K ranges (``gemv_split``: long inputs are split
     so their programs stream shorter rows); ``prefetch``: each program loads the next
-    weight tile while it multiplies one (default: ``FP8_GEMV_PREFETCH``)."""
+    weight tile while it multiplies one (default: ``FP8_GEMV_PREFETCH``); ``num_warps`` per
+    program."""
     m, k = x.shape
     n = weight.shape[0]
     if m != 1 or not x.is_contiguous() or not weight.is_contiguous():
@@ -259,7 +280,9 @@ def fp8_gemv(
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         PREFETCH=FP8_GEMV_PREFETCH if prefetch is None else prefetch,
-        num_warps=4,
+        X_BLOCK=min(triton.next_power_of_2(k), GEMV_X_BLOCK),
+        ACC_1D=block_n * block_k > GEMV_ACC_2D_MAX,
+        num_warps=num_warps,
         num_stages=4,
     )
     return out

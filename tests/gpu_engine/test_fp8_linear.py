@@ -203,17 +203,21 @@ def test_fused_small_m_kernel_matches_the_reference(m: int, n: int, k: int, bias
     assert y.dtype == dtype and err < (1e-2 if CUDA else 1e-6), err
 
 
+@pytest.mark.parametrize("tile", [(16, 64), (16, 2048)], ids=["acc2d", "acc1d"])
 @pytest.mark.parametrize("prefetch", [False, True], ids=["plain", "prefetch"])
 @pytest.mark.parametrize(
-    ("n", "k", "split", "bias"), [(48, 256, 1, True), (40, 272, 3, False), (96, 512, 4, True)]
+    ("n", "k", "split", "bias"),
+    [(48, 256, 1, True), (40, 272, 3, False), (96, 512, 4, True), (32, 9000, 2, False)],
 )
 def test_split_k_gemv_matches_the_reference(
-    n: int, k: int, split: int, bias: bool, prefetch: bool
+    n: int, k: int, split: int, bias: bool, prefetch: bool, tile: tuple[int, int]
 ) -> None:
     """The batch-1 kernel (interpreted on the CPU): split over K, the last program of each
     channel block sums the parts; the same product as quantize_rows and the fp32 product of
     the e4m3 operands, twice in a row (each call leaves its workspace at zero); with and
-    without the next weight tile loaded ahead."""
+    without the next weight tile loaded ahead; small tiles keep a 2-D accumulator, large
+    ones sum every step (ACC_1D); x longer than GEMV_X_BLOCK takes several loads for its
+    scale."""
     from gpu_engine.kernels.fp8_gemm import fp8_gemv, gemv_workspace
 
     gen = _gen()
@@ -227,7 +231,7 @@ def test_split_k_gemv_matches_the_reference(
         want = want + b.double()
     workspace = gemv_workspace(n, x.device)
     for _ in range(2):
-        y = fp8_gemv(x, w_q, w_s, b, workspace, 16, 64, split, prefetch)
+        y = fp8_gemv(x, w_q, w_s, b, workspace, *tile, split, prefetch)
         err = float((y.double() - want).norm() / want.norm())
         assert y.dtype == dtype and err < (1e-2 if CUDA else 1e-6), err
         assert not workspace[0].any() and not workspace[1].any()
