@@ -1,6 +1,7 @@
-"""FlashAttnBackend wiring, checked on CPU against a reference of flash-attn's documented API.
+"""FlashAttnBackend wiring, checked on CPU against a reference of flash-attn's documented API,
+and on the GPU with the real package where it is installed.
 
-flash-attn cannot be installed here or on the device machine, so this module implements the
+flash-attn cannot be installed here (no CUDA), so this module implements the
 documented semantics of the two functions the backend calls — ``flash_attn_varlen_func``
 (with ``block_table``: k/v are the paged cache [num_blocks, page, KVH, D], page a multiple
 of 256, per-sequence key counts from ``cu_seqlens_k``) and ``flash_attn_with_kvcache``
@@ -214,6 +215,50 @@ def test_flash_attn_backend_matches_torch_reference(fake_flash_attn: Any, case) 
     # The flash backend (not the reference run after it, on its own case) stored this step's
     # K/V: the new slots, NaN before, now hold exactly the new keys and values.
     fc = flash_case
+    for cache, new in ((fc.k_cache, fc.k_new), (fc.v_cache, fc.v_new)):
+        assert torch.equal(cache.view(-1, kvh, d)[meta.slot_mapping], new)
+
+
+# ------------------------------------------------ the real package, on the GPU (issue 22)
+
+REAL_CASES = [
+    # Head dims 64 and 128: what scripts/device_flash_attn.sh builds (the engine's models).
+    ([(0, 40), (300, 20), (260, 1), (511, 1)], 4, 2, 128, 0),  # GQA, prefix hits, decodes
+    ([(256, 9), (256, 300), (700, 1)], 6, 2, 64, 1),  # a shared block, chunked prefill
+    ([(1, 1), (255, 1), (256, 1), (3000, 1)], 16, 8, 128, 0),  # decode only
+    ([(0, 3), (10, 7)], 8, 1, 64, 0),  # prefill only, MQA
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", REAL_CASES)
+def test_the_real_flash_attn_matches_the_reference_and_triton(case) -> None:
+    """FlashAttnBackend with the real flash-attn (built on the GPU host by
+    scripts/device_flash_attn.sh) against the torch reference, the Triton backend on the
+    same case, and the fp64 oracle; its step's K/V stored exactly."""
+    pytest.importorskip("flash_attn_2_cuda", reason="flash-attn is not installed")
+    from gpu_engine.layers.flash_attn import FlashAttnBackend
+    from gpu_engine.layers.triton_attn import TritonBackend
+
+    specs, h, kvh, d, shared = case
+    scale = d**-0.5
+
+    def run(backend: Any) -> tuple[Any, torch.Tensor]:
+        c = make_case(
+            specs, h, kvh, d, 256, torch.bfloat16, "cuda", shared_blocks=shared,
+            store_new=False, seed=7,
+        )  # fmt: skip
+        out = backend.forward(c.q, c.k_new, c.v_new, c.k_cache, c.v_cache, c.meta, scale)
+        return c, out
+
+    flash_case, flash_out = run(FlashAttnBackend())
+    _, ref_out = run(TorchRefBackend())
+    _, triton_out = run(TritonBackend())
+    assert torch.isfinite(flash_out).all()
+    assert rel_err(flash_out, ref_out) < 1e-2
+    assert rel_err(flash_out, triton_out) < 1e-2
+    assert rel_err(flash_out, reference(flash_case, scale)) < 1e-2
+    fc, meta = flash_case, flash_case.meta
     for cache, new in ((fc.k_cache, fc.k_new), (fc.v_cache, fc.v_new)):
         assert torch.equal(cache.view(-1, kvh, d)[meta.slot_mapping], new)
 
