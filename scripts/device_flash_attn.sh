@@ -62,6 +62,13 @@ s = s[:start] + r'''#define FP16_SWITCH(COND, ...)                              
     using elem_type = cutlass::bfloat16_t;                                     \
     return __VA_ARGS__();                                                      \
   }()''' + s[end:]
+# DISABLE_BACKWARD leaves run_mha_bwd's dispatch in flash_api.cpp: with no backward
+# kernels built it would be an undefined symbol at import.
+api = src / "csrc/flash_attn/flash_api.cpp"
+a = api.read_text()
+call = "run_mha_bwd_<elem_type, kHeadDim, Is_causal>(params, stream);"
+assert call in a, "run_mha_bwd's dispatch not found"
+api.write_text(a.replace(call, 'throw std::runtime_error("this flash-attn build has no backward");'))
 if "#include <stdexcept>" not in s:
     s = "#include <stdexcept>\n" + s
 switch.write_text(s)
