@@ -7,9 +7,12 @@
 # dropout, ALiBi, softcap, uneven head dims or local windows. The build runs in the
 # background under /tmp (kept while the machine is held), so it outlives one command:
 #   run: carry [".whl-flash"], "bash scripts/device_flash_attn.sh build"   (starts, waits ~9 min)
-#   run: carry [".whl-flash"], "bash scripts/device_flash_attn.sh wait test"
+#   run: carry [".whl-flash"], "bash scripts/device_flash_attn.sh wait test race engine"
+# (the build takes ~80 s on the 16-core host: "build test race engine" fits one call).
 # Parts: build (start, then wait), wait (until the wheel exists or the build failed), test
-# (the flash_attn backend's tests on the GPU with the real package).
+# (the flash_attn backend's tests on the GPU with the real package), race
+# (bench/attention_race.py: our kernels vs flash-attn's), engine (nano-vllm's shape with each
+# backend, side by side).
 set -uo pipefail
 ROOT=/tmp/chatq-flash
 SRC="$ROOT/src"
@@ -112,6 +115,14 @@ for part in "$@"; do
       PYTHONPATH="$SITE:$PWD" python3 -c "import flash_attn, flash_attn_2_cuda; print('flash_attn', flash_attn.__version__)" || exit 1
       PYTHONPATH="$SITE:$PWD" timeout "${TEST_S:-300}" python3 -m pytest -q -rs -p no:cacheprovider \
         -o addopts="" tests/gpu_engine/test_flash_attn.py 2>&1 | tail -25 ;;
-    *) echo "unknown part: $part (build, wait, test)" >&2; exit 2 ;;
+    race)
+      PYTHONPATH="$SITE:$PWD" timeout "${RACE_S:-300}" python3 bench/attention_race.py 2>&1 \
+        | grep -v -E "leaked|skipped remainder|nanobind|refleaks" | tail -45 ;;
+    engine)
+      for backend in flash_attn triton; do
+        PYTHONPATH="$SITE:$PWD" timeout 100 python3 bench/engine_throughput.py --hf-requests 0 \
+          --skip-roofline --backend "$backend" 2>&1 | grep -E "^\| \(a\)|Error" | head -3
+      done ;;
+    *) echo "unknown part: $part (build, wait, test, race, engine)" >&2; exit 2 ;;
   esac
 done
