@@ -13,6 +13,8 @@ runs the same on a GPU with the Triton kernels and FP8 tensor cores.
 
     .venv/bin/python bench/fp8_accuracy.py [--model DIR] [--answer-tokens 96]
     .venv/bin/python bench/fp8_accuracy.py --smoke     # the tiny test checkpoint, 2 chats
+    .venv/bin/python bench/fp8_accuracy.py --diagnose  # FP8 KV's error: K or V, first tokens,
+                                                       # centring (DIAGNOSES)
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from bench import smoke
 from bench.cpu_engine import conversations, encode
 
-SMOKE = dict(chats=2, answer_tokens=4)
+SMOKE = dict(chats=2, answer_tokens=4, diagnose=True)  # every row, the diagnoses too
 
 CONFIGS: dict[str, dict[str, str]] = {
     "bf16 (reference)": {},
@@ -41,6 +43,52 @@ CONFIGS: dict[str, dict[str, str]] = {
     "FP8 weights": {"quantization": "fp8"},
     "FP8 weights + FP8 KV": {"kv_cache_dtype": "fp8", "quantization": "fp8"},
 }
+
+
+# --diagnose: where the FP8 KV error comes from. Each row rounds this step's K and/or V
+# through e4m3 (per token and head, as the FP8 cache does) before a bf16 cache stores them,
+# on the CPU's torch reference backend (its store is wrapped; nothing else changes).
+DIAGNOSES = ("FP8 K and V", "FP8 K only", "FP8 V only", "FP8 K and V, first 4 tokens exact",
+             "FP8 K and V, centred per head and channel first")  # fmt: skip
+
+
+def _rounded(x: torch.Tensor, centred: bool = False) -> torch.Tensor:
+    from gpu_engine.fp8 import dequantize_rows, quantize_rows
+
+    mean = x.float().mean(0, keepdim=True) if centred else torch.zeros(1)
+    q, scale = quantize_rows((x.float() - mean).to(x.dtype))
+    return (dequantize_rows(q, scale, torch.float32) + mean).to(x.dtype)
+
+
+def _diagnosed_kv(name: str, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """This store call's k, v [T, KVH, D] as diagnosis ``name`` rounds them. Centring uses
+    the call's own means (an upper bound on what fixed means could do): softmax ignores what
+    centring K takes away, and adding V's mean back is exact because the weights sum to 1."""
+    if name == "FP8 K only":
+        return _rounded(k), v
+    if name == "FP8 V only":
+        return k, _rounded(v)
+    if name.endswith("centred per head and channel first"):
+        return _rounded(k, centred=True), _rounded(v, centred=True)
+    rk, rv = _rounded(k), _rounded(v)
+    if name.endswith("first 4 tokens exact"):  # the whole chat is one prefill: its start
+        rk[:4], rv[:4] = k[:4], v[:4]
+    return rk, rv
+
+
+def diagnosed_logits(model: str, chats: list[Any], name: str, args: Any) -> list[torch.Tensor]:
+    import gpu_engine.layers.torch_ref as torch_ref
+
+    store = torch_ref.store_kv
+
+    def rounded_store(k, v, *rest, **kw):  # type: ignore[no-untyped-def]
+        return store(*_diagnosed_kv(name, k, v), *rest, **kw)
+
+    torch_ref.store_kv = rounded_store
+    try:
+        return next_token_logits(model, chats, {}, args)
+    finally:
+        torch_ref.store_kv = store
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -88,8 +136,14 @@ def main() -> int:
     ap.add_argument("--answer-tokens", type=int, default=96)
     ap.add_argument("--chats", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--diagnose", action="store_true",
+        help="FP8 KV only, then where its error comes from (CPU: the torch reference)",
+    )  # fmt: skip
     smoke.add_smoke_flag(ap, f"the tiny test checkpoint (unless --model), {SMOKE}")
     args = smoke.parse_args(ap, SMOKE, None)
+    if args.diagnose and args.device != "cpu":
+        ap.error("--diagnose wraps the CPU's torch reference backend: use --device cpu")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="chatq-fp8-accuracy-") as tmp:
         if args.smoke and args.model is None:
@@ -110,7 +164,11 @@ def run(args: argparse.Namespace) -> None:
     chats = list(zip(prompts, answers(model, prompts, args), strict=True))
     results = {}
     for name, options in CONFIGS.items():
+        if args.diagnose and not args.smoke and name not in ("bf16 (reference)", "FP8 KV"):
+            continue
         results[name] = next_token_logits(model, chats, options, args)
+    for name in DIAGNOSES if args.diagnose else ():
+        results[f"diagnosis: {name}"] = diagnosed_logits(model, chats, name, args)
     ref = results["bf16 (reference)"]
     print(
         f"\nmodel {Path(model).name}, device {args.device}, {len(chats)} chats, "
