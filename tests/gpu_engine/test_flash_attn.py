@@ -17,6 +17,7 @@ import importlib
 import sys
 import types
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import pytest
@@ -186,18 +187,22 @@ CASES = [
 ]
 
 
+def _run(backend: Any, case: Any, device: str) -> tuple[Any, torch.Tensor]:
+    """One step of ``case`` (specs, heads, kv heads, head dim, shared blocks) on pages of 256
+    through ``backend``: (the case, with its caches as the backend left them; the output)."""
+    specs, h, kvh, d, shared = case
+    c = make_case(
+        specs, h, kvh, d, 256, torch.bfloat16, device, shared_blocks=shared, store_new=False,
+        seed=7,
+    )  # fmt: skip
+    return c, backend.forward(c.q, c.k_new, c.v_new, c.k_cache, c.v_cache, c.meta, d**-0.5)
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_flash_attn_backend_matches_torch_reference(fake_flash_attn: Any, case) -> None:
-    specs, h, kvh, d, shared = case
+    _, _, kvh, d, _ = case
     scale = d**-0.5
-
-    def run(backend: Any) -> tuple[Any, torch.Tensor]:
-        c = make_case(
-            specs, h, kvh, d, 256, torch.bfloat16, "cpu", shared_blocks=shared,
-            store_new=False, seed=7,
-        )  # fmt: skip
-        return c, backend.forward(c.q, c.k_new, c.v_new, c.k_cache, c.v_cache, c.meta, scale)
-
+    run = partial(_run, case=case, device="cpu")
     flash_case, flash_out = run(fake_flash_attn.FlashAttnBackend())
     flash_calls = list(CALLS)
     _, ref_out = run(TorchRefBackend())
@@ -240,17 +245,9 @@ def test_the_real_flash_attn_matches_the_reference_and_triton(case) -> None:
     from gpu_engine.layers.flash_attn import FlashAttnBackend
     from gpu_engine.layers.triton_attn import TritonBackend
 
-    specs, h, kvh, d, shared = case
+    _, _, kvh, d, _ = case
     scale = d**-0.5
-
-    def run(backend: Any) -> tuple[Any, torch.Tensor]:
-        c = make_case(
-            specs, h, kvh, d, 256, torch.bfloat16, "cuda", shared_blocks=shared,
-            store_new=False, seed=7,
-        )  # fmt: skip
-        out = backend.forward(c.q, c.k_new, c.v_new, c.k_cache, c.v_cache, c.meta, scale)
-        return c, out
-
+    run = partial(_run, case=case, device="cuda")
     flash_case, flash_out = run(FlashAttnBackend())
     _, ref_out = run(TorchRefBackend())
     _, triton_out = run(TritonBackend())
