@@ -55,7 +55,9 @@ DIAGNOSES = ("FP8 K and V", "FP8 K only", "FP8 V only", "FP8 K and V, first 4 to
 def _rounded(x: torch.Tensor, centred: bool = False) -> torch.Tensor:
     from gpu_engine.fp8 import dequantize_rows, quantize_rows
 
-    mean = x.float().mean(0, keepdim=True) if centred else torch.zeros(1)
+    if not centred:
+        return dequantize_rows(*quantize_rows(x), x.dtype)  # what the FP8 cache reads back
+    mean = x.float().mean(0, keepdim=True)
     q, scale = quantize_rows((x.float() - mean).to(x.dtype))
     return (dequantize_rows(q, scale, torch.float32) + mean).to(x.dtype)
 
@@ -169,6 +171,12 @@ def run(args: argparse.Namespace) -> None:
         results[name] = next_token_logits(model, chats, options, args)
     for name in DIAGNOSES if args.diagnose else ():
         results[f"diagnosis: {name}"] = diagnosed_logits(model, chats, name, args)
+    if args.diagnose:
+        # The first diagnosis is the FP8 cache's own arithmetic: the wrapping changes nothing.
+        pairs = zip(results["FP8 KV"], results["diagnosis: FP8 K and V"], strict=True)
+        for cache, rounded in pairs:
+            if not torch.allclose(cache, rounded, atol=1e-3, rtol=0):
+                raise AssertionError("'FP8 K and V' does not reproduce the FP8 KV cache")
     ref = results["bf16 (reference)"]
     print(
         f"\nmodel {Path(model).name}, device {args.device}, {len(chats)} chats, "
