@@ -20,6 +20,7 @@ from workers.prompts import PromptBuilder
 
 KEYS = Keys()
 USER = [{"role": "user", "content": "Where is my order?"}]
+BACKLOG = 1000  # requests queued before the worker starts (one submit_many call)
 
 
 @pytest.fixture(scope="module")
@@ -125,9 +126,6 @@ async def test_a_worker_whose_every_pull_is_full_still_reconciles_on_time(
         handle.stop()
     # Without the fix it is BACKLOG - 1: nothing was reconciled until the backlog was pulled.
     assert pulled_at_reconcile < BACKLOG // 2, pulled_at_reconcile
-
-
-BACKLOG = 1000  # one submit_many call
 
 
 async def _pulled_when_reconciled(metrics: Any, timeout_s: float) -> int:
