@@ -20,7 +20,7 @@ from workers.prompts import PromptBuilder
 
 KEYS = Keys()
 USER = [{"role": "user", "content": "Where is my order?"}]
-BACKLOG = 1000  # requests queued before the worker starts (one submit_many call)
+BACKLOG = 2000  # requests queued before the worker starts (two submit_many calls)
 
 
 @pytest.fixture(scope="module")
@@ -108,10 +108,13 @@ async def test_a_worker_whose_every_pull_is_full_still_reconciles_on_time(
     monkeypatch.setattr(workers.intake, "MAX_PULL_PER_ROUND", 1)
     settings = tiny_settings(
         redis_server.url, tiny_checkpoint("llama"), name="tw-full", max_num_seqs=8,
-        max_inflight_factor=1000.0, headroom_tokens=10**8, reconcile_interval_s=0.3,
+        max_inflight_factor=1000.0, headroom_tokens=10**8, reconcile_interval_s=0.1,
     )  # fmt: skip
     async with ChatClient(redis_server.url, allow_unserved=True) as client:
-        ids = await client.submit_many([USER] * BACKLOG, model=MODEL, max_tokens=1)
+        ids = [
+            rid for _ in range(2)
+            for rid in await client.submit_many([USER] * (BACKLOG // 2), model=MODEL, max_tokens=1)
+        ]  # fmt: skip
     handle = ThreadWorker(settings).start()
     try:
         async with ChatClient(redis_server.url) as client:
