@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -78,12 +78,11 @@ class PagedKV:
 
 
 def decode_rows(heads: dict[str, tuple[int, int]], head_dim: int, batches: Any,
-                contexts: Any) -> list[str]:  # fmt: skip
+                contexts: Any) -> Iterator[str]:  # fmt: skip
     """Paged decode: ours (pages of 16 and 256, split-K as the engine chooses) vs
     flash_attn_with_kvcache (pages of 256)."""
     flash = flash_functions()
     sms = torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 4
-    rows = []
     for name, (hq, hk) in heads.items():
         for bs, ctx in ((b, c) for b in batches for c in contexts):
             kv = PagedKV(bs, ctx, hk, head_dim, seed=bs * 7 + ctx)
@@ -103,16 +102,15 @@ def decode_rows(heads: dict[str, tuple[int, int]], head_dim: int, batches: Any,
                 outs["flash 256"], times["flash 256"] = run(), bench(run)
             _agree(outs, f"decode {name} {bs}x{ctx}")
             kv_bytes = 2 * kv.k.numel() * kv.k.element_size()
-            rows.append(_row("decode", name, f"{bs} x {ctx}", times, kv_bytes, "TB/s"))
             del kv
-    return rows
+            yield _row("decode", name, f"{bs} x {ctx}", times, kv_bytes, "TB/s")
 
 
-def prefill_rows(heads: dict[str, tuple[int, int]], head_dim: int, prefills: Any) -> list[str]:
+def prefill_rows(heads: dict[str, tuple[int, int]], head_dim: int,
+                 prefills: Any) -> Iterator[str]:  # fmt: skip
     """Causal prefill of whole prompts from the paged cache: ours (pages of 16 and 256) vs
     flash_attn_varlen_func with block_table (pages of 256)."""
     flash = flash_functions()
-    rows = []
     for name, (hq, hk) in heads.items():
         for seqs, n in prefills:
             kv = PagedKV(seqs, n, hk, head_dim, seed=seqs * 11 + n)
@@ -133,9 +131,8 @@ def prefill_rows(heads: dict[str, tuple[int, int]], head_dim: int, prefills: Any
                 outs["flash 256"], times["flash 256"] = run(), bench(run)
             _agree(outs, f"prefill {name} {seqs}x{n}")
             flops = seqs * 4 * head_dim * hq * n * n / 2
-            rows.append(_row("prefill", name, f"{seqs} x {n}", times, flops, "TFLOP/s"))
             del kv
-    return rows
+            yield _row("prefill", name, f"{seqs} x {n}", times, flops, "TFLOP/s")
 
 
 def _flash_decode(fn: Callable[..., Any], q: torch.Tensor, k_cache: torch.Tensor,
@@ -189,10 +186,12 @@ def main() -> int:
     if "decode" in parts:
         batches = SMOKE["batches"] if args.smoke else DECODE_BATCHES
         contexts = SMOKE["contexts"] if args.smoke else DECODE_CONTEXTS
-        print("\n".join(decode_rows(heads, head_dim, batches, contexts)), flush=True)
+        for row in decode_rows(heads, head_dim, batches, contexts):
+            print(row, flush=True)  # row by row: a cut-off run keeps what it measured
     if "prefill" in parts:
         prefills = SMOKE["prefills"] if args.smoke else PREFILLS
-        print("\n".join(prefill_rows(heads, head_dim, prefills)), flush=True)
+        for row in prefill_rows(heads, head_dim, prefills):
+            print(row, flush=True)
     print("rates: decode K/V read TB/s, prefill TFLOP/s")
     return 0
 
