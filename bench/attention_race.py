@@ -24,12 +24,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
 import torch
 
 from bench import smoke
 from bench.kernel_bench import DEV, bench
 from gpu_engine.kernels.decode_attention import choose_num_splits, paged_decode_attention
 from gpu_engine.kernels.prefill_attention import paged_prefill_attention
+from gpu_engine.kernels.prefill_tiles import prefill_block_m, prefill_tiles
 
 HEADS = {"Qwen3-0.6B": (16, 8), "Qwen2.5-7B": (28, 4)}
 HEAD_DIM = 128
@@ -119,9 +121,14 @@ def prefill_rows(heads: dict[str, tuple[int, int]], head_dim: int,
             lens = torch.full((seqs,), n, device=DEV, dtype=torch.int32)
             scale = head_dim**-0.5
             times, outs = {}, {}
+            # The tile table as the engine stages it (host lists, one copy per step), not
+            # rebuilt from cu_seqlens on every call (a device-to-host read).
+            block_m = prefill_block_m(q.dtype, n)
+            tiles = torch.from_numpy(prefill_tiles(np.full(seqs, n), block_m)).to(DEV)
             for page in (16, 256):
                 kc, vc, table = kv.paged(page)
-                run = partial(paged_prefill_attention, q, kc, vc, table, cu, lens, n, scale)
+                run = partial(paged_prefill_attention, q, kc, vc, table, cu, lens, n, scale,
+                              tiles=tiles, block_m=block_m)  # fmt: skip
                 outs[f"ours {page}"], times[f"ours {page}"] = run(), bench(run)
             if flash is not None:
                 kc, vc, table = kv.paged(256)

@@ -322,7 +322,7 @@ def run_roofline(
     llm = LLM(
         path, dtype=args.dtype, load_format="random", max_model_len=2048,
         max_num_seqs=max(batches), max_num_batched_tokens=8192, attention_backend=args.backend,
-        quantization="fp8" if variant.startswith("fp8") else "none",
+        quantization=variant.removesuffix("+kv"),
         kv_cache_dtype="fp8" if variant.endswith("+kv") else "auto",
     )  # fmt: skip
     engine, runner = llm.engine, llm.engine.model_runner
@@ -483,7 +483,9 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, 8 short requests")
     ap.add_argument("--kv-cache-dtypes", default="auto", help="(a) once per KV dtype: auto,fp8")
     ap.add_argument(
-        "--quantizations", default="none", help="(b) once per weight format: none,fp8,fp8+kv"
+        "--quantizations",
+        default="none",
+        help="(b) once per weight format: none, fp8, fp8-lm-head, each +kv for the FP8 KV cache",
     )
     ap.add_argument("--usd-per-gpu-hour", type=float, default=3.0, help="stated price")
     ap.add_argument("--batches", default="1,8,64", help="(b) batch sizes")

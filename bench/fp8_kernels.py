@@ -25,6 +25,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from gpu_engine import kernels
 from gpu_engine.fp8 import quantize_rows
 from gpu_engine.kernels.decode_attention import choose_num_splits, paged_decode_attention
 from gpu_engine.layers.fp8_linear import fp8_linear
@@ -62,16 +63,20 @@ def decode_rows(smoke: bool) -> list[str]:
         q = torch.randn(bs, hq, d, device=DEV, dtype=torch.bfloat16)
         (kq, ks), (vq, vs) = quantize_rows(kc), quantize_rows(vc)
         sp = choose_num_splits(bs, hk, ctx, sms)
+        # FP8 tiles meet q as fp16 dot operands (the default) or as bf16 (the A/B).
         variants = [
-            ("bf16", kc, vc, None, 64),
-            ("fp8", kq, vq, (ks, vs), 64),
-            ("fp8", kq, vq, (ks, vs), 128),
+            ("bf16", kc, vc, None, 64, True),
+            ("fp8, bf16 dots", kq, vq, (ks, vs), 128, False),
+            ("fp8, fp16 dots", kq, vq, (ks, vs), 64, True),
+            ("fp8, fp16 dots", kq, vq, (ks, vs), 128, True),
         ]
         base = None
-        for name, k, v, scales, block_n in variants:
+        for name, k, v, scales, block_n, fp16 in variants:
             run = partial(paged_decode_attention, q, k, v, bt, sl, d**-0.5, num_splits=sp,
                           kv_scales=scales, block_n=block_n)  # fmt: skip
+            kernels.FP8_FP16_DOT = fp16
             t = bench(run, smoke)
+            kernels.FP8_FP16_DOT = True
             nbytes = 2 * (k.numel() * k.element_size() + (0 if scales is None else 4 * ks.numel()))
             base = base or t
             rows.append(
@@ -132,9 +137,11 @@ def gemv_rows(smoke: bool) -> list[str]:
         GEMV_BLOCK_K,
         GEMV_BLOCK_N,
         GEMV_WARPS,
+        GemvConfig,
         fp8_gemv,
         gemv_split,
         gemv_workspace,
+        tune_gemv,
     )
 
     shapes = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584),
@@ -156,7 +163,8 @@ def gemv_rows(smoke: bool) -> list[str]:
         for (bn, bk, warps), split in itertools.product(configs, [*splits, None]):
             # The prefetching variant only for the default blocks (it lost everywhere else).
             for pre in (False, True) if (bn, bk, warps) == default else (False,):
-                run = partial(fp8_gemv, x, w_q, w_s, None, ws, bn, bk, split, pre, warps)
+                cfg = GemvConfig(bn, bk, warps, split)
+                run = partial(fp8_gemv, x, w_q, w_s, None, ws, cfg, pre)
                 err = (run().float() - want).abs().max().item() / want.abs().max().item()
                 if err > 1e-2:
                     raise AssertionError(f"fp8_gemv {name} {bn}x{bk} split {split}: err {err}")
@@ -165,9 +173,16 @@ def gemv_rows(smoke: bool) -> list[str]:
                 timed.append((bench(run, smoke), bn, bk, warps, used, auto, pre))
         best = sorted(t for t in timed if not t[5])[:3]
         shown = [t for t in timed if t[5] and t[1:4] == default] + best
+        if DEV == "cuda":  # what the engine's load-time tuning picks for this layer
+            cfg = tune_gemv(w_q, w_s, ws)
+            run = partial(fp8_gemv, x, w_q, w_s, None, ws, cfg)
+            split = cfg.split or gemv_split(k, cfg.block_k)
+            shown.append((bench(run, smoke), cfg.block_n, cfg.block_k, cfg.num_warps, split,
+                          "tuned", False))  # fmt: skip
         for t, bn, bk, warps, split, auto, pre in shown:
+            how = {True: " (auto)", False: "", "tuned": " (tune_gemv's pick)"}[auto]
             rows.append(
-                f"| {name} {n}x{k} | {bn}x{bk} w{warps} split {split}{' (auto)' if auto else ''}"
+                f"| {name} {n}x{k} | {bn}x{bk} w{warps} split {split}{how}"
                 f"{' prefetch' if pre else ''} | "
                 f"{t_bf16 * 1e3:.1f} | {t * 1e3:.1f} | {n * k / (t * 1e-3) / 1e12:.2f} TB/s | "
                 f"{t_bf16 / t:.2f}x |"

@@ -8,9 +8,9 @@ from typing import Any
 from gpu_engine.errors import EngineError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-# Kept in step with gpu_engine.fp8 (which imports torch; this module must not).
+# is_fp8_kv (gpu_engine.fp8) names the FP8 ones: that module imports torch, this one must not.
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
-QUANTIZATIONS = ("none", "fp8")
+QUANTIZATIONS = ("none", "fp8", "fp8-lm-head")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
 LOAD_FORMATS = ("auto", "random")
 
@@ -80,7 +80,9 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     # "fp8": the linear layers' weights quantized at load (e4m3, one scale per output channel),
     # activations quantized per token, FP8 matmuls on CUDA; embedding, norms and LM head stay
-    # in the model dtype. "none": every weight in the model dtype.
+    # in the model dtype. "fp8-lm-head": the LM head's matmul too (its largest read at batch 1;
+    # a tied embedding keeps its exact copy for lookups). "none": every weight in the model
+    # dtype.
     quantization: str = "none"
     # Decode steps whose sequences share cached prefix blocks (a common system prompt) attend
     # to each shared prefix once per group and step, merged with each sequence's own suffix

@@ -17,8 +17,6 @@ import torch
 E4M3_MAX = 448.0
 INV_E4M3_MAX = 1.0 / 448.0  # rounded to fp32 where it is used, as in the kernels
 FP8_DTYPE = torch.float8_e4m3fn
-KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
-QUANTIZATIONS = ("none", "fp8")
 
 
 def is_fp8_kv(kv_cache_dtype: str) -> bool:

@@ -74,7 +74,8 @@ def build_model(
 ) -> LlamaForCausalLM:
     """Construct directly in ``dtype`` on ``device`` and copy the checkpoint in
     (``load_format="random"``: random weights instead, no checkpoint files read);
-    ``quantization="fp8"`` then quantizes the linear layers (``layers.fp8_linear``)."""
+    ``quantization="fp8"`` then quantizes the linear layers (``layers.fp8_linear``),
+    ``"fp8-lm-head"`` the LM head too."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -93,10 +94,10 @@ def build_model(
         model.load_weights(iter_rank_shards(safetensors_files(path), arch.head_dim, tp))
     else:
         model.load_weights(iter_safetensors(path))
-    if quantization == "fp8":
+    if quantization in ("fp8", "fp8-lm-head"):
         from gpu_engine.layers.fp8_linear import quantize_linear_layers
 
-        quantize_linear_layers(model)
+        quantize_linear_layers(model, lm_head=quantization == "fp8-lm-head")
     elif quantization != "none":
         raise EngineError(f"unknown quantization {quantization!r}")
     return model.eval()

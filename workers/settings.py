@@ -56,7 +56,7 @@ class WorkerSettings:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"
     kv_cache_dtype: str = "auto"  # "fp8": e4m3 KV cache, about half the bytes per token
-    quantization: str = "none"  # "fp8": FP8 linear layers, quantized at load
+    quantization: str = "none"  # "fp8": FP8 linear layers ("fp8-lm-head": and the LM head)
     # A shared cached prefix (system prompt) attended once per group of decode sequences.
     shared_prefix_attention: bool = False
     seed: int = 0
@@ -306,7 +306,9 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         "--kv-cache-dtype", choices=KV_CACHE_DTYPES, help="fp8: e4m3 KV cache (default auto)"
     )
     parser.add_argument(
-        "--quantization", choices=QUANTIZATIONS, help="fp8: FP8 linear layers (default none)"
+        "--quantization",
+        choices=QUANTIZATIONS,
+        help="fp8: FP8 linear layers, quantized at load (fp8-lm-head: and the LM head)",
     )
     parser.add_argument(
         "--gpus",

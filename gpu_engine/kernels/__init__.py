@@ -36,6 +36,9 @@ FP8_SMALL_M: bool = os.environ.get("CHATQ_FP8_SMALL_M", "1") != "0"
 # ... and one row (batch-1 decode) the split-K kernel (kernels.fp8_gemm.fp8_gemv);
 # CHATQ_FP8_GEMV=0 leaves it to the choice above.
 FP8_GEMV: bool = os.environ.get("CHATQ_FP8_GEMV", "1") != "0"
+# At load, each FP8 layer's weight shape picks its fastest GEMV launch (fp8_gemm.tune_gemv);
+# CHATQ_FP8_GEMV_TUNE=0 keeps the one default launch for every shape.
+FP8_GEMV_TUNE: bool = os.environ.get("CHATQ_FP8_GEMV_TUNE", "1") != "0"
 # CHATQ_FP8_GEMV_PREFETCH=1: the GEMV's programs load the next weight tile while they multiply
 # one (an A/B switch until the H100 says which wins).
 FP8_GEMV_PREFETCH: bool = os.environ.get("CHATQ_FP8_GEMV_PREFETCH", "0") == "1"
@@ -54,6 +57,19 @@ def dot_precision(dtype: torch.dtype) -> str:
     """``input_precision`` for ``tl.dot``: exact fp32 for fp32 models (no tf32 surprises in
     greedy parity), the native path for 16-bit operands."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# An FP8 cache's tiles meet a bf16 query as fp16 dot operands: Hopper converts e4m3 to fp16
+# with one instruction per pair of values, to bf16 only through fp16 and fp32 (several). fp16
+# holds every e4m3 value exactly and q with more mantissa than bf16 (range: |q| < 65,504).
+# CHATQ_FP8_KV_FP16_DOT=0 converts to bf16 (the A/B in bench/fp8_kernels.py).
+FP8_FP16_DOT: bool = os.environ.get("CHATQ_FP8_KV_FP16_DOT", "1") != "0"
+
+
+def fp16_dot(q: torch.Tensor, kv_scales: object) -> bool:
+    """Whether a launch multiplies FP8 K/V tiles in fp16 (compiled, bf16 queries only: fp32
+    models keep fp32 dots, and the interpreter upcasts everything)."""
+    return FP8_FP16_DOT and kv_scales is not None and q.dtype == torch.bfloat16 and not INTERPRET
 
 
 def check_kv_scales(

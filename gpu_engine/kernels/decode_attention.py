@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gpu_engine.kernels import INTERPRET, check_kv_scales, dot_precision
+from gpu_engine.kernels import INTERPRET, check_kv_scales, dot_precision, fp16_dot
 from gpu_engine.kernels.shared_prefix import launch_prefix_attention
 from gpu_engine.layers.base import SharedPrefix
 
@@ -68,6 +68,7 @@ def _decode_kernel(
     NUM_KV_HEADS: tl.constexpr,
     KV_START: tl.constexpr,
     NUM_SLOTS: tl.constexpr,
+    FP16_DOT: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -94,6 +95,8 @@ def _decode_kernel(
     )  # [GROUP_PAD, BLOCK_D]
     if UPCAST:
         q = q.to(tl.float32)
+    if FP16_DOT:  # FP8 tiles below convert to q's dtype: fp16 (kernels.fp16_dot)
+        q = q.to(tl.float16)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -126,10 +129,14 @@ def _decode_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        pv = p
         if FP8:
-            pv = p * v_s[None, :]
-        acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v, input_precision=PRECISION)
+            # V's scales enter as p * v_s / (the tile's largest), the largest after the
+            # product: p * v_s alone can sit below fp16's normal range (kernels.fp16_dot).
+            v_top = tl.maximum(tl.max(v_s, 0), 1e-30)
+            pv = (p * (v_s / v_top)[None, :]).to(v.dtype)
+            acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=PRECISION) * v_top
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     o_mask = g_mask[:, None] & d_mask[None, :]
@@ -256,6 +263,7 @@ def paged_decode_attention(
         PRECISION=dot_precision(q.dtype),
         FP8=kv_scales is not None,
         NUM_KV_HEADS=num_kv_heads,
+        FP16_DOT=fp16_dot(q, kv_scales),
     )
     num_slots = num_splits + (shared is not None)
     if num_slots == 1:

@@ -12,9 +12,13 @@ interpreter multiplies in fp32: products of two e4m3 values are exact in fp32 ei
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import partial
+
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 from gpu_engine.kernels import FP8_GEMV_PREFETCH, INTERPRET
 from gpu_engine.kernels.fp8_math import e4m3_scale, to_e4m3
@@ -217,6 +221,33 @@ GEMV_X_BLOCK = 4096  # inputs of x read at once for its scale
 GEMV_ACC_2D_MAX = 16384  # larger tiles accumulate [BLOCK_N] sums (registers)
 
 
+@dataclass(frozen=True)
+class GemvConfig:
+    """One launch shape of ``fp8_gemv``: channels and inputs per program step, warps per
+    program, and K ranges (None: ``gemv_split``'s choice)."""
+
+    block_n: int = GEMV_BLOCK_N
+    block_k: int = GEMV_BLOCK_K
+    num_warps: int = GEMV_WARPS
+    split: int | None = None
+
+
+# What ``tune_gemv`` times: the defaults and each 7B layer's best shapes of the H100 sweeps
+# (benchmarks.md: no one shape won every layer; the best per layer was ~1-3 µs faster).
+GEMV_CANDIDATES = (
+    GemvConfig(),
+    GemvConfig(32, 512, 8, 1),
+    GemvConfig(16, 1024, 8, 1),
+    GemvConfig(16, 1024, 4, 1),
+    GemvConfig(16, 256, 4, 1),
+    GemvConfig(16, 256, 4, 2),
+    GemvConfig(16, 256, 4, 4),
+    GemvConfig(32, 256, 4, 4),
+)
+# (device index, N, K) -> the fastest candidate measured for that weight shape.
+_TUNED: dict[tuple[int, int, int], GemvConfig] = {}
+
+
 def gemv_workspace(out_features: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The zeroed fp32 partial sums [N] and arrival counters of ``fp8_gemv``'s split-K
     programs: each call leaves them at zero again."""
@@ -233,30 +264,56 @@ def gemv_split(k: int, block_k: int) -> int:
     return max(1, min(8, k // GEMV_INPUTS_PER_SPLIT, k // block_k))
 
 
+def tune_gemv(
+    weight: torch.Tensor, weight_scale: torch.Tensor, workspace: tuple[torch.Tensor, torch.Tensor]
+) -> GemvConfig:
+    """Time every GEMV_CANDIDATES launch on this weight (CUDA: medians of ``do_bench``, L2
+    flushed between runs, as a decode step finds it) and keep the fastest for its shape:
+    later ``fp8_gemv`` calls of that shape on that device use it. Once per shape; it
+    synchronizes, so it runs at load, never under graph capture."""
+    n, k = weight.shape
+    if tuned_gemv(n, k, weight.device) is None:
+        x = torch.randn(1, k, device=weight.device, dtype=torch.bfloat16)
+        times = {
+            cfg: triton.testing.do_bench(
+                partial(fp8_gemv, x, weight, weight_scale, None, workspace, cfg),
+                warmup=5, rep=20, return_mode="median",
+            )
+            for cfg in GEMV_CANDIDATES
+        }  # fmt: skip
+        _TUNED[(weight.device.index or 0, n, k)] = min(times, key=lambda cfg: times[cfg])
+    return _TUNED[(weight.device.index or 0, n, k)]
+
+
+def tuned_gemv(n: int, k: int, device: torch.device) -> GemvConfig | None:
+    """``tune_gemv``'s pick for an [n, k] weight on ``device``, None if not tuned."""
+    return _TUNED.get((device.index or 0, n, k))
+
+
 def fp8_gemv(
     x: torch.Tensor,
     weight: torch.Tensor,
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None,
     workspace: tuple[torch.Tensor, torch.Tensor],
-    block_n: int = GEMV_BLOCK_N,
-    block_k: int = GEMV_BLOCK_K,
-    split: int | None = None,
+    config: GemvConfig | None = None,
     prefetch: bool | None = None,
-    num_warps: int = GEMV_WARPS,
 ) -> torch.Tensor:
     """One row: x [1, K] (bf16 or fp32, contiguous), weight [N, K] e4m3, weight_scale [N] fp32,
     bias [N] or None -> [1, N] in x's dtype, the per-token-quantized product of
     ``fp8_small_m_linear``. Batch-1 decode only streams the weights: programs own
-    ``block_n`` channels of one of ``split`` K ranges (``gemv_split``: long inputs are split
-    so their programs stream shorter rows); ``prefetch``: each program loads the next
-    weight tile while it multiplies one (default: ``FP8_GEMV_PREFETCH``); ``num_warps`` per
-    program."""
+    ``block_n`` channels of one of ``split`` K ranges (long inputs are split so their
+    programs stream shorter rows). ``config``: the launch shape (default: what ``tune_gemv``
+    chose for this weight's shape, else ``GemvConfig()``); ``prefetch``: each program loads
+    the next weight tile while it multiplies one (default: ``FP8_GEMV_PREFETCH``)."""
     m, k = x.shape
     n = weight.shape[0]
     if m != 1 or not x.is_contiguous() or not weight.is_contiguous():
         raise ValueError(f"x {tuple(x.shape)} / weight {tuple(weight.shape)} do not fit")
-    split = split or gemv_split(k, block_k)
+    if config is None:
+        config = tuned_gemv(n, k, x.device) or GemvConfig()
+    block_n, block_k = config.block_n, config.block_k
+    split = config.split or gemv_split(k, block_k)
     k_per_split = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
     split = triton.cdiv(k, k_per_split)
     ws, counts = workspace
@@ -282,7 +339,7 @@ def fp8_gemv(
         PREFETCH=FP8_GEMV_PREFETCH if prefetch is None else prefetch,
         X_BLOCK=min(triton.next_power_of_2(k), GEMV_X_BLOCK),
         ACC_1D=block_n * block_k > GEMV_ACC_2D_MAX,
-        num_warps=num_warps,
+        num_warps=config.num_warps,
         num_stages=4,
     )
     return out

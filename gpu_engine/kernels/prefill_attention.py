@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gpu_engine.kernels import INTERPRET, check_kv_scales, dot_precision
+from gpu_engine.kernels import INTERPRET, check_kv_scales, dot_precision, fp16_dot
 from gpu_engine.kernels.prefill_tiles import prefill_block_m, prefill_tiles
 
 _LOG2E = 1.4426950408889634
@@ -84,10 +84,14 @@ def _attend_tile(
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    pv = p
     if FP8:
-        pv = p * v_s[None, :]
-    acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v, input_precision=PRECISION)
+        # V's scales enter as p * v_s / (the tile's largest), the largest after the
+        # product: p * v_s alone can sit below fp16's normal range (kernels.fp16_dot).
+        v_top = tl.maximum(tl.max(v_s, 0), 1e-30)
+        pv = (p * (v_s / v_top)[None, :]).to(v.dtype)
+        acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=PRECISION) * v_top
+    else:
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return m_new, l_i, acc
 
 
@@ -122,6 +126,7 @@ def _prefill_kernel(
     PRECISION: tl.constexpr,
     FP8: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
+    FP16_DOT: tl.constexpr,
 ):
     tile = tl.program_id(0)
     head = tl.program_id(1)
@@ -146,6 +151,8 @@ def _prefill_kernel(
         )
         if UPCAST:
             q = q.to(tl.float32)
+        if FP16_DOT:  # FP8 tiles convert to q's dtype: fp16 (kernels.fp16_dot)
+            q = q.to(tl.float16)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -245,6 +252,7 @@ def paged_prefill_attention(
         PRECISION=dot_precision(q.dtype),
         FP8=kv_scales is not None,
         NUM_KV_HEADS=num_kv_heads,
+        FP16_DOT=fp16_dot(q, kv_scales),
         num_warps=4,
         num_stages=2,
     )

@@ -60,6 +60,7 @@ def _prefix_kernel(
     PRECISION: tl.constexpr,
     FP8: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
+    FP16_DOT: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -82,6 +83,8 @@ def _prefix_kernel(
         )  # [BLOCK_S * GROUP_PAD, BLOCK_D]
         if UPCAST:
             q = q.to(tl.float32)
+        if FP16_DOT:  # FP8 tiles convert to q's dtype: fp16 (kernels.fp16_dot)
+            q = q.to(tl.float16)
         m_i = tl.full([BLOCK_S * GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_S * GROUP_PAD], tl.float32)
         acc = tl.zeros([BLOCK_S * GROUP_PAD, BLOCK_D], tl.float32)
@@ -111,10 +114,14 @@ def _prefix_kernel(
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            pv = p
             if FP8:
-                pv = p * v_s[None, :]
-            acc = acc * alpha[:, None] + tl.dot(pv.to(v.dtype), v, input_precision=PRECISION)
+                # V's scales enter as p * v_s / (the tile's largest), the largest after the
+                # product: p * v_s alone can sit below fp16's normal range (kernels.fp16_dot).
+                v_top = tl.maximum(tl.max(v_s, 0), 1e-30)
+                pv = (p * (v_s / v_top)[None, :]).to(v.dtype)
+                acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=PRECISION) * v_top
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
         safe_l = tl.where(l_i > 0, l_i, 1.0)
         out = acc / safe_l[:, None]
@@ -179,6 +186,7 @@ def launch_prefix_attention(
         UPCAST=common["UPCAST"],
         PRECISION=common["PRECISION"],
         FP8=common["FP8"],
+        FP16_DOT=common["FP16_DOT"],
         NUM_KV_HEADS=num_kv_heads,
         num_warps=4,
         num_stages=2,

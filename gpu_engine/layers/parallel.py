@@ -65,13 +65,24 @@ class ParallelLMHead(nn.Linear):
         _, per_rank = vocab_shard(vocab_size, tp.rank, tp.size)
         super().__init__(hidden_size, per_rank, bias=False)
         self.tp, self.vocab_size = tp, vocab_size
+        # An FP8 copy of this rank's rows (``use_quantized``); None: the model dtype's weight.
+        self.quantized: nn.Module | None = None
+
+    def use_quantized(self, quantized: nn.Module, keep_weight: bool) -> None:
+        """Compute this rank's logits with ``quantized`` (a module of the same rows, e.g. an
+        ``Fp8Linear``); the model-dtype weight is freed unless another module reads it (an
+        embedding tied to the head)."""
+        self.quantized = quantized
+        if not keep_weight:
+            self.weight = nn.Parameter(self.weight.new_empty(0, 0), requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] on rank 0 (other ranks: their own shard,
         [N, vocab / N]). Every rank must call it with the same N."""
+        if self.tp.size > 1 and hidden.shape[0] == 0:
+            return hidden.new_empty(0, self.vocab_size)  # nothing samples: no collective
+        local = F.linear(hidden, self.weight) if self.quantized is None else self.quantized(hidden)
         if self.tp.size == 1:
-            return super().forward(hidden)
-        if hidden.shape[0] == 0:  # nothing samples this step: no collective on any rank
-            return hidden.new_empty(0, self.vocab_size)
-        logits = self.tp.gather_last_dim(F.linear(hidden, self.weight))
+            return local
+        logits = self.tp.gather_last_dim(local)
         return logits[:, : self.vocab_size] if self.tp.rank == 0 else logits

@@ -140,8 +140,9 @@ PREFILL_GPU = [
 ]
 
 
-def _decode_check(specs, h, kvh, d, page, shared, dtype, splits, block_n=None) -> None:
+def _decode_check(specs, h, kvh, d, page, shared, dtype, splits, block_n=None, v_size=1.0):
     case = make_case(specs, h, kvh, d, page, dtype, DEV, shared_blocks=shared, seed=_seed())
+    case.v_cache.mul_(v_size)
     case, scales = quantize_case(case)
     out = torch.full_like(case.q, float("nan"))
     paged_decode_attention(
@@ -172,8 +173,9 @@ def test_decode_attention_fp8_gpu(case, splits: int, dtype: torch.dtype) -> None
     _decode_check(*case, dtype, splits)
 
 
-def _prefill_check(specs, h, kvh, d, page, shared, dtype) -> None:
+def _prefill_check(specs, h, kvh, d, page, shared, dtype, v_size=1.0) -> None:
     case = make_case(specs, h, kvh, d, page, dtype, DEV, shared_blocks=shared, seed=_seed())
+    case.v_cache.mul_(v_size)
     case, scales = quantize_case(case)
     out = torch.full_like(case.q, float("nan"))
     meta = case.meta
@@ -196,6 +198,18 @@ def test_prefill_attention_fp8_small(case) -> None:
 @pytest.mark.parametrize("case", PREFILL_GPU)
 def test_prefill_attention_fp8_gpu(case, dtype: torch.dtype) -> None:
     _prefill_check(*case, dtype)
+
+
+@gpu
+@pytest.mark.skipif(not CUDA, reason="the fp16 dots of FP8 tiles are compiled only")
+@pytest.mark.parametrize("kernel", ["decode", "prefill"])
+def test_fp8_attention_keeps_tiny_values_gpu(kernel: str) -> None:
+    """V entries near 1e-5 (scales ~2e-8): p * v_s alone would fall below fp16's normal
+    range in the bf16 model's fp16 dots; relative to the tile's largest scale it does not."""
+    if kernel == "decode":
+        _decode_check(*DECODE_GPU[1], torch.bfloat16, 1, v_size=1e-5)
+    else:
+        _prefill_check(*PREFILL_GPU[2], torch.bfloat16, v_size=1e-5)
 
 
 def _backends_check(specs, h, kvh, d, page, shared, dtype) -> None:

@@ -140,6 +140,41 @@ def test_fp8_weights_logits_stay_close_to_the_unquantized_model(tiny_checkpoint:
     assert agree >= 3 and err < 0.25, (agree, err)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"], ids=["untied", "tied"])
+def test_fp8_lm_head_quantizes_the_head_too(tiny_checkpoint: Any, arch: str) -> None:
+    """quantization="fp8-lm-head": the head computes logits from an FP8 copy of its rows
+    (the quantized product of the hidden state), its model-dtype weight freed when untied
+    and kept as the embedding when tied; greedy tokens stay those of "fp8" nearly always."""
+    from tests.gpu_engine.test_tensor_parallel import greedy_with_logits
+
+    path = str(tiny_checkpoint(arch))
+    prompts = [[random.Random(i).randrange(3, 500) for _ in range(20 + i)] for i in range(4)]
+    kw: dict[str, Any] = dict(device="cpu", kv_cache_tokens=512)
+    llm = LLM(path, quantization="fp8-lm-head", **kw)
+    model = llm.engine.model_runner.model
+    head = model.lm_head
+    assert isinstance(head.quantized, Fp8Linear) and head.quantized.weight.dtype == FP8_DTYPE
+    if arch == "llama":
+        assert head.weight.numel() == 0
+    else:
+        assert head.weight is model.model.embed_tokens.weight and head.weight.numel() > 0
+    hidden = torch.randn(3, model.config.hidden_size, generator=_gen())
+    want = fp8_linear(hidden, head.quantized.weight, head.quantized.weight_scale, None)
+    assert torch.equal(head(hidden), want)
+    _, got = greedy_with_logits(llm.engine, prompts)
+    _, ref = greedy_with_logits(LLM(path, quantization="fp8", **kw).engine, prompts)
+    firsts = [(g[0], w[0]) for g, w in zip(got, ref, strict=True)]
+    err = max(float((g - w).norm() / w.norm()) for g, w in firsts)
+    assert sum(int(g.argmax() == w.argmax()) for g, w in firsts) >= 3 and err < 0.25, err
+
+
+def test_fp8_lm_head_refuses_a_vocab_fp8_matmuls_cannot_take(tiny_checkpoint: Any) -> None:
+    path = str(tiny_checkpoint("llama", vocab_size=520))  # 520 rows: not a multiple of 16
+    with pytest.raises(EngineError, match="divisible by 16"):
+        LLM(path, device="cpu", kv_cache_tokens=256, quantization="fp8-lm-head")
+    assert LLM(path, device="cpu", kv_cache_tokens=256, quantization="fp8").engine
+
+
 @pytest.mark.timeout(180)
 def test_fp8_weights_with_tensor_parallelism(tiny_checkpoint: Any) -> None:
     """TP=2 with FP8 weights: each rank quantizes its shards; logits stay close to TP=1's
@@ -156,6 +191,14 @@ def test_fp8_weights_with_tensor_parallelism(tiny_checkpoint: Any) -> None:
         _, got = greedy_with_logits(two.engine, prompts)
     g, w = got[0][0], want[0][0]
     assert float((g - w).norm() / w.norm()) < 0.25
+    # The LM head in FP8 too: each rank quantizes its vocab shard, rank 0 gathers the logits.
+    kw["quantization"] = "fp8-lm-head"
+    _, want = greedy_with_logits(LLM(path, **kw).engine, prompts)
+    with LLM(path, tensor_parallel_size=2, **kw) as two:
+        assert isinstance(two.engine.model_runner.model.lm_head.quantized, Fp8Linear)
+        _, got = greedy_with_logits(two.engine, prompts)
+    g, w = got[0][0], want[0][0]
+    assert g.shape == w.shape and float((g - w).norm() / w.norm()) < 0.25
 
 
 @gpu
@@ -177,6 +220,7 @@ def test_fp8_weights_cuda_graphs_match_eager(tiny_checkpoint: Any) -> None:
         llm = LLM(path, **kw)
         got = llm.generate(prompts, greedy)
         assert llm.engine.model_runner.graphs is not None
+        _assert_batch_one_tuned(llm.engine.model_runner.model)
         pairs = [(g.token_ids, e.token_ids) for g, e in zip(got, eager, strict=True)]
         assert all(g[:8] == e[:8] for g, e in pairs), kv
         same = sum(a == b for g, e in pairs for a, b in zip(g, e, strict=True))
@@ -218,7 +262,7 @@ def test_split_k_gemv_matches_the_reference(
     without the next weight tile loaded ahead; small tiles keep a 2-D accumulator, large
     ones sum every step (ACC_1D); x longer than GEMV_X_BLOCK takes several loads for its
     scale."""
-    from gpu_engine.kernels.fp8_gemm import fp8_gemv, gemv_workspace
+    from gpu_engine.kernels.fp8_gemm import GemvConfig, fp8_gemv, gemv_workspace
 
     gen = _gen()
     dtype = torch.bfloat16 if CUDA else torch.float32
@@ -231,9 +275,50 @@ def test_split_k_gemv_matches_the_reference(
         want = want + b.double()
     workspace = gemv_workspace(n, x.device)
     for _ in range(2):
-        y = fp8_gemv(x, w_q, w_s, b, workspace, *tile, split, prefetch)
+        y = fp8_gemv(x, w_q, w_s, b, workspace, GemvConfig(*tile, 4, split), prefetch)
         err = float((y.double() - want).norm() / want.norm())
         assert y.dtype == dtype and err < (1e-2 if CUDA else 1e-6), err
         assert not workspace[0].any() and not workspace[1].any()
     with pytest.raises(ValueError, match="do not fit"):
         fp8_gemv(x.expand(2, k), w_q, w_s, b, workspace)
+
+
+def _assert_batch_one_tuned(model: nn.Module) -> None:
+    """Every FP8 layer's weight shape got a GEMV launch picked at load."""
+    from gpu_engine.kernels.fp8_gemm import GEMV_CANDIDATES, tuned_gemv
+
+    for layer in (m for m in model.modules() if isinstance(m, Fp8Linear)):
+        n, k = layer.weight.shape
+        assert tuned_gemv(n, k, layer.weight.device) in GEMV_CANDIDATES, (n, k)
+
+
+@gpu
+@pytest.mark.skipif(not CUDA, reason="times the kernel's launches on the device")
+def test_tune_gemv_keeps_a_candidate_and_fp8_gemv_uses_it() -> None:
+    """The tuned launch is one of the candidates, kept for the shape, what a call without a
+    config uses; every candidate computes the same product."""
+    from gpu_engine.kernels.fp8_gemm import (
+        GEMV_CANDIDATES,
+        fp8_gemv,
+        gemv_workspace,
+        tune_gemv,
+        tuned_gemv,
+    )
+
+    n, k = 2064, 5120  # a shape no other test tunes
+    gen = _gen()
+    w_q, w_s = quantize_rows((torch.randn(n, k, generator=gen) * 0.02).to(DEV))
+    x = torch.randn(1, k, generator=gen).to(torch.bfloat16).to(DEV)
+    workspace = gemv_workspace(n, x.device)
+    assert tuned_gemv(n, k, x.device) is None
+    cfg = tune_gemv(w_q, w_s, workspace)
+    assert cfg in GEMV_CANDIDATES and tuned_gemv(n, k, x.device) is cfg
+    assert tune_gemv(w_q, w_s, workspace) is cfg  # timed once per shape
+    x_q, x_s = quantize_rows(x)
+    want = (x_q.double() @ w_q.double().t()) * x_s.double()[:, None] * w_s.double()[None, :]
+    assert torch.equal(
+        fp8_gemv(x, w_q, w_s, None, workspace), fp8_gemv(x, w_q, w_s, None, workspace, cfg)
+    )
+    for candidate in GEMV_CANDIDATES:
+        y = fp8_gemv(x, w_q, w_s, None, workspace, candidate)
+        assert float((y.double() - want).norm() / want.norm()) < 1e-2, candidate
