@@ -174,7 +174,11 @@ def _row(kind: str, model: str, shape: str, times: dict[str, float], work: float
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--parts", default="decode,prefill", help="comma-separated: decode, prefill")
+    ap.add_argument(
+        "--parts",
+        default="decode,prefill",
+        help="comma-separated, run in this order: decode, prefill",
+    )
     smoke.add_smoke_flag(ap, "tiny shapes, our kernels only where flash-attn is missing")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
@@ -190,15 +194,15 @@ def main() -> int:
         "of 256 | flash-attn, pages of 256 | ours 16 time / flash time |"
     )
     print("|---|---|---|---|---|---|---|")
-    if "decode" in parts:
-        batches = SMOKE["batches"] if args.smoke else DECODE_BATCHES
-        contexts = SMOKE["contexts"] if args.smoke else DECODE_CONTEXTS
-        for row in decode_rows(heads, head_dim, batches, contexts):
+    for part in args.parts.split(","):  # in the order given
+        if part == "decode":
+            batches = SMOKE["batches"] if args.smoke else DECODE_BATCHES
+            contexts = SMOKE["contexts"] if args.smoke else DECODE_CONTEXTS
+            rows = decode_rows(heads, head_dim, batches, contexts)
+        else:
+            rows = prefill_rows(heads, head_dim, SMOKE["prefills"] if args.smoke else PREFILLS)
+        for row in rows:
             print(row, flush=True)  # row by row: a cut-off run keeps what it measured
-    if "prefill" in parts:
-        prefills = SMOKE["prefills"] if args.smoke else PREFILLS
-        for row in prefill_rows(heads, head_dim, prefills):
-            print(row, flush=True)
     print("rates: decode K/V read TB/s, prefill TFLOP/s")
     return 0
 
