@@ -140,9 +140,17 @@ PREFILL_GPU = [
 ]
 
 
+def _shrink_v(case: PagedCase, v_size: float) -> PagedCase:
+    """The case with every V value times ``v_size`` (cache and reference alike)."""
+    if v_size != 1.0:
+        case.v_cache.mul_(v_size)
+        case.v_full = [t * v_size for t in case.v_full]
+    return case
+
+
 def _decode_check(specs, h, kvh, d, page, shared, dtype, splits, block_n=None, v_size=1.0):
-    case = make_case(specs, h, kvh, d, page, dtype, DEV, shared_blocks=shared, seed=_seed())
-    case.v_cache.mul_(v_size)
+    case = _shrink_v(make_case(specs, h, kvh, d, page, dtype, DEV, shared_blocks=shared,
+                               seed=_seed()), v_size)  # fmt: skip
     case, scales = quantize_case(case)
     out = torch.full_like(case.q, float("nan"))
     paged_decode_attention(
@@ -174,8 +182,8 @@ def test_decode_attention_fp8_gpu(case, splits: int, dtype: torch.dtype) -> None
 
 
 def _prefill_check(specs, h, kvh, d, page, shared, dtype, v_size=1.0) -> None:
-    case = make_case(specs, h, kvh, d, page, dtype, DEV, shared_blocks=shared, seed=_seed())
-    case.v_cache.mul_(v_size)
+    case = _shrink_v(make_case(specs, h, kvh, d, page, dtype, DEV, shared_blocks=shared,
+                               seed=_seed()), v_size)  # fmt: skip
     case, scales = quantize_case(case)
     out = torch.full_like(case.q, float("nan"))
     meta = case.meta
