@@ -4,10 +4,12 @@
 # replays (device time; the first race timed Python's launches at small shapes), and the
 # engine alone on the spike workload (bench/spike.py's shape): bf16 KV, FP8 KV, FP8 KV with
 # shared-prefix attention, side by side.
-# carry: [".whl-flash", ".cache/tok-smollm2"] (scripts/flash_attn_sdist.sh; the tokenizer is
-# the embedded SmolLM2's, saved as in scripts/structured_wheels.sh).
+# carry: [".whl-flash", ".cache/tok-smollm2", ".whl"] (scripts/flash_attn_sdist.sh; the
+# tokenizer is the embedded SmolLM2's, saved as in scripts/structured_wheels.sh; .whl: the
+# redis client wheels bench/spike.py imports, `pip download --no-deps redis hiredis PyJWT`).
 set -uo pipefail
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/chatq-round10}
 mkdir -p "$OUT"
 t0=$(date +%s)
@@ -21,7 +23,7 @@ timeout 90 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/gpu_engi
 echo "== flash-attn build $(el)"
 WAIT_S=200 bash scripts/device_flash_attn.sh wait 2>&1 | grep -v WARNING
 echo "== attention race, graph replays $(el)"
-PYTHONPATH=/tmp/chatq-flash/site:$PWD timeout "${RACE_S:-200}" python3 bench/attention_race.py \
+PYTHONPATH=/tmp/chatq-flash/site:$PYTHONPATH timeout "${RACE_S:-200}" python3 bench/attention_race.py \
   --parts "${RACE_PARTS:-decode,prefill}" 2>&1 | grep -E "^\| (decode|prefill)|Error"
 for mode in ${ALONE_MODES:-base fp8-noshare fp8}; do
   echo "== engine alone, spike workload, $mode $(el)"
