@@ -41,6 +41,7 @@ CONFIGS: dict[str, dict[str, str]] = {
     "float32 model": {"dtype": "float32"},
     "FP8 KV": {"kv_cache_dtype": "fp8"},
     "FP8 weights": {"quantization": "fp8"},
+    "FP8 weights + LM head": {"quantization": "fp8-lm-head"},
     "FP8 weights + FP8 KV": {"kv_cache_dtype": "fp8", "quantization": "fp8"},
 }
 
