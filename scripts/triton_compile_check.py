@@ -92,13 +92,17 @@ def _attention(dt: str, p: str, fp8: bool):
     tag = f"{dt}{' fp8kv' if fp8 else ''}"
     block_n = 64 if dt == "bf16" else 32
     common = dict(HEAD_DIM=128, BLOCK_D=128, PAGE=16, BLOCK_N=block_n, UPCAST=False,
-                  PRECISION=prec, FP8=fp8, NUM_KV_HEADS=8)  # fmt: skip
+                  PRECISION=prec, FP8=fp8, NUM_KV_HEADS=8,
+                  FP16_DOT=fp8 and dt == "bf16")  # fmt: skip
+    # Decode reads an FP8 cache (bf16 model) in tiles of 128 keys; prefill and the shared
+    # prefix keep 64 (their launchers' choices).
+    decode_n = 128 if fp8 and dt == "bf16" else block_n
     for splits in (1, 8):
         for group in (2, 7):
             for kv_start in (False, True):
                 slots = splits + int(kv_start)
-                consts = dict(common, GROUP=group, GROUP_PAD=16, NUM_SPLITS=splits,
-                              KV_START=kv_start, NUM_SLOTS=slots)  # fmt: skip
+                consts = dict(common, BLOCK_N=decode_n, GROUP=group, GROUP_PAD=16,
+                              NUM_SPLITS=splits, KV_START=kv_start, NUM_SLOTS=slots)  # fmt: skip
                 name = f"decode {tag} G{group} S{splits}{' prefix' if kv_start else ''}"
                 yield name, sig(decode_attention._decode_kernel, p, consts, cache), 4, 2
     merge = dict(HEAD_DIM=128, BLOCK_D=128, NUM_SPLITS=8, NUM_SLOTS=9, SPLITS_PAD=16)

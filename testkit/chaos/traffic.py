@@ -76,6 +76,7 @@ class Traffic:
         self.attempted: set[str] = set()
         self.seen: dict[str, Seen] = {}
         self.submit_failures = 0
+        self.submit_errors: dict[str, str] = {}  # request id -> the last error of a failed one
         self._stop_submitting = asyncio.Event()
         self._stop_reading = asyncio.Event()
         self._cancels: set[asyncio.Future[None]] = set()
@@ -111,22 +112,27 @@ class Traffic:
             await asyncio.sleep(self.rng.expovariate(self.rate_per_s))
 
     async def _submit(self, client: ChatClient, rid: str, max_tokens: int) -> bool:
-        """Submit, retrying through outages (same id, same key)."""
+        """Submit, retrying through outages with the same id, key and body: an attempt that
+        reached Redis but whose reply was lost is then a replay, not a new request (a new
+        body under the same key would be refused as a mismatch, again and again)."""
         self.attempted.add(rid)
+        seed = self.rng.randrange(1 << 30)
         deadline = time.monotonic() + self.submit_retry_s
+        last = ""
         while time.monotonic() < deadline:
             try:
                 await client.submit(
                     MESSAGES, model=self.model, request_id=rid, idempotency_key=rid,
-                    max_tokens=max_tokens, ignore_eos=True, stream=True,
-                    seed=self.rng.randrange(1 << 30),
+                    max_tokens=max_tokens, ignore_eos=True, stream=True, seed=seed,
                 )  # fmt: skip
-            except ChatqError:
+            except ChatqError as err:
+                last = repr(err)
                 await asyncio.sleep(0.5)
                 continue
             self.seen[rid] = Seen(rid, time.monotonic(), max_tokens)
             return True
         self.submit_failures += 1
+        self.submit_errors[rid] = last
         return False
 
     async def _cancel_later(self, client: ChatClient, rid: str) -> None:

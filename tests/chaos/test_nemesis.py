@@ -30,7 +30,7 @@ async def test_every_kind_of_fault_in_one_schedule_loses_and_doubles_nothing(
         chaos_cluster, faults, duration_s=duration_s, rate_per_s=3.0, prefix="mixed"
     )
     _show(capsys, verdict.table(f"chaos schedule, appendfsync always: {len(faults)} faults"))
-    assert verdict.requests >= 20 and traffic.submit_failures == 0
+    assert verdict.requests >= 20 and traffic.submit_failures == 0, traffic.submit_errors
     assert verdict.clean, verdict
     assert verdict.recovered, "no request was open during a fault: the schedule tested nothing"
     assert all(seconds is not None for _, seconds in verdict.recovery_s), verdict.recovery_s
