@@ -94,8 +94,8 @@ def _attention(dt: str, p: str, fp8: bool):
     common = dict(HEAD_DIM=128, BLOCK_D=128, PAGE=16, BLOCK_N=block_n, UPCAST=False,
                   PRECISION=prec, FP8=fp8, NUM_KV_HEADS=8,
                   FP16_DOT=fp8 and dt == "bf16")  # fmt: skip
-    # Decode reads an FP8 cache (bf16 model) in tiles of 128 keys; prefill and the shared
-    # prefix keep 64 (their launchers' choices).
+    # Decode and the shared prefix read an FP8 cache (bf16 model) in tiles of 128 keys;
+    # prefill keeps 64 (the launchers' choices).
     decode_n = 128 if fp8 and dt == "bf16" else block_n
     for splits in (1, 8):
         for group in (2, 7):
@@ -111,7 +111,8 @@ def _attention(dt: str, p: str, fp8: bool):
         consts = dict(common, GROUP=2, BLOCK_M=bm)
         yield f"prefill {tag} M{bm}", sig(prefill_attention._prefill_kernel, p, consts, cache), 4, 2
     for group in (2, 7):
-        consts = dict(common, GROUP=group, GROUP_PAD=triton.next_power_of_2(group),
+        consts = dict(common, BLOCK_N=decode_n, GROUP=group,
+                      GROUP_PAD=triton.next_power_of_2(group),
                       BLOCK_S=shared_prefix.prefix_block_s(group), NUM_SLOTS=9)  # fmt: skip
         kernel = shared_prefix._prefix_kernel
         yield f"prefix {tag} G{group}", sig(kernel, p, consts, cache), 4, 2

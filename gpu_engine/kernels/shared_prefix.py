@@ -182,10 +182,10 @@ def launch_prefix_attention(
         HEAD_DIM=common["HEAD_DIM"],
         BLOCK_D=common["BLOCK_D"],
         PAGE=common["PAGE"],
-        # At most 64 keys a tile, whatever decode takes: with BLOCK_S members' query rows an
-        # FP8 tile of 128 keys needs every register and spills (sm_90 compile: 255 registers,
-        # 56 bytes spilled at GQA 2; 245-250 and no spill at 64).
-        BLOCK_N=min(common["BLOCK_N"], 64),
+        # Decode's tile, 128 keys for an FP8 cache, though it takes every register (sm_90:
+        # 255, 56 bytes spilled at GQA 2, none at 6): at 64 keys the spike workload ran at
+        # 0.79x instead of 0.91x of the bf16 base on the H100 (benchmarks.md).
+        BLOCK_N=common["BLOCK_N"],
         UPCAST=common["UPCAST"],
         PRECISION=common["PRECISION"],
         FP8=common["FP8"],
