@@ -15,7 +15,7 @@ from gpu_engine.outputs import EngineCapacity
 from producer.sync_client import SyncChatClient
 from tests.workers.conftest import WorkerProcess
 from tests.workers.metric_conventions import convention_problems
-from tests.workers.test_cli import _pending_by_consumer, _ready, _submit_long, _wait
+from tests.workers.test_cli import _each_holds, _ready, _submit_long, _wait
 from workers.gpu_metrics import GpuCollector, GpuReading, GpuTelemetry, gpu_families
 from workers.metrics import OUTCOMES, Metrics, WorkerCollector
 from workers.metrics_server import MetricsServer
@@ -169,9 +169,10 @@ def _scrape_url(url: str) -> dict[tuple[str, str], float]:
 def test_every_host_process_counts_are_exported(
     redis_url: str, spawn_worker: Callable[..., WorkerProcess]
 ) -> None:
-    """``--host-processes 2``: both consumers (``wm``, ``wm.1``) hold requests at once (each
-    takes half of the in-flight bound: 6 of 12), and the one /metrics port of the worker
-    exports both hosts' counts."""
+    """``--host-processes 2``: both consumers (``wm``, ``wm.1``) hold requests at once, and
+    the one /metrics port of the worker exports each host's counts: what that host answered.
+    (How the 12 requests split between the hosts depends on who pulls first and on the
+    shared engine's queue, so the counts are checked against the answers, not a fixed 6/6.)"""
     r = redis.Redis.from_url(redis_url)
     port = free_port()
     w = spawn_worker(redis_url, "wm", "--host-processes", "2", "--metrics-port", str(port))
@@ -180,20 +181,21 @@ def test_every_host_process_counts_are_exported(
     _wait(lambda: _get(f"http://127.0.0.1:{port}/ready")[0] == 200, 30, "/ready", w)
     with SyncChatClient(redis_url) as client:
         ids = _submit_long(client, max_tokens=200)
-        _wait(lambda: _pending_by_consumer(r) == {"wm": 6, "wm.1": 6}, 60, "both hosts full", w)
+        _wait(lambda: _each_holds(r, "wm", "wm.1"), 60, "both hosts holding requests", w)
         results = [client.result(rid, timeout_s=120) for rid in ids]
-    assert sorted(res.worker for res in results) == ["wm"] * 6 + ["wm.1"] * 6
+    answered = {h: sum(res.worker == h for res in results) for h in ("wm", "wm.1")}
+    assert sum(answered.values()) == 12 and all(answered.values()), answered
 
     def exported() -> dict[tuple[str, str], float] | None:
         got = _scrape_url(f"http://127.0.0.1:{port}/metrics")
         done = {h: got.get(("chatq_requests_total", h), 0.0) for h in ("wm", "wm.1")}
-        return got if done == {"wm": 6.0, "wm.1": 6.0} else None
+        return got if done == {h: float(n) for h, n in answered.items()} else None
 
     got = _wait(exported, 10, "both hosts' counts on /metrics", w)
-    for host in ("wm", "wm.1"):
-        assert got["chatq_generation_tokens_total", host] == 6 * 200
-        assert got["chatq_request_e2e_latency_seconds_count", host] == 6
-        assert got["chatq_worker_entries_pulled_total", host] >= 6
+    for host, n in answered.items():
+        assert got["chatq_generation_tokens_total", host] == n * 200
+        assert got["chatq_request_e2e_latency_seconds_count", host] == n
+        assert got["chatq_worker_entries_pulled_total", host] >= n
     # the engine's gauges once, under host 0's name
     assert ("chatq_worker_kv_cache_usage_ratio", "wm") in got
     assert ("chatq_worker_kv_cache_usage_ratio", "wm.1") not in got
