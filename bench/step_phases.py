@@ -47,6 +47,9 @@ def parse_args() -> argparse.Namespace:
         default=None,
         help="engine option (default: the engine's choice); >1 groups admissions",
     )
+    p.add_argument("--kv-cache-dtype", default="auto", choices=("auto", "fp8"),
+                   help="engine option: fp8 for the FP8 KV cache")  # fmt: skip
+    p.add_argument("--shared-prefix", action="store_true", help="shared-prefix attention on")
     p.add_argument("--sync", action="store_true", help="step() instead of pipelined_step()")
     p.add_argument("--min-seqs", type=int, default=200, help="table: steps with this many seqs")
     smoke.add_smoke_flag(p, f"8 short requests, test tokenizer, {SMOKE}")
@@ -90,6 +93,7 @@ def run(args: argparse.Namespace) -> None:
         str(model_dir), dtype="bfloat16" if cuda else "float32", device=args.device,
         max_num_seqs=256,
         max_num_batched_tokens=8192, max_model_len=4096, admit_min_seqs=args.admit_min_seqs,
+        kv_cache_dtype=args.kv_cache_dtype, shared_prefix_attention=args.shared_prefix,
     )  # fmt: skip
     for i, (r, ids) in enumerate(zip(reqs[:8], prompts[:8], strict=True)):  # warm-up
         engine.add_request(f"w{i}", ids, SamplingParams(max_tokens=r.max_tokens, ignore_eos=True))
