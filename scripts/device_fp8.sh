@@ -65,16 +65,5 @@ echo "== summary $(($(date +%s) - t0))s"
 grep -E "passed|failed|error" "$OUT/pytest_gpu.log" 2>/dev/null | tail -2
 grep -E "^\| (decode|qkv|o |gate_up|down)" "$OUT/fp8_kernels.log" 2>/dev/null | head -30
 grep -E "^\| \((a|b)\)" "$OUT/engine_throughput.md" 2>/dev/null | grep -v "host ms"
-python3 - "$OUT" <<'PY'
-import json, sys, pathlib
-out = pathlib.Path(sys.argv[1])
-rows = sorted(out.glob("alone_*.json"))
-if rows:
-    print("| alone mode | tok/s | saturated tok/s | steps | shared-prefix steps | KV B/token |")
-    print("|---|---|---|---|---|---|")
-for p in rows:
-    a = json.loads(p.read_text())
-    print(f"| {p.stem[6:]} | {a['tok_s']:,.0f} | {a['tok_s_saturated']:,.0f} | {a['steps']} | "
-          f"{a.get('shared_prefix_steps')} | {a.get('kv_bytes_per_token')} |")
-PY
+python3 scripts/alone_table.py "$OUT"
 echo "== done in $(($(date +%s) - t0))s"

@@ -8,10 +8,8 @@
 # tokenizer is the embedded SmolLM2's, saved as in scripts/structured_wheels.sh; .whl: the
 # redis client wheels bench/spike.py imports, `pip download --no-deps redis hiredis PyJWT`).
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/chatq-round10}
-mkdir -p "$OUT"
+source "$(dirname "$0")/device_env.sh"  # the carried wheels, PYTHONPATH, $OUT
 t0=$(date +%s)
 el() { echo "$(($(date +%s) - t0))s"; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
@@ -36,14 +34,5 @@ for mode in ${ALONE_MODES:-base fp8-noshare fp8}; do
     --alone-requests "${ALONE_REQUESTS:-512}" --alone-json "$OUT/alone_$mode.json" "${flag[@]}" \
     > "$OUT/alone_$mode.log" 2>&1 || tail -5 "$OUT/alone_$mode.log"
 done
-python3 - "$OUT" <<'PY'
-import json, sys, pathlib
-rows = sorted(pathlib.Path(sys.argv[1]).glob("alone_*.json"))
-print("| alone mode | tok/s | saturated tok/s | steps | shared-prefix steps | KV B/token |")
-print("|---|---|---|---|---|---|")
-for p in rows:
-    a = json.loads(p.read_text())
-    print(f"| {p.stem[6:]} | {a['tok_s']:,.0f} | {a['tok_s_saturated']:,.0f} | {a['steps']} | "
-          f"{a.get('shared_prefix_steps')} | {a.get('kv_bytes_per_token')} |")
-PY
+python3 scripts/alone_table.py "$OUT"
 echo "== done $(el)"

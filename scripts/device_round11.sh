@@ -4,10 +4,8 @@
 # KV vs FP8 KV + shared-prefix attention, side by side.
 # carry: [".cache/tok-smollm2", ".whl"] (see device_round10.sh).
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 OUT=${OUT:-/tmp/chatq-round11}
-mkdir -p "$OUT"
+source "$(dirname "$0")/device_env.sh"  # the carried wheels, PYTHONPATH, $OUT
 t0=$(date +%s)
 el() { echo "$(($(date +%s) - t0))s"; }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
@@ -25,13 +23,5 @@ for mode in ${ALONE_MODES:-base fp8 shared}; do
     --alone-requests "${ALONE_REQUESTS:-512}" --alone-json "$OUT/alone_$mode.json" "${flag[@]}" \
     > "$OUT/alone_$mode.log" 2>&1 || tail -5 "$OUT/alone_$mode.log"
 done
-python3 - "$OUT" <<'PY'
-import json, sys, pathlib
-print("| alone mode | tok/s | saturated tok/s | steps | shared-prefix steps | KV B/token |")
-print("|---|---|---|---|---|---|")
-for p in sorted(pathlib.Path(sys.argv[1]).glob("alone_*.json")):
-    a = json.loads(p.read_text())
-    print(f"| {p.stem[6:]} | {a['tok_s']:,.0f} | {a['tok_s_saturated']:,.0f} | {a['steps']} | "
-          f"{a.get('shared_prefix_steps')} | {a.get('kv_bytes_per_token')} |")
-PY
+python3 scripts/alone_table.py "$OUT"
 echo "== done $(el)"
