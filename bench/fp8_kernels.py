@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from gpu_engine import kernels
 from gpu_engine.fp8 import quantize_rows
+from gpu_engine.kernels import decode_attention
 from gpu_engine.kernels.decode_attention import choose_num_splits, paged_decode_attention
 from gpu_engine.layers.fp8_linear import fp8_linear
 
@@ -68,19 +69,21 @@ def decode_rows(smoke: bool) -> list[str]:
         (kq, ks), (vq, vs) = quantize_rows(kc), quantize_rows(vc)
         sp = choose_num_splits(bs, hk, ctx, sms)
         # FP8 tiles meet q as fp16 dot operands (the default) or as bf16 (the A/B).
+        # (halves: the FP8 tiles read as two halves of the head dim, CHATQ_FP8_KV_HALVES)
         variants = [
-            ("bf16", kc, vc, None, 64, True),
-            ("fp8, bf16 dots", kq, vq, (ks, vs), 128, False),
-            ("fp8, fp16 dots", kq, vq, (ks, vs), 64, True),
-            ("fp8, fp16 dots", kq, vq, (ks, vs), 128, True),
+            ("bf16", kc, vc, None, 64, True, False),
+            ("fp8, bf16 dots", kq, vq, (ks, vs), 128, False, False),
+            ("fp8, fp16 dots", kq, vq, (ks, vs), 64, True, False),
+            ("fp8, fp16 dots", kq, vq, (ks, vs), 128, True, False),
+            ("fp8, fp16 dots, halves", kq, vq, (ks, vs), 128, True, True),
         ]
         base = None
-        for name, k, v, scales, block_n, fp16 in variants:
+        for name, k, v, scales, block_n, fp16, halves in variants:
             run = partial(paged_decode_attention, q, k, v, bt, sl, d**-0.5, num_splits=sp,
                           kv_scales=scales, block_n=block_n)  # fmt: skip
-            kernels.FP8_FP16_DOT = fp16
+            kernels.FP8_FP16_DOT, decode_attention.FP8_KV_HALVES = fp16, halves
             t = bench(run, smoke)
-            kernels.FP8_FP16_DOT = True
+            kernels.FP8_FP16_DOT, decode_attention.FP8_KV_HALVES = True, False
             nbytes = 2 * (k.numel() * k.element_size() + (0 if scales is None else 4 * ks.numel()))
             base = base or t
             rows.append(

@@ -102,9 +102,14 @@ def _attention(dt: str, p: str, fp8: bool):
             for kv_start in (False, True):
                 slots = splits + int(kv_start)
                 consts = dict(common, BLOCK_N=decode_n, GROUP=group, GROUP_PAD=16,
-                              NUM_SPLITS=splits, KV_START=kv_start, NUM_SLOTS=slots)  # fmt: skip
+                              NUM_SPLITS=splits, KV_START=kv_start, NUM_SLOTS=slots,
+                              HALVES=False)  # fmt: skip
                 name = f"decode {tag} G{group} S{splits}{' prefix' if kv_start else ''}"
                 yield name, sig(decode_attention._decode_kernel, p, consts, cache), 4, 2
+    if fp8:  # FP8 tiles read as two halves of the head dim (CHATQ_FP8_KV_HALVES)
+        consts = dict(common, BLOCK_N=decode_n, GROUP=2, GROUP_PAD=16, NUM_SPLITS=8,
+                      KV_START=True, NUM_SLOTS=9, HALVES=True)  # fmt: skip
+        yield f"decode {tag} halves", sig(decode_attention._decode_kernel, p, consts, cache), 4, 2
     merge = dict(HEAD_DIM=128, BLOCK_D=128, NUM_SPLITS=8, NUM_SLOTS=9, SPLITS_PAD=16)
     yield f"merge {tag}", sig(decode_attention._merge_kernel, p, merge), 4, 1
     for bm in (16, 64) if dt == "bf16" else (16,):

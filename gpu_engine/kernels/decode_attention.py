@@ -20,6 +20,8 @@ to the probabilities before the PV product (V), so no dequantized tile is materi
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -69,6 +71,7 @@ def _decode_kernel(
     KV_START: tl.constexpr,
     NUM_SLOTS: tl.constexpr,
     FP16_DOT: tl.constexpr,
+    HALVES: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -101,6 +104,16 @@ def _decode_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    if HALVES:
+        # An FP8 cache read as two halves of the head dim (see fp8_halves): q's halves, and
+        # an output accumulator for each.
+        dh = tl.arange(0, BLOCK_D // 2)
+        q_rows = q_ptr + seq.to(tl.int64) * stride_q_tok + heads[:, None] * stride_q_head
+        q0 = tl.load(q_rows + dh[None, :], mask=g_mask[:, None], other=0.0).to(q.dtype)
+        q1 = tl.load(q_rows + BLOCK_D // 2 + dh[None, :], mask=g_mask[:, None], other=0.0)
+        q1 = q1.to(q.dtype)
+        acc0 = tl.zeros([GROUP_PAD, BLOCK_D // 2], tl.float32)
+        acc1 = tl.zeros([GROUP_PAD, BLOCK_D // 2], tl.float32)
     bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt_seq
     head_off = kv_head * HEAD_DIM
     for tile in range(tile_lo, tile_hi):
@@ -109,36 +122,62 @@ def _decode_kernel(
         blk = tl.load(bt_row + n // PAGE, mask=n_mask, other=0).to(tl.int64)
         rows = blk * stride_c_blk + (n % PAGE) * stride_c_tok + head_off  # [BLOCK_N]
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-        if FP8:
-            # Scales of these tokens' K/V rows: [num_blocks, PAGE, NUM_KV_HEADS] fp32.
+        if HALVES:
+            h_mask = n_mask[:, None]
             srow = (blk * PAGE + n % PAGE) * NUM_KV_HEADS + kv_head
             k_s = tl.load(k_scale_ptr + srow, mask=n_mask, other=0.0)
             v_s = tl.load(v_scale_ptr + srow, mask=n_mask, other=0.0)
-            k = k.to(q.dtype)
-            v = v.to(q.dtype)
-        elif UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [GROUP_PAD, BLOCK_N]
-        if FP8:
-            s = s * k_s[None, :]
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if FP8:
-            # V's scales enter as p * v_s / (the tile's largest), the largest after the
-            # product: p * v_s alone can sit below fp16's normal range (kernels.fp16_dot).
-            v_top = tl.maximum(tl.max(v_s, 0), 1e-30)
-            pv = (p * (v_s / v_top)[None, :]).to(v.dtype)
-            acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=PRECISION) * v_top
+            k_rows = k_cache_ptr + rows[:, None] + dh[None, :]
+            k0 = tl.load(k_rows, mask=h_mask, other=0.0).to(q.dtype)
+            s = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
+            k1 = tl.load(k_rows + BLOCK_D // 2, mask=h_mask, other=0.0).to(q.dtype)
+            s += tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
+            s = tl.where(n_mask[None, :], s * qk_scale * k_s[None, :], float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v_top = tl.maximum(tl.max(v_s, 0), 1e-30)  # as below
+            pv = (p * (v_s / v_top)[None, :]).to(q.dtype)
+            v_rows = v_cache_ptr + rows[:, None] + dh[None, :]
+            v0 = tl.load(v_rows, mask=h_mask, other=0.0).to(q.dtype)
+            acc0 = acc0 * alpha[:, None] + tl.dot(pv, v0, input_precision=PRECISION) * v_top
+            v1 = tl.load(v_rows + BLOCK_D // 2, mask=h_mask, other=0.0).to(q.dtype)
+            acc1 = acc1 * alpha[:, None] + tl.dot(pv, v1, input_precision=PRECISION) * v_top
+            m_i = m_new
         else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+            k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
+            if FP8:
+                # Scales of these tokens' K/V rows: [num_blocks, PAGE, NUM_KV_HEADS] fp32.
+                srow = (blk * PAGE + n % PAGE) * NUM_KV_HEADS + kv_head
+                k_s = tl.load(k_scale_ptr + srow, mask=n_mask, other=0.0)
+                v_s = tl.load(v_scale_ptr + srow, mask=n_mask, other=0.0)
+                k = k.to(q.dtype)
+                v = v.to(q.dtype)
+            elif UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [GROUP_PAD, BLOCK_N]
+            if FP8:
+                s = s * k_s[None, :]
+            s = tl.where(n_mask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if FP8:
+                # V's scales enter as p * v_s / (the tile's largest), the largest after the
+                # product: p * v_s alone can sit below fp16's normal range (kernels.fp16_dot).
+                v_top = tl.maximum(tl.max(v_s, 0), 1e-30)
+                pv = (p * (v_s / v_top)[None, :]).to(v.dtype)
+                acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=PRECISION) * v_top
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
 
+    if HALVES:  # [acc0 | acc1] along the head dim
+        acc = tl.reshape(tl.permute(tl.join(acc0, acc1), (0, 2, 1)), [GROUP_PAD, BLOCK_D])
     o_mask = g_mask[:, None] & d_mask[None, :]
     if NUM_SLOTS == 1:
         # seq_len 0 (graph padding) leaves l_i = 0: write zeros, not NaN.
@@ -210,6 +249,19 @@ def choose_num_splits(
     cap = max(1, triton.cdiv(max_seq_len, 4 * block_n))
     splits = max(1, min(want, cap, 64))
     return 1 << (splits.bit_length() - 1)
+
+
+# An FP8 cache's tiles read as two halves of the head dim, each converted and multiplied in
+# turn: the sm_90 compile needs 134 registers a thread at 128-key tiles instead of 193 (3
+# programs an SM instead of 2). Not yet measured on a GPU: CHATQ_FP8_KV_HALVES=1 turns it on.
+FP8_KV_HALVES: bool = os.environ.get("CHATQ_FP8_KV_HALVES", "0") == "1"
+
+
+def fp8_halves(head_dim: int, kv_scales: object) -> bool:
+    """Whether a decode launch reads its FP8 tiles in halves (FP8_KV_HALVES; head dims that
+    are powers of two from 32, so each half is a whole dot operand)."""
+    exact = head_dim >= 32 and head_dim & (head_dim - 1) == 0
+    return FP8_KV_HALVES and kv_scales is not None and exact
 
 
 def paged_decode_attention(
@@ -306,6 +358,7 @@ def paged_decode_attention(
         num_stages=2,
         KV_START=shared is not None,
         NUM_SLOTS=num_slots,
+        HALVES=fp8_halves(head_dim, kv_scales),
         **common,
     )
     if num_slots > 1:

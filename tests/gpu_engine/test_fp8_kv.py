@@ -20,6 +20,7 @@ import gpu_engine.kernels  # noqa: F401  (switches the interpreter on without CU
 from gpu_engine import LLM, SamplingParams
 from gpu_engine.config import ConfigError, EngineConfig
 from gpu_engine.fp8 import E4M3_MAX, FP8_DTYPE, dequantize_rows, quantize_rows
+from gpu_engine.kernels import decode_attention
 from gpu_engine.kernels.decode_attention import paged_decode_attention
 from gpu_engine.kernels.kv_cache import store_kv_cache
 from gpu_engine.kernels.prefill_attention import paged_prefill_attention
@@ -162,9 +163,14 @@ def _decode_check(specs, h, kvh, d, page, shared, dtype, splits, block_n=None, v
     assert err < TOL[dtype], f"rel err {err:.2e} splits={splits}"
 
 
+@pytest.mark.parametrize("halves", [False, True], ids=["whole", "halves"])
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("case", DECODE_CPU)
-def test_decode_attention_fp8_small(case, splits: int) -> None:
+def test_decode_attention_fp8_small(
+    case, splits: int, halves: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # halves: the tiles read as two halves of the head dim (CHATQ_FP8_KV_HALVES)
+    monkeypatch.setattr(decode_attention, "FP8_KV_HALVES", halves)
     _decode_check(*case, torch.float32, splits)
 
 
@@ -174,10 +180,14 @@ def test_decode_attention_fp8_wide_tiles() -> None:
 
 
 @gpu
+@pytest.mark.parametrize("halves", [False, True], ids=["whole", "halves"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("splits", [1, 4])
 @pytest.mark.parametrize("case", DECODE_GPU)
-def test_decode_attention_fp8_gpu(case, splits: int, dtype: torch.dtype) -> None:
+def test_decode_attention_fp8_gpu(
+    case, splits: int, dtype: torch.dtype, halves: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(decode_attention, "FP8_KV_HALVES", halves)
     _decode_check(*case, dtype, splits)
 
 
