@@ -54,6 +54,8 @@ def test_cli_wins_over_environment_which_wins_over_defaults() -> None:
     assert fp8.engine_options()["quantization"] == "fp8"
     assert fp8.engine_options()["shared_prefix_attention"] is True
     assert s.engine_options()["shared_prefix_attention"] is False
+    head = WorkerSettings.from_args(_parse("--model", "/m", "--quantization", "fp8-lm-head"), {})
+    assert head.engine_options()["quantization"] == "fp8-lm-head"
     served = WorkerSettings.from_args(_parse("--model", "/m", "--served-model-name", "chat"), {})
     assert served.model_name == "chat"
 
