@@ -4,11 +4,14 @@ the checker's verdict."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from testkit.chaos.checker import Verdict, check
 from testkit.chaos.cluster import MODEL, ChaosCluster
 from testkit.chaos.nemesis import Fault, Nemesis
 from testkit.chaos.traffic import Traffic
+
+FIRST_SUBMIT_WAIT_S = 30.0
 
 
 async def experiment(
@@ -29,9 +32,21 @@ async def experiment(
         cluster.url, MODEL, rate_per_s=rate_per_s, max_tokens=max_tokens, seed=seed,
         prefix=prefix, submit_retry_s=submit_retry_s,
     )  # fmt: skip
-    await asyncio.gather(traffic.run(duration_s, drain_timeout_s), Nemesis(cluster).run(faults))
+    faults_run = _faults_once_traffic_flows(cluster, traffic, faults)
+    await asyncio.gather(traffic.run(duration_s, drain_timeout_s), faults_run)
     r = cluster.client()
     try:
         return check(traffic, r, faults), traffic
     finally:
         r.close()
+
+
+async def _faults_once_traffic_flows(
+    cluster: ChaosCluster, traffic: Traffic, faults: list[Fault]
+) -> None:
+    """The schedule's clock starts at the first accepted submit, not at the call: on a loaded
+    machine the client can take seconds to connect, and a fault at 2 s would otherwise find
+    no request open. Past FIRST_SUBMIT_WAIT_S the faults run anyway."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(traffic.first_submit.wait(), FIRST_SUBMIT_WAIT_S)
+    await Nemesis(cluster).run(faults)

@@ -77,6 +77,7 @@ class Traffic:
         self.seen: dict[str, Seen] = {}
         self.submit_failures = 0
         self.submit_errors: dict[str, str] = {}  # request id -> the last error of a failed one
+        self.first_submit = asyncio.Event()  # set once Redis accepted a request
         self._stop_submitting = asyncio.Event()
         self._stop_reading = asyncio.Event()
         self._cancels: set[asyncio.Future[None]] = set()
@@ -130,6 +131,7 @@ class Traffic:
                 await asyncio.sleep(0.5)
                 continue
             self.seen[rid] = Seen(rid, time.monotonic(), max_tokens)
+            self.first_submit.set()
             return True
         self.submit_failures += 1
         self.submit_errors[rid] = last
