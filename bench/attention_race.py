@@ -162,6 +162,32 @@ def timed(run: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
     return out.clone(), bench(graph.replay)
 
 
+SPLITS = (1, 2, 4, 8, 16, 32)
+
+
+def split_rows(heads: dict[str, tuple[int, int]], head_dim: int, batches: Any,
+               contexts: Any) -> Iterator[str]:  # fmt: skip
+    """Our paged decode (pages of 16) at every split count, small batches: what the engine's
+    choice (``choose_num_splits``: each split at least 4 tiles of 64 keys) costs where
+    flash-attn is ahead (short contexts, few sequences)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 4
+    for name, (hq, hk) in heads.items():
+        for bs, ctx in ((b, c) for b in batches for c in contexts):
+            kv = PagedKV(bs, ctx, hk, head_dim, seed=bs * 13 + ctx)
+            q = torch.randn(bs, hq, head_dim, device=DEV, dtype=torch.bfloat16)
+            lens = torch.full((bs,), ctx, device=DEV, dtype=torch.int32)
+            kc, vc, table = kv.paged(16)
+            chosen = choose_num_splits(bs, hk, ctx, sms)
+            cells = []
+            for splits in SPLITS:
+                run = partial(paged_decode_attention, q, kc, vc, table, lens, head_dim**-0.5,
+                              num_splits=splits)  # fmt: skip
+                mark = "*" if splits == chosen else ""
+                cells.append(f"{timed(run)[1] * 1e3:.1f}{mark}")
+            del kv
+            yield f"| splits | {name} | {bs} x {ctx} | " + " | ".join(cells) + " |"
+
+
 def _flash_decode(fn: Callable[..., Any], q: torch.Tensor, k_cache: torch.Tensor,
                   v_cache: torch.Tensor, lens: torch.Tensor, table: torch.Tensor,
                   scale: float) -> torch.Tensor:  # fmt: skip
@@ -196,14 +222,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
         "--parts",
-        default="decode,prefill",
-        help="comma-separated, run in this order: decode, prefill",
+        default="decode,prefill,splits",
+        help="comma-separated, run in this order: decode, prefill, splits (ours alone)",
     )
     smoke.add_smoke_flag(ap, "tiny shapes, our kernels only where flash-attn is missing")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
-    if parts - {"decode", "prefill"}:
-        ap.error(f"--parts: unknown {sorted(parts - {'decode', 'prefill'})}")
+    if parts - {"decode", "prefill", "splits"}:
+        ap.error(f"--parts: unknown {sorted(parts - {'decode', 'prefill', 'splits'})}")
     if DEV != "cuda" and not args.smoke:
         ap.error("the race needs a CUDA device (use --smoke elsewhere)")
     heads, head_dim = (SMOKE["heads"], SMOKE["head_dim"]) if args.smoke else (HEADS, HEAD_DIM)
@@ -215,7 +241,13 @@ def main() -> int:
     )
     print("|---|---|---|---|---|---|---|")
     for part in args.parts.split(","):  # in the order given
-        if part == "decode":
+        if part == "splits":
+            cols = " | ".join(f"{n} split(s), µs" for n in SPLITS)
+            print(f"\nours alone, * = the engine's choice\n| splits | model heads | seqs x tokens "
+                  f"| {cols} |\n|---|---|---|" + "---|" * len(SPLITS))  # fmt: skip
+            small = ((1, 2), (64,)) if args.smoke else ((1, 8), (512, 2048))
+            rows = split_rows(heads, head_dim, *small)
+        elif part == "decode":
             batches = SMOKE["batches"] if args.smoke else DECODE_BATCHES
             contexts = SMOKE["contexts"] if args.smoke else DECODE_CONTEXTS
             rows = decode_rows(heads, head_dim, batches, contexts)

@@ -4,7 +4,9 @@
 # instead of 193 in the sm_90 compile, not yet run on a GPU). Its GPU tests, the decode
 # kernels side by side (bench/fp8_kernels.py --parts decode has a halves row and the spike's
 # shared-prefix shape), then nano-vllm's shape with the bf16 and FP8 caches, halves off and
-# on. If halves wins, make it the default (gpu_engine/kernels/decode_attention.py).
+# on. If halves wins, make it the default (gpu_engine/kernels/decode_attention.py). Last,
+# our decode at every split count for 1-8 sequences of 512/2k tokens (flash-attn was
+# 1.14-1.24x ahead there): is choose_num_splits' 4-tiles-a-split rule the cost?
 # carry: none.
 set -uo pipefail
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -21,4 +23,6 @@ for halves in 0 1; do
   CHATQ_FP8_KV_HALVES=$halves timeout 150 python3 bench/engine_throughput.py --hf-requests 0 \
     --skip-roofline --kv-cache-dtypes auto,fp8 2>&1 | grep -E "^\| \(a\)|Error" | grep -v "host ms"
 done
+echo "== decode split counts at small batches (ours alone) $(el)"
+timeout 90 python3 bench/attention_race.py --parts splits 2>&1 | grep -E "^\| splits|Error"
 echo "== done $(el)"
