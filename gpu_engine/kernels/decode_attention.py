@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from gpu_engine.kernels import INTERPRET, check_kv_scales, dot_precision, fp16_dot
+from gpu_engine.kernels.fp8_math import scaled_probs
 from gpu_engine.kernels.shared_prefix import launch_prefix_attention
 from gpu_engine.layers.base import SharedPrefix
 
@@ -122,59 +123,48 @@ def _decode_kernel(
         blk = tl.load(bt_row + n // PAGE, mask=n_mask, other=0).to(tl.int64)
         rows = blk * stride_c_blk + (n % PAGE) * stride_c_tok + head_off  # [BLOCK_N]
         kv_mask = n_mask[:, None] & d_mask[None, :]
-        if HALVES:
-            h_mask = n_mask[:, None]
+        if FP8:
+            # Scales of these tokens' K/V rows: [num_blocks, PAGE, NUM_KV_HEADS] fp32.
             srow = (blk * PAGE + n % PAGE) * NUM_KV_HEADS + kv_head
             k_s = tl.load(k_scale_ptr + srow, mask=n_mask, other=0.0)
             v_s = tl.load(v_scale_ptr + srow, mask=n_mask, other=0.0)
+        if HALVES:  # each half of K converted and multiplied in turn
             k_rows = k_cache_ptr + rows[:, None] + dh[None, :]
-            k0 = tl.load(k_rows, mask=h_mask, other=0.0).to(q.dtype)
+            k0 = tl.load(k_rows, mask=n_mask[:, None], other=0.0).to(q.dtype)
             s = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
-            k1 = tl.load(k_rows + BLOCK_D // 2, mask=h_mask, other=0.0).to(q.dtype)
+            k1 = tl.load(k_rows + BLOCK_D // 2, mask=n_mask[:, None], other=0.0).to(q.dtype)
             s += tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
-            s = tl.where(n_mask[None, :], s * qk_scale * k_s[None, :], float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v_top = tl.maximum(tl.max(v_s, 0), 1e-30)  # as below
-            pv = (p * (v_s / v_top)[None, :]).to(q.dtype)
-            v_rows = v_cache_ptr + rows[:, None] + dh[None, :]
-            v0 = tl.load(v_rows, mask=h_mask, other=0.0).to(q.dtype)
-            acc0 = acc0 * alpha[:, None] + tl.dot(pv, v0, input_precision=PRECISION) * v_top
-            v1 = tl.load(v_rows + BLOCK_D // 2, mask=h_mask, other=0.0).to(q.dtype)
-            acc1 = acc1 * alpha[:, None] + tl.dot(pv, v1, input_precision=PRECISION) * v_top
-            m_i = m_new
         else:
             k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
             v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
             if FP8:
-                # Scales of these tokens' K/V rows: [num_blocks, PAGE, NUM_KV_HEADS] fp32.
-                srow = (blk * PAGE + n % PAGE) * NUM_KV_HEADS + kv_head
-                k_s = tl.load(k_scale_ptr + srow, mask=n_mask, other=0.0)
-                v_s = tl.load(v_scale_ptr + srow, mask=n_mask, other=0.0)
                 k = k.to(q.dtype)
                 v = v.to(q.dtype)
             elif UPCAST:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [GROUP_PAD, BLOCK_N]
-            if FP8:
-                s = s * k_s[None, :]
-            s = tl.where(n_mask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if FP8:
-                # V's scales enter as p * v_s / (the tile's largest), the largest after the
-                # product: p * v_s alone can sit below fp16's normal range (kernels.fp16_dot).
-                v_top = tl.maximum(tl.max(v_s, 0), 1e-30)
-                pv = (p * (v_s / v_top)[None, :]).to(v.dtype)
-                acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=PRECISION) * v_top
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [GROUP_PAD, BLOCK_N]
+        s = s * qk_scale
+        if FP8:
+            s = s * k_s[None, :]
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if HALVES:
+            pv, v_top = scaled_probs(p, v_s, q.dtype)
+            v_rows = v_cache_ptr + rows[:, None] + dh[None, :]
+            v0 = tl.load(v_rows, mask=n_mask[:, None], other=0.0).to(q.dtype)
+            acc0 = acc0 * alpha[:, None] + tl.dot(pv, v0, input_precision=PRECISION) * v_top
+            v1 = tl.load(v_rows + BLOCK_D // 2, mask=n_mask[:, None], other=0.0).to(q.dtype)
+            acc1 = acc1 * alpha[:, None] + tl.dot(pv, v1, input_precision=PRECISION) * v_top
+        elif FP8:
+            pv, v_top = scaled_probs(p, v_s, v.dtype)
+            acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=PRECISION) * v_top
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
 
     if HALVES:  # [acc0 | acc1] along the head dim
         acc = tl.reshape(tl.permute(tl.join(acc0, acc1), (0, 2, 1)), [GROUP_PAD, BLOCK_D])

@@ -56,3 +56,12 @@ def quantize_e4m3(x, amax):
     """x [R, N] fp32 with its row maxima ``amax`` [R] -> (e4m3 [R, N], fp32 scales [R])."""
     scale, inv = e4m3_scale(amax)
     return to_e4m3(x, inv[:, None]), scale
+
+
+@triton.jit
+def scaled_probs(p, v_s, dtype: tl.constexpr):
+    """(p * v_s / top, top) for the P·V product over an FP8 tile: V's per-token scales
+    ``v_s`` [BLOCK_N] enter relative to the tile's largest, which multiplies the product
+    after it: p * v_s alone can sit below fp16's normal range (kernels.fp16_dot)."""
+    top = tl.maximum(tl.max(v_s, 0), 1e-30)
+    return (p * (v_s / top)[None, :]).to(dtype), top

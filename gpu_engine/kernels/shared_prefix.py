@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gpu_engine.kernels.fp8_math import scaled_probs
 from gpu_engine.layers.base import SharedPrefix
 from gpu_engine.prefix_groups import prefix_block_s
 
@@ -115,10 +116,7 @@ def _prefix_kernel(
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             if FP8:
-                # V's scales enter as p * v_s / (the tile's largest), the largest after the
-                # product: p * v_s alone can sit below fp16's normal range (kernels.fp16_dot).
-                v_top = tl.maximum(tl.max(v_s, 0), 1e-30)
-                pv = (p * (v_s / v_top)[None, :]).to(v.dtype)
+                pv, v_top = scaled_probs(p, v_s, v.dtype)
                 acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=PRECISION) * v_top
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
