@@ -124,6 +124,11 @@ class IncrementalDetokenizer:
         """Continue after tokens another worker generated, of whose text ``streamed_chars``
         characters were streamed already; True when a stop string is among them."""
         stopped = self.push(generated_ids)
+        if streamed_chars > len(self.text):
+            # Only an ended answer streams its held-back bytes (as U+FFFD, by ``flush``): an
+            # answer of a request for n > 1 that ended there. Flush them here too, or the
+            # final chunk streams them a second time.
+            self.flush()
         self._streamed = min(streamed_chars, len(self.text))
         return stopped
 

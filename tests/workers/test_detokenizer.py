@@ -94,3 +94,39 @@ def test_cached_context_text_gives_the_same_deltas(tokenizer: Any) -> None:
                 assert plain.stream_delta() == cached.stream_delta()
             assert plain.flush() == cached.flush()
     assert len(texts._texts) == 3  # one entry per distinct context window
+
+
+def _streamed_by_one_worker(tok: Any, ids: list[int], prompt: list[int]) -> str:
+    """The deltas one worker streams for an answer of ``ids`` that ends there."""
+    detok = IncrementalDetokenizer(fast_decoder(tok), prompt)
+    deltas = []
+    for token in ids:
+        detok.push([token])
+        deltas.append(detok.stream_delta())
+    detok.flush()
+    return "".join(deltas) + detok.stream_delta(final=True)
+
+
+@pytest.mark.parametrize("ended", [True, False])
+def test_a_resumed_answer_ending_mid_character_streams_its_text_once(
+    tokenizer: Any, ended: bool
+) -> None:
+    """An answer whose last token leaves a character incomplete, taken over by another
+    worker: when the first worker had ended it (its final chunk streamed the held bytes as
+    U+FFFD), the resumed side's final delta is empty; when it had not, the held bytes are
+    still to come. Either way the streamed text joins to the final text (a bug streamed
+    the U+FFFD twice)."""
+    prompt = _ids(tokenizer, "<|im_start|>assistant\n")
+    ids = _ids(tokenizer, "Order 4東")[:-1]  # the last byte of 東 left out
+    if ended:
+        streamed = _streamed_by_one_worker(tokenizer, ids, prompt)
+        assert streamed.endswith("\ufffd")
+    else:
+        streamed = "Order 4"
+    detok = IncrementalDetokenizer(fast_decoder(tokenizer), prompt)
+    assert not detok.resume(ids, len(streamed))
+    streamed += detok.stream_delta()
+    final = detok.flush()
+    streamed += detok.stream_delta(final=True)
+    assert streamed == final
+    assert final.endswith("4\ufffd") and not final.endswith("\ufffd\ufffd")
