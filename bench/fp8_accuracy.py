@@ -14,7 +14,8 @@ runs the same on a GPU with the Triton kernels and FP8 tensor cores.
     .venv/bin/python bench/fp8_accuracy.py [--model DIR] [--answer-tokens 96]
     .venv/bin/python bench/fp8_accuracy.py --smoke     # the tiny test checkpoint, 2 chats
     .venv/bin/python bench/fp8_accuracy.py --diagnose  # FP8 KV's error: K or V, first tokens,
-                                                       # centring (DIAGNOSES)
+                                                       # centring, rotation (DIAGNOSES)
+    .venv/bin/python bench/fp8_accuracy.py --diagnose --per-layer  # and one layer at a time
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 from bench import smoke
 from bench.cpu_engine import conversations, encode
 
-SMOKE = dict(chats=2, answer_tokens=4, diagnose=True)  # every row, the diagnoses too
+SMOKE = dict(chats=2, answer_tokens=4, diagnose=True, per_layer=True)  # every row
 
 CONFIGS: dict[str, dict[str, str]] = {
     "bf16 (reference)": {},
@@ -50,7 +51,8 @@ CONFIGS: dict[str, dict[str, str]] = {
 # through e4m3 (per token and head, as the FP8 cache does) before a bf16 cache stores them,
 # on the CPU's torch reference backend (its store is wrapped; nothing else changes).
 DIAGNOSES = ("FP8 K and V", "FP8 K only", "FP8 V only", "FP8 K and V, first 4 tokens exact",
-             "FP8 K and V, centred per head and channel first")  # fmt: skip
+             "FP8 K and V, centred per head and channel first",
+             "FP8 K and V, head dim Hadamard-rotated first")  # fmt: skip
 
 
 def _rounded(x: torch.Tensor, centred: bool = False) -> torch.Tensor:
@@ -63,6 +65,22 @@ def _rounded(x: torch.Tensor, centred: bool = False) -> torch.Tensor:
     return (dequantize_rows(q, scale, torch.float32) + mean).to(x.dtype)
 
 
+def _hadamard(n: int) -> torch.Tensor:
+    """The orthonormal n x n Hadamard matrix (n a power of two; Sylvester's construction)."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h / n**0.5
+
+
+def _rotated_rounded(x: torch.Tensor) -> torch.Tensor:
+    """x rounded in a rotated basis and rotated back: what storing x @ H in FP8 and rotating
+    q (for K) or the output (for V) by the same H gives (QuaRot's trick: outlier channels
+    spread over all of them; q.k is unchanged by an orthonormal H)."""
+    h = _hadamard(x.shape[-1])
+    return (_rounded((x.float() @ h).to(x.dtype)).float() @ h.T).to(x.dtype)
+
+
 def _diagnosed_kv(name: str, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """This store call's k, v [T, KVH, D] as diagnosis ``name`` rounds them. Centring uses
     the call's own means (an upper bound on what fixed means could do): softmax ignores what
@@ -73,25 +91,39 @@ def _diagnosed_kv(name: str, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Te
         return k, _rounded(v)
     if name.endswith("centred per head and channel first"):
         return _rounded(k, centred=True), _rounded(v, centred=True)
+    if name.endswith("Hadamard-rotated first"):
+        return _rotated_rounded(k), _rotated_rounded(v)
     rk, rv = _rounded(k), _rounded(v)
     if name.endswith("first 4 tokens exact"):  # the whole chat is one prefill: its start
         rk[:4], rv[:4] = k[:4], v[:4]
     return rk, rv
 
 
-def diagnosed_logits(model: str, chats: list[Any], name: str, args: Any) -> list[torch.Tensor]:
+def diagnosed_logits(
+    model: str, chats: list[Any], name: str, args: Any, layer: int | None = None
+) -> list[torch.Tensor]:
+    """Logits with diagnosis ``name``'s rounding in every layer, or in ``layer`` only."""
     import gpu_engine.layers.torch_ref as torch_ref
 
     store = torch_ref.store_kv
+    layers: dict[int, int] = {}  # a layer's K cache address -> its index (layers run in order)
 
-    def rounded_store(k, v, *rest, **kw):  # type: ignore[no-untyped-def]
-        return store(*_diagnosed_kv(name, k, v), *rest, **kw)
+    def rounded_store(k, v, k_cache, *rest, **kw):  # type: ignore[no-untyped-def]
+        if layer is None or layers.setdefault(k_cache.data_ptr(), len(layers)) == layer:
+            k, v = _diagnosed_kv(name, k, v)
+        return store(k, v, k_cache, *rest, **kw)
 
     torch_ref.store_kv = rounded_store
     try:
         return next_token_logits(model, chats, {}, args)
     finally:
         torch_ref.store_kv = store
+
+
+def _num_layers(model: str) -> int:
+    import json
+
+    return int(json.loads((Path(model) / "config.json").read_text())["num_hidden_layers"])
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -143,8 +175,14 @@ def main() -> int:
         "--diagnose", action="store_true",
         help="FP8 KV only, then where its error comes from (CPU: the torch reference)",
     )  # fmt: skip
+    ap.add_argument(
+        "--per-layer", action="store_true",
+        help="with --diagnose: FP8 K and V in one layer at a time (is the error in a few?)",
+    )  # fmt: skip
     smoke.add_smoke_flag(ap, f"the tiny test checkpoint (unless --model), {SMOKE}")
     args = smoke.parse_args(ap, SMOKE, None)
+    if args.per_layer and not args.diagnose:
+        ap.error("--per-layer is a diagnosis: add --diagnose")
     if args.diagnose and args.device != "cpu":
         ap.error("--diagnose wraps the CPU's torch reference backend: use --device cpu")
     torch.set_num_threads(args.threads)
@@ -172,6 +210,9 @@ def run(args: argparse.Namespace) -> None:
         results[name] = next_token_logits(model, chats, options, args)
     for name in DIAGNOSES if args.diagnose else ():
         results[f"diagnosis: {name}"] = diagnosed_logits(model, chats, name, args)
+    for layer in range(_num_layers(model)) if args.per_layer else ():
+        got = diagnosed_logits(model, chats, "FP8 K and V", args, layer)
+        results[f"diagnosis: FP8 K and V in layer {layer} only"] = got
     if args.diagnose:
         # The first diagnosis is the FP8 cache's own arithmetic: the wrapping changes nothing.
         pairs = zip(results["FP8 KV"], results["diagnosis: FP8 K and V"], strict=True)
