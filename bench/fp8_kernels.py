@@ -69,21 +69,26 @@ def decode_rows(smoke: bool) -> list[str]:
         (kq, ks), (vq, vs) = quantize_rows(kc), quantize_rows(vc)
         sp = choose_num_splits(bs, hk, ctx, sms)
         # FP8 tiles meet q as fp16 dot operands (the default) or as bf16 (the A/B).
-        # (halves: the FP8 tiles read as two halves of the head dim, CHATQ_FP8_KV_HALVES)
+        # (halves: the FP8 tiles read as two halves of the head dim, CHATQ_FP8_KV_HALVES;
+        # 8 warps: CHATQ_FP8_KV_WARPS)
         variants = [
-            ("bf16", kc, vc, None, 64, True, False),
-            ("fp8, bf16 dots", kq, vq, (ks, vs), 128, False, False),
-            ("fp8, fp16 dots", kq, vq, (ks, vs), 64, True, False),
-            ("fp8, fp16 dots", kq, vq, (ks, vs), 128, True, False),
-            ("fp8, fp16 dots, halves", kq, vq, (ks, vs), 128, True, True),
+            ("bf16", kc, vc, None, 64, True, False, 4),
+            ("fp8, bf16 dots", kq, vq, (ks, vs), 128, False, False, 4),
+            ("fp8, fp16 dots", kq, vq, (ks, vs), 64, True, False, 4),
+            ("fp8, fp16 dots", kq, vq, (ks, vs), 128, True, False, 4),
+            ("fp8, fp16 dots, halves", kq, vq, (ks, vs), 128, True, True, 4),
+            ("fp8, fp16 dots, 8 warps", kq, vq, (ks, vs), 128, True, False, 8),
+            ("fp8, fp16 dots, halves, 8 warps", kq, vq, (ks, vs), 128, True, True, 8),
         ]
         base = None
-        for name, k, v, scales, block_n, fp16, halves in variants:
+        for name, k, v, scales, block_n, fp16, halves, warps in variants:
             run = partial(paged_decode_attention, q, k, v, bt, sl, d**-0.5, num_splits=sp,
                           kv_scales=scales, block_n=block_n)  # fmt: skip
             kernels.FP8_FP16_DOT, decode_attention.FP8_KV_HALVES = fp16, halves
+            decode_attention.FP8_KV_WARPS = warps
             t = bench(run, smoke)
             kernels.FP8_FP16_DOT, decode_attention.FP8_KV_HALVES = True, False
+            decode_attention.FP8_KV_WARPS = 4
             nbytes = 2 * (k.numel() * k.element_size() + (0 if scales is None else 4 * ks.numel()))
             base = base or t
             rows.append(

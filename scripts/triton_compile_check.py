@@ -110,6 +110,11 @@ def _attention(dt: str, p: str, fp8: bool):
         consts = dict(common, BLOCK_N=decode_n, GROUP=2, GROUP_PAD=16, NUM_SPLITS=8,
                       KV_START=True, NUM_SLOTS=9, HALVES=True)  # fmt: skip
         yield f"decode {tag} halves", sig(decode_attention._decode_kernel, p, consts, cache), 4, 2
+        # ... and at 8 warps a program (CHATQ_FP8_KV_WARPS), whole and halves
+        for halves in (False, True):
+            consts = dict(consts, HALVES=halves)
+            name = f"decode {tag} {'halves ' if halves else ''}8 warps"
+            yield name, sig(decode_attention._decode_kernel, p, consts, cache), 8, 2
     merge = dict(HEAD_DIM=128, BLOCK_D=128, NUM_SPLITS=8, NUM_SLOTS=9, SPLITS_PAD=16)
     yield f"merge {tag}", sig(decode_attention._merge_kernel, p, merge), 4, 1
     for bm in (16, 64) if dt == "bf16" else (16,):

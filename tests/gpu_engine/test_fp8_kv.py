@@ -179,15 +179,31 @@ def test_decode_attention_fp8_wide_tiles() -> None:
     _decode_check([(150, 1), (7, 1), (0, 1)], 4, 2, 16, 4, 0, torch.float32, 2, block_n=128)
 
 
+def test_decode_warps_refuses_a_count_it_was_not_built_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """CHATQ_FP8_KV_WARPS takes 4 or 8 (an FP8 cache's decode programs); a bf16 cache keeps 4."""
+    monkeypatch.setattr(decode_attention, "FP8_KV_WARPS", 8)
+    assert decode_attention.decode_warps(None) == 4
+    assert decode_attention.decode_warps(object()) == 8
+    monkeypatch.setattr(decode_attention, "FP8_KV_WARPS", 6)
+    with pytest.raises(ValueError, match="CHATQ_FP8_KV_WARPS must be 4 or 8, got 6"):
+        decode_attention.decode_warps(object())
+
+
 @gpu
+@pytest.mark.parametrize("warps", [4, 8])
 @pytest.mark.parametrize("halves", [False, True], ids=["whole", "halves"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("splits", [1, 4])
 @pytest.mark.parametrize("case", DECODE_GPU)
 def test_decode_attention_fp8_gpu(
-    case, splits: int, dtype: torch.dtype, halves: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
+    case, splits: int, dtype: torch.dtype, halves: bool, warps: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    # warps: CHATQ_FP8_KV_WARPS (the interpreter on the CPU has no warps to vary)
     monkeypatch.setattr(decode_attention, "FP8_KV_HALVES", halves)
+    monkeypatch.setattr(decode_attention, "FP8_KV_WARPS", warps)
     _decode_check(*case, dtype, splits)
 
 
