@@ -52,7 +52,8 @@ CONFIGS: dict[str, dict[str, str]] = {
 # on the CPU's torch reference backend (its store is wrapped; nothing else changes).
 DIAGNOSES = ("FP8 K and V", "FP8 K only", "FP8 V only", "FP8 K and V, first 4 tokens exact",
              "FP8 K and V, centred per head and channel first",
-             "FP8 K and V, head dim Hadamard-rotated first")  # fmt: skip
+             "FP8 K and V, head dim Hadamard-rotated first",
+             "int8 K and V (per-token scales), for comparison")  # fmt: skip
 
 
 def _rounded(x: torch.Tensor, centred: bool = False) -> torch.Tensor:
@@ -63,6 +64,12 @@ def _rounded(x: torch.Tensor, centred: bool = False) -> torch.Tensor:
     mean = x.float().mean(0, keepdim=True)
     q, scale = quantize_rows((x.float() - mean).to(x.dtype))
     return (dequantize_rows(q, scale, torch.float32) + mean).to(x.dtype)
+
+
+def _int8_rounded(x: torch.Tensor) -> torch.Tensor:
+    """x through int8 with one absmax scale per row (not a cache chatq has: the comparison)."""
+    scale = x.float().abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127
+    return ((x.float() / scale).round().clamp(-127, 127) * scale).to(x.dtype)
 
 
 def _hadamard(n: int) -> torch.Tensor:
@@ -93,6 +100,8 @@ def _diagnosed_kv(name: str, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Te
         return _rounded(k, centred=True), _rounded(v, centred=True)
     if name.endswith("Hadamard-rotated first"):
         return _rotated_rounded(k), _rotated_rounded(v)
+    if name.startswith("int8"):
+        return _int8_rounded(k), _int8_rounded(v)
     rk, rv = _rounded(k), _rounded(v)
     if name.endswith("first 4 tokens exact"):  # the whole chat is one prefill: its start
         rk[:4], rv[:4] = k[:4], v[:4]
