@@ -106,15 +106,14 @@ def _attention(dt: str, p: str, fp8: bool):
                               HALVES=False)  # fmt: skip
                 name = f"decode {tag} G{group} S{splits}{' prefix' if kv_start else ''}"
                 yield name, sig(decode_attention._decode_kernel, p, consts, cache), 4, 2
-    if fp8:  # FP8 tiles read as two halves of the head dim (CHATQ_FP8_KV_HALVES)
+    # The FP8 options: tiles read as two halves of the head dim (CHATQ_FP8_KV_HALVES), 8
+    # warps a program (CHATQ_FP8_KV_WARPS, 16-bit queries only).
+    options = ((True, 4), (False, 8), (True, 8)) if dt == "bf16" else ((True, 4),)
+    for halves, warps in options if fp8 else ():
         consts = dict(common, BLOCK_N=decode_n, GROUP=2, GROUP_PAD=16, NUM_SPLITS=8,
-                      KV_START=True, NUM_SLOTS=9, HALVES=True)  # fmt: skip
-        yield f"decode {tag} halves", sig(decode_attention._decode_kernel, p, consts, cache), 4, 2
-        # ... and at 8 warps a program (CHATQ_FP8_KV_WARPS), whole and halves
-        for halves in (False, True):
-            consts = dict(consts, HALVES=halves)
-            name = f"decode {tag} {'halves ' if halves else ''}8 warps"
-            yield name, sig(decode_attention._decode_kernel, p, consts, cache), 8, 2
+                      KV_START=True, NUM_SLOTS=9, HALVES=halves)  # fmt: skip
+        name = f"decode {tag}{' halves' if halves else ''} {warps} warps"
+        yield name, sig(decode_attention._decode_kernel, p, consts, cache), warps, 2
     merge = dict(HEAD_DIM=128, BLOCK_D=128, NUM_SPLITS=8, NUM_SLOTS=9, SPLITS_PAD=16)
     yield f"merge {tag}", sig(decode_attention._merge_kernel, p, merge), 4, 1
     for bm in (16, 64) if dt == "bf16" else (16,):

@@ -254,16 +254,18 @@ def fp8_halves(head_dim: int, kv_scales: object) -> bool:
     return FP8_KV_HALVES and kv_scales is not None and exact
 
 
-# Warps of an FP8 decode program: 8 spread each tile over twice the threads (sm_90 compile:
-# 147 registers a thread instead of 195, 103 with halves), so an SM holds as many warps at
-# one program as at two of 4 (16 with halves, against 12). Not yet measured on a GPU:
+# Warps of an FP8 decode program: 8 spread each tile over twice the threads (sm_90 compile,
+# one split: 147 registers a thread instead of 195, 103 with halves instead of 136), so an
+# SM holds as many warps at one program as at two of 4 (16 with halves, against 12). Not
+# yet measured on a GPU:
 # CHATQ_FP8_KV_WARPS=8 turns it on.
 FP8_KV_WARPS: int = int(os.environ.get("CHATQ_FP8_KV_WARPS", "4"))
 
 
-def decode_warps(kv_scales: object) -> int:
-    """num_warps of a decode launch (4; FP8_KV_WARPS for an FP8 cache)."""
-    if kv_scales is None:
+def decode_warps(q: torch.Tensor, kv_scales: object) -> int:
+    """num_warps of a decode launch (4; FP8_KV_WARPS for an FP8 cache under 16-bit queries:
+    fp32 dots at 8 warps spill in the sm_90 compile)."""
+    if kv_scales is None or q.element_size() != 2:
         return 4
     if FP8_KV_WARPS not in (4, 8):
         raise ValueError(f"CHATQ_FP8_KV_WARPS must be 4 or 8, got {FP8_KV_WARPS}")
@@ -360,7 +362,7 @@ def paged_decode_attention(
         out.stride(0),
         out.stride(1),
         num_heads,
-        num_warps=decode_warps(kv_scales),
+        num_warps=decode_warps(q, kv_scales),
         num_stages=2,
         KV_START=shared is not None,
         NUM_SLOTS=num_slots,
