@@ -257,8 +257,7 @@ def fp8_halves(head_dim: int, kv_scales: object) -> bool:
 # Warps of an FP8 decode program: 8 spread each tile over twice the threads (sm_90 compile,
 # one split: 147 registers a thread instead of 195, 103 with halves instead of 136), so an
 # SM holds as many warps at one program as at two of 4 (16 with halves, against 12). Not
-# yet measured on a GPU:
-# CHATQ_FP8_KV_WARPS=8 turns it on.
+# yet measured on a GPU: CHATQ_FP8_KV_WARPS=8 turns it on.
 FP8_KV_WARPS: int = int(os.environ.get("CHATQ_FP8_KV_WARPS", "4"))
 
 
