@@ -35,3 +35,31 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_rows(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(e4m3 [..., N], fp32 [...]) -> ``dtype`` [..., N]."""
     return (q.float() * scale.unsqueeze(-1)).to(dtype)
+
+
+# An FP8 cache stores V page-major: [num_blocks, num_kv_heads, head_dim, page], so the keys of
+# one page sit side by side for each channel. The attention kernels' P·V product takes keys as
+# its reduction axis; from this layout a tile reaches the tensor cores with 4-byte shared-memory
+# reads, where the token-major layout needs one read per byte (sm_90 compile: 126 registers a
+# thread instead of 195, no LDS.U8). K stays token-major: Q·K^T reduces over head_dim.
+# Callers keep indexing V as [num_blocks, page, num_kv_heads, head_dim]: a permuted view.
+
+
+def page_major_view(storage: torch.Tensor) -> torch.Tensor:
+    """The V cache view of a contiguous block of memory shaped [num_blocks, page, KVH, D]:
+    the same shape and indexing, the memory laid out [num_blocks, KVH, D, page]."""
+    num_blocks, page, num_kv_heads, head_dim = storage.shape
+    return storage.view(num_blocks, num_kv_heads, head_dim, page).permute(0, 3, 1, 2)
+
+
+def to_page_major(cache: torch.Tensor) -> torch.Tensor:
+    """A page-major copy (``page_major_view``'s layout) of a cache [num_blocks, page, KVH, D]."""
+    raw = cache.view(torch.uint8) if cache.dtype == FP8_DTYPE else cache  # CPU float8 copies
+    out = raw.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    return out.view(cache.dtype) if cache.dtype == FP8_DTYPE else out
+
+
+def is_page_major(cache: torch.Tensor) -> bool:
+    """Whether ``cache`` [num_blocks, page, KVH, D] has ``page_major_view``'s layout."""
+    _, page, num_kv_heads, head_dim = cache.shape
+    return cache.stride() == (page * num_kv_heads * head_dim, 1, head_dim * page, page)

@@ -20,7 +20,7 @@ from gpu_engine.config import EngineConfig
 from gpu_engine.context import forward_context
 from gpu_engine.cuda_graphs import DecodeGraphs, MixedGraphs
 from gpu_engine.errors import EngineError
-from gpu_engine.fp8 import FP8_DTYPE
+from gpu_engine.fp8 import FP8_DTYPE, page_major_view
 from gpu_engine.grammar import bitmask_to_device
 from gpu_engine.layers import make_attention_backend
 from gpu_engine.layers.base import AttentionMetadata
@@ -266,7 +266,8 @@ class ModelRunner:
         a = self.arch
         shape = (a.num_layers, 2, num_blocks, self.block_size, a.num_kv_heads)
         # [layers, k/v, num_blocks, block_size, KVH, D]; zeroed so padded slots the reference
-        # backend gathers are finite (masked, but NaN * 0 would still poison the output).
+        # backend gathers and the FP8 kernels' unmasked V reads (kernels.kv_tiles) are finite
+        # (masked, but NaN * 0 would still poison the output).
         self.kv_cache = torch.zeros(*shape, a.head_dim, dtype=self.kv_dtype, device=self.device)
         # FP8: one fp32 scale per (layer, k/v, slot, KV head); zeros read back as zeros.
         self.kv_scales = (
@@ -276,7 +277,8 @@ class ModelRunner:
         )
         for i, attn in enumerate(self.model.attention_layers()):
             attn.k_cache, attn.v_cache = self.kv_cache[i, 0], self.kv_cache[i, 1]
-            if self.kv_scales is not None:
+            if self.kv_scales is not None:  # V page-major (gpu_engine.fp8), in the same bytes
+                attn.v_cache = page_major_view(attn.v_cache)
                 attn.kv_scales = (self.kv_scales[i, 0], self.kv_scales[i, 1])
 
     @torch.inference_mode()

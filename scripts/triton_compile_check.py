@@ -102,18 +102,15 @@ def _attention(dt: str, p: str, fp8: bool):
             for kv_start in (False, True):
                 slots = splits + int(kv_start)
                 consts = dict(common, BLOCK_N=decode_n, GROUP=group, GROUP_PAD=16,
-                              NUM_SPLITS=splits, KV_START=kv_start, NUM_SLOTS=slots,
-                              HALVES=False)  # fmt: skip
+                              NUM_SPLITS=splits, KV_START=kv_start,
+                              NUM_SLOTS=slots)  # fmt: skip
                 name = f"decode {tag} G{group} S{splits}{' prefix' if kv_start else ''}"
                 yield name, sig(decode_attention._decode_kernel, p, consts, cache), 4, 2
-    # The FP8 options: tiles read as two halves of the head dim (CHATQ_FP8_KV_HALVES), 8
-    # warps a program (CHATQ_FP8_KV_WARPS, 16-bit queries only).
-    options = ((True, 4), (False, 8), (True, 8)) if dt == "bf16" else ((True, 4),)
-    for halves, warps in options if fp8 else ():
+    # An FP8 cache's decode at 8 warps a program (CHATQ_FP8_KV_WARPS, 16-bit queries only).
+    if fp8 and dt == "bf16":
         consts = dict(common, BLOCK_N=decode_n, GROUP=2, GROUP_PAD=16, NUM_SPLITS=8,
-                      KV_START=True, NUM_SLOTS=9, HALVES=halves)  # fmt: skip
-        name = f"decode {tag}{' halves' if halves else ''} {warps} warps"
-        yield name, sig(decode_attention._decode_kernel, p, consts, cache), warps, 2
+                      KV_START=True, NUM_SLOTS=9)  # fmt: skip
+        yield f"decode {tag} 8 warps", sig(decode_attention._decode_kernel, p, consts, cache), 8, 2
     merge = dict(HEAD_DIM=128, BLOCK_D=128, NUM_SPLITS=8, NUM_SLOTS=9, SPLITS_PAD=16)
     yield f"merge {tag}", sig(decode_attention._merge_kernel, p, merge), 4, 1
     for bm in (16, 64) if dt == "bf16" else (16,):
@@ -130,7 +127,7 @@ def _attention(dt: str, p: str, fp8: bool):
 def _elementwise(dt: str, p: str):
     """KV store, RMSNorm, SiLU-and-mul, rotary."""
     yield f"store {dt}", sig(kv_cache._store_kv_kernel, p, dict(ROW=1024, BLOCK=1024)), 4, 1
-    consts = dict(NUM_KV_HEADS=8, HEAD_DIM=128, HEADS_PAD=8, BLOCK_D=128)
+    consts = dict(NUM_KV_HEADS=8, HEAD_DIM=128, HEADS_PAD=8, BLOCK_D=128, PAGE=16)
     cache = {"k_cache_ptr": PF8, "v_cache_ptr": PF8}
     yield f"store fp8 {dt}", sig(kv_cache._store_kv_fp8_kernel, p, consts, cache), 4, 1
     for res in (False, True):

@@ -72,16 +72,29 @@ def fp16_dot(q: torch.Tensor, kv_scales: object) -> bool:
     return FP8_FP16_DOT and kv_scales is not None and q.dtype == torch.bfloat16 and not INTERPRET
 
 
-def check_kv_scales(
-    k_cache: torch.Tensor, kv_scales: tuple[torch.Tensor, torch.Tensor] | None
+def check_kv_cache(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The K and V scale tensors an attention kernel launch passes: the given ones for an FP8
-    cache (checked: [num_blocks, page, num_kv_heads] fp32, contiguous), else the cache
+    """Check the caches an attention kernel launch reads ([num_blocks, page, num_kv_heads,
+    head_dim]: K contiguous; V contiguous, or page-major for an FP8 cache, see
+    ``gpu_engine.fp8``) and return the K and V scale tensors it passes: the given ones for an
+    FP8 cache (checked: [num_blocks, page, num_kv_heads] fp32, contiguous), else the cache
     itself as an unused placeholder."""
-    from gpu_engine.fp8 import FP8_DTYPE
+    from gpu_engine.fp8 import FP8_DTYPE, is_page_major
 
-    if (k_cache.dtype == FP8_DTYPE) != (kv_scales is not None):
+    fp8 = k_cache.dtype == FP8_DTYPE
+    if fp8 != (kv_scales is not None):
         raise ValueError("KV scales go with an FP8 cache, and only with one")
+    if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"v_cache {tuple(v_cache.shape)} vs k_cache {tuple(k_cache.shape)}")
+    if not k_cache.is_contiguous():
+        raise ValueError("k_cache must be contiguous")
+    if fp8 and not is_page_major(v_cache):
+        raise ValueError("an FP8 v_cache must be page-major (gpu_engine.fp8.page_major_view)")
+    if not fp8 and not v_cache.is_contiguous():
+        raise ValueError("v_cache must be contiguous")
     if kv_scales is None:
         return k_cache, k_cache
     for s in kv_scales:

@@ -13,9 +13,8 @@ Shared prefixes (``shared`` given, see ``kernels.shared_prefix``): each sequence
 from ``kv_start`` on, its group's prefix partial sits in one more partial slot, and the
 merge kernel folds it in (only where ``kv_start`` > 0).
 
-FP8 cache (``kv_scales`` given): K/V tiles are loaded as e4m3 (half the bytes), converted to
-the query dtype in registers, and their per-token scales applied to the score columns (K) and
-to the probabilities before the PV product (V), so no dequantized tile is materialised.
+FP8 cache (``kv_scales`` given): K/V tiles are loaded as e4m3 (half the bytes) and converted
+in registers (``kernels.kv_tiles``).
 """
 
 from __future__ import annotations
@@ -26,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gpu_engine.kernels import INTERPRET, check_kv_scales, dot_precision, fp16_dot
-from gpu_engine.kernels.fp8_math import scaled_probs
+from gpu_engine.kernels import INTERPRET, check_kv_cache, dot_precision, fp16_dot
+from gpu_engine.kernels.kv_tiles import attend_tile, load_kv_tile
 from gpu_engine.kernels.shared_prefix import launch_prefix_attention
 from gpu_engine.layers.base import SharedPrefix
 
@@ -72,7 +71,6 @@ def _decode_kernel(
     KV_START: tl.constexpr,
     NUM_SLOTS: tl.constexpr,
     FP16_DOT: tl.constexpr,
-    HALVES: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -105,69 +103,19 @@ def _decode_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
-    if HALVES:
-        # An FP8 cache read as two halves of the head dim (see fp8_halves): q's halves, and
-        # an output accumulator for each.
-        dh = tl.arange(0, BLOCK_D // 2)
-        q_rows = q_ptr + seq.to(tl.int64) * stride_q_tok + heads[:, None] * stride_q_head
-        q0 = tl.load(q_rows + dh[None, :], mask=g_mask[:, None], other=0.0).to(q.dtype)
-        q1 = tl.load(q_rows + BLOCK_D // 2 + dh[None, :], mask=g_mask[:, None], other=0.0)
-        q1 = q1.to(q.dtype)
-        acc0 = tl.zeros([GROUP_PAD, BLOCK_D // 2], tl.float32)
-        acc1 = tl.zeros([GROUP_PAD, BLOCK_D // 2], tl.float32)
     bt_row = block_table_ptr + seq.to(tl.int64) * stride_bt_seq
-    head_off = kv_head * HEAD_DIM
     for tile in range(tile_lo, tile_hi):
         n = first + tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n < seq_len
-        blk = tl.load(bt_row + n // PAGE, mask=n_mask, other=0).to(tl.int64)
-        rows = blk * stride_c_blk + (n % PAGE) * stride_c_tok + head_off  # [BLOCK_N]
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        if FP8:
-            # Scales of these tokens' K/V rows: [num_blocks, PAGE, NUM_KV_HEADS] fp32.
-            srow = (blk * PAGE + n % PAGE) * NUM_KV_HEADS + kv_head
-            k_s = tl.load(k_scale_ptr + srow, mask=n_mask, other=0.0)
-            v_s = tl.load(v_scale_ptr + srow, mask=n_mask, other=0.0)
-        if HALVES:  # each half of K converted and multiplied in turn
-            k_rows = k_cache_ptr + rows[:, None] + dh[None, :]
-            k0 = tl.load(k_rows, mask=n_mask[:, None], other=0.0).to(q.dtype)
-            s = tl.dot(q0, tl.trans(k0), input_precision=PRECISION)
-            k1 = tl.load(k_rows + BLOCK_D // 2, mask=n_mask[:, None], other=0.0).to(q.dtype)
-            s += tl.dot(q1, tl.trans(k1), input_precision=PRECISION)
-        else:
-            k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            if FP8:
-                k = k.to(q.dtype)
-                v = v.to(q.dtype)
-            elif UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [GROUP_PAD, BLOCK_N]
-        s = s * qk_scale
-        if FP8:
-            s = s * k_s[None, :]
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if HALVES:
-            pv, v_top = scaled_probs(p, v_s, q.dtype)
-            v_rows = v_cache_ptr + rows[:, None] + dh[None, :]
-            v0 = tl.load(v_rows, mask=n_mask[:, None], other=0.0).to(q.dtype)
-            acc0 = acc0 * alpha[:, None] + tl.dot(pv, v0, input_precision=PRECISION) * v_top
-            v1 = tl.load(v_rows + BLOCK_D // 2, mask=n_mask[:, None], other=0.0).to(q.dtype)
-            acc1 = acc1 * alpha[:, None] + tl.dot(pv, v1, input_precision=PRECISION) * v_top
-        elif FP8:
-            pv, v_top = scaled_probs(p, v_s, v.dtype)
-            acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=PRECISION) * v_top
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        k, v, k_s, v_s = load_kv_tile(
+            k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bt_row, n, n_mask, d, kv_head,
+            stride_c_blk, stride_c_tok, q.dtype, PAGE, HEAD_DIM, BLOCK_D, NUM_KV_HEADS, FP8,
+            UPCAST,
+        )  # fmt: skip
+        m_i, l_i, acc = attend_tile(
+            q, k, v, k_s, v_s, n_mask[None, :], m_i, l_i, acc, qk_scale, True, FP8, PRECISION
+        )
 
-    if HALVES:  # [acc0 | acc1] along the head dim
-        acc = tl.reshape(tl.permute(tl.join(acc0, acc1), (0, 2, 1)), [GROUP_PAD, BLOCK_D])
     o_mask = g_mask[:, None] & d_mask[None, :]
     if NUM_SLOTS == 1:
         # seq_len 0 (graph padding) leaves l_i = 0: write zeros, not NaN.
@@ -241,23 +189,9 @@ def choose_num_splits(
     return 1 << (splits.bit_length() - 1)
 
 
-# An FP8 cache's tiles read as two halves of the head dim, each converted and multiplied in
-# turn: the sm_90 compile needs 134 registers a thread at 128-key tiles instead of 193 (3
-# programs an SM instead of 2). Not yet measured on a GPU: CHATQ_FP8_KV_HALVES=1 turns it on.
-FP8_KV_HALVES: bool = os.environ.get("CHATQ_FP8_KV_HALVES", "0") == "1"
-
-
-def fp8_halves(head_dim: int, kv_scales: object) -> bool:
-    """Whether a decode launch reads its FP8 tiles in halves (FP8_KV_HALVES; head dims that
-    are powers of two from 32, so each half is a whole dot operand)."""
-    exact = head_dim >= 32 and head_dim & (head_dim - 1) == 0
-    return FP8_KV_HALVES and kv_scales is not None and exact
-
-
 # Warps of an FP8 decode program: 8 spread each tile over twice the threads (sm_90 compile,
-# one split: 147 registers a thread instead of 195, 103 with halves instead of 136), so an
-# SM holds as many warps at one program as at two of 4 (16 with halves, against 12). Not
-# yet measured on a GPU: CHATQ_FP8_KV_WARPS=8 turns it on.
+# one split, page-major V: 102 registers a thread instead of 126). Not yet measured on a GPU:
+# CHATQ_FP8_KV_WARPS=8 turns it on.
 FP8_KV_WARPS: int = int(os.environ.get("CHATQ_FP8_KV_WARPS", "4"))
 
 
@@ -288,16 +222,17 @@ def paged_decode_attention(
     caches: [num_blocks, page, num_kv_heads, head_dim]; block_tables: [num_seqs, max_blocks]
     int32; seq_lens: [num_seqs] int32 context length including this token (0 = padding,
     output zeros). Returns out: [num_seqs, num_heads, head_dim] in q's dtype. An FP8 cache
-    comes with ``kv_scales``: K and V scales [num_blocks, page, num_kv_heads] fp32.
+    (V page-major, ``gpu_engine.fp8``) comes with ``kv_scales``: K and V scales [num_blocks,
+    page, num_kv_heads] fp32.
     ``shared``: groups of these sequences with a common cached prefix (attended once per
     group, merged with each sequence's own suffix)."""
     num_seqs, num_heads, head_dim = q.shape
     _, page, num_kv_heads, cache_dim = k_cache.shape
     if cache_dim != head_dim or num_heads % num_kv_heads:
         raise ValueError(f"q {tuple(q.shape)} vs cache {tuple(k_cache.shape)}")
-    if q.stride(2) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
-        raise ValueError("q rows and the caches must be contiguous in head_dim")
-    k_scales, v_scales = check_kv_scales(k_cache, kv_scales)
+    if q.stride(2) != 1:
+        raise ValueError("q rows must be contiguous in head_dim")
+    k_scales, v_scales = check_kv_cache(k_cache, v_cache, kv_scales)
     if out is None:
         out = torch.empty_like(q)
     if num_seqs == 0:
@@ -365,7 +300,6 @@ def paged_decode_attention(
         num_stages=2,
         KV_START=shared is not None,
         NUM_SLOTS=num_slots,
-        HALVES=fp8_halves(head_dim, kv_scales),
         **common,
     )
     if num_slots > 1:

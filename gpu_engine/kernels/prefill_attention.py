@@ -11,9 +11,8 @@ step) serves any mix of query lengths. A program keeps a
 [BLOCK_M, head_dim] query tile in registers and streams K/V tiles of BLOCK_N tokens gathered
 through the block table, with an online softmax: the [query_len, seq_len] score matrix is
 never materialised. Keys strictly before the tile's first query position need no causal
-mask (first loop); only the diagonal band is masked (second loop). An FP8 cache is read as
-in the decode kernel: e4m3 tiles converted in registers, per-token scales applied to the
-score columns and to the probabilities.
+mask (first loop); only the diagonal band is masked (second loop). Tiles are read and
+attended as in the decode kernel (``kernels.kv_tiles``), FP8 caches included.
 """
 
 from __future__ import annotations
@@ -23,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gpu_engine.kernels import INTERPRET, check_kv_scales, dot_precision, fp16_dot
-from gpu_engine.kernels.fp8_math import scaled_probs
+from gpu_engine.kernels import INTERPRET, check_kv_cache, dot_precision, fp16_dot
+from gpu_engine.kernels.kv_tiles import attend_tile, load_kv_tile
 from gpu_engine.kernels.prefill_tiles import prefill_block_m, prefill_tiles
 
 _LOG2E = 1.4426950408889634
@@ -49,7 +48,6 @@ def _attend_tile(
     stride_c_tok,
     qk_scale,
     d,
-    d_mask,
     MASKED: tl.constexpr,
     PAGE: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -58,39 +56,16 @@ def _attend_tile(
     FP8: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     n = start + tl.arange(0, BLOCK_N)
     n_mask = n < seq_len
-    blk = tl.load(bt_row + n // PAGE, mask=n_mask, other=0).to(tl.int64)
-    rows = blk * stride_c_blk + (n % PAGE) * stride_c_tok + kv_head * HEAD_DIM
-    kv_mask = n_mask[:, None] & d_mask[None, :]
-    k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-    if FP8:
-        srow = (blk * PAGE + n % PAGE) * NUM_KV_HEADS + kv_head
-        k_s = tl.load(k_scale_ptr + srow, mask=n_mask, other=0.0)
-        v_s = tl.load(v_scale_ptr + srow, mask=n_mask, other=0.0)
-        k = k.to(q.dtype)
-        v = v.to(q.dtype)
-    elif UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
-    if FP8:
-        s = s * k_s[None, :]
-    if MASKED:
-        keep = (n[None, :] <= q_pos[:, None]) & n_mask[None, :]
-        s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if FP8:
-        pv, v_top = scaled_probs(p, v_s, v.dtype)
-        acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=PRECISION) * v_top
-    else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-    return m_new, l_i, acc
+    k, v, k_s, v_s = load_kv_tile(
+        k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bt_row, n, n_mask, d, kv_head,
+        stride_c_blk, stride_c_tok, q.dtype, PAGE, HEAD_DIM, BLOCK_D, NUM_KV_HEADS, FP8, UPCAST,
+    )  # fmt: skip
+    keep = (n[None, :] <= q_pos[:, None]) & n_mask[None, :]  # causal, on the diagonal band
+    return attend_tile(q, k, v, k_s, v_s, keep, m_i, l_i, acc, qk_scale, MASKED, FP8, PRECISION)
 
 
 # See decode_attention: one variant whatever the block-table width of the step.
@@ -164,14 +139,14 @@ def _prefill_kernel(
         for start in range(0, full_end, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
                 q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bt_row,
-                start, q_pos, seq_len, kv_head, stride_c_blk, stride_c_tok, qk_scale, d, d_mask,
-                False, PAGE, BLOCK_N, UPCAST, PRECISION, FP8, NUM_KV_HEADS, HEAD_DIM,
+                start, q_pos, seq_len, kv_head, stride_c_blk, stride_c_tok, qk_scale, d, False,
+                PAGE, BLOCK_N, UPCAST, PRECISION, FP8, NUM_KV_HEADS, HEAD_DIM, BLOCK_D,
             )  # fmt: skip
         for start in range(full_end, end, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
                 q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bt_row,
-                start, q_pos, seq_len, kv_head, stride_c_blk, stride_c_tok, qk_scale, d, d_mask,
-                True, PAGE, BLOCK_N, UPCAST, PRECISION, FP8, NUM_KV_HEADS, HEAD_DIM,
+                start, q_pos, seq_len, kv_head, stride_c_blk, stride_c_tok, qk_scale, d, True,
+                PAGE, BLOCK_N, UPCAST, PRECISION, FP8, NUM_KV_HEADS, HEAD_DIM, BLOCK_D,
             )  # fmt: skip
 
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -206,9 +181,9 @@ def paged_prefill_attention(
     _, page, num_kv_heads, cache_dim = k_cache.shape
     if cache_dim != head_dim or num_heads % num_kv_heads:
         raise ValueError(f"q {tuple(q.shape)} vs cache {tuple(k_cache.shape)}")
-    if q.stride(2) != 1 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
-        raise ValueError("q rows and the caches must be contiguous in head_dim")
-    k_scales, v_scales = check_kv_scales(k_cache, kv_scales)
+    if q.stride(2) != 1:
+        raise ValueError("q rows must be contiguous in head_dim")
+    k_scales, v_scales = check_kv_cache(k_cache, v_cache, kv_scales)
     if out is None:
         out = torch.empty_like(q)
     num_seqs = seq_lens.shape[0]

@@ -10,7 +10,8 @@ rows instead of GROUP_PAD). No causal mask: the whole prefix precedes every memb
 It writes a partial result (the output normalised by its own softmax sum, and the
 log-sum-exp in base 2) into the decode kernel's split partials at slot ``part_slot``; the
 decode kernel covers each member's suffix ``[prefix_len, seq_len)`` and the merge kernel
-combines the two by log-sum-exp (``decode_attention``). FP8 caches are read as there.
+combines the two by log-sum-exp (``decode_attention``). Tiles are read and attended as there
+(``kernels.kv_tiles``), FP8 caches included.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gpu_engine.kernels.fp8_math import scaled_probs
+from gpu_engine.kernels.kv_tiles import attend_tile, load_kv_tile
 from gpu_engine.layers.base import SharedPrefix
 from gpu_engine.prefix_groups import prefix_block_s
 
@@ -93,34 +94,15 @@ def _prefix_kernel(
         for start in range(0, prefix_len, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             n_mask = n < prefix_len
-            blk = tl.load(bt_row + n // PAGE, mask=n_mask, other=0).to(tl.int64)
-            rows = blk * stride_c_blk + (n % PAGE) * stride_c_tok + kv_head * HEAD_DIM
-            kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(k_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(v_cache_ptr + rows[:, None] + d[None, :], mask=kv_mask, other=0.0)
-            if FP8:
-                srow = (blk * PAGE + n % PAGE) * NUM_KV_HEADS + kv_head
-                k_s = tl.load(k_scale_ptr + srow, mask=n_mask, other=0.0)
-                v_s = tl.load(v_scale_ptr + srow, mask=n_mask, other=0.0)
-                k = k.to(q.dtype)
-                v = v.to(q.dtype)
-            elif UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            if FP8:
-                s = s * k_s[None, :]
-            s = tl.where(n_mask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if FP8:
-                pv, v_top = scaled_probs(p, v_s, v.dtype)
-                acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=PRECISION) * v_top
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+            k, v, k_s, v_s = load_kv_tile(
+                k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, bt_row, n, n_mask, d,
+                kv_head, stride_c_blk, stride_c_tok, q.dtype, PAGE, HEAD_DIM, BLOCK_D,
+                NUM_KV_HEADS, FP8, UPCAST,
+            )  # fmt: skip
+            m_i, l_i, acc = attend_tile(
+                q, k, v, k_s, v_s, n_mask[None, :], m_i, l_i, acc, qk_scale, True, FP8,
+                PRECISION,
+            )  # fmt: skip
         safe_l = tl.where(l_i > 0, l_i, 1.0)
         out = acc / safe_l[:, None]
         lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))

@@ -31,26 +31,26 @@ def store_kv(
 ) -> None:
     """Write this step's k, v [T, KVH, D] into cache slots ``slot_mapping`` [T] (-1 = skip);
     an FP8 cache gets e4m3 values and their scales [num_blocks, block_size, KVH]."""
-    num_kv_heads, head_dim = k.shape[1], k.shape[2]
     valid = slot_mapping >= 0
     if not bool(valid.all()):
         k, v, slot_mapping = k[valid], v[valid], slot_mapping[valid]
+    # (block, offset) indexing writes through any layout: an FP8 V cache is page-major.
+    blocks, offsets = slot_mapping // k_cache.shape[1], slot_mapping % k_cache.shape[1]
     for new, cache, scales in zip(
         (k, v), (k_cache, v_cache), kv_scales or (None, None), strict=True
     ):
-        flat = cache.view(-1, num_kv_heads, head_dim)  # [num_blocks * block_size, KVH, D]
         if cache.dtype == FP8_DTYPE:
             if scales is None:
                 raise ValueError("an FP8 KV cache needs its scale tensors")
             values, row_scales = quantize_rows(new)  # [T, KVH, D], [T, KVH]
-            # index_copy_ has no float8 kernel on the CPU: copy the bytes.
-            flat.view(torch.uint8).index_copy_(0, slot_mapping, values.view(torch.uint8))
-            scales.view(-1, num_kv_heads).index_copy_(0, slot_mapping, row_scales)
+            # index_put_ has no float8 kernel on the CPU: write the bytes.
+            cache.view(torch.uint8)[blocks, offsets] = values.view(torch.uint8)
+            scales[blocks, offsets] = row_scales
         else:
-            flat.index_copy_(0, slot_mapping, new.to(flat.dtype))
+            cache[blocks, offsets] = new.to(cache.dtype)
 
 
-def _take(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def _take(cache: torch.Tensor, *index: torch.Tensor) -> torch.Tensor:
     """``cache[index]``; FP8 through a byte view (indexing kernels lack float8 types)."""
     if cache.dtype == FP8_DTYPE:
         return cache.view(torch.uint8)[index].view(FP8_DTYPE)
@@ -137,11 +137,11 @@ class TorchRefBackend:
         # cache holds elsewhere (a masked NaN would still poison the weighted sum).
         clamped = torch.minimum(pos, seq_lens - 1)  # [N, L]
         tables = meta.block_tables[first : first + n].long()
-        slots = tables.gather(1, clamped // block_size) * block_size + clamped % block_size
-        keys = _take(k_cache.view(-1, num_kv_heads, head_dim), slots)  # [N, L, KVH, D]
-        values = _take(v_cache.view(-1, num_kv_heads, head_dim), slots)
+        blocks, offsets = tables.gather(1, clamped // block_size), clamped % block_size
+        keys = _take(k_cache, blocks, offsets)  # [N, L, KVH, D]
+        values = _take(v_cache, blocks, offsets)
         if kv_scales is not None:
-            k_scales, v_scales = (s.view(-1, num_kv_heads)[slots] for s in kv_scales)
+            k_scales, v_scales = (s[blocks, offsets] for s in kv_scales)
             keys = dequantize_rows(keys, k_scales, q.dtype)
             values = dequantize_rows(values, v_scales, q.dtype)
         # Grouped-query attention without expanding K/V: the query heads sharing a KV head

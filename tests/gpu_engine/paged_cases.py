@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from gpu_engine.fp8 import quantize_rows, to_page_major
 from gpu_engine.layers.base import AttentionMetadata
 
 
@@ -138,3 +139,15 @@ def reference(case: PagedCase, scale: float) -> torch.Tensor:
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out64, ref64 = out.double().cpu(), ref.double().cpu()
     return float((out64 - ref64).norm() / ref64.norm())
+
+
+def fp8_cache(
+    k_cache: torch.Tensor, v_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """An FP8 cache of the same slots: (K e4m3, V e4m3 page-major, (K scales, V scales)),
+    quantized per token and KV head. Slots that hold no key stay NaN in K; in V they hold
+    e4m3's largest value instead, since the kernels read V unmasked (kernels.kv_tiles), which
+    needs finite bytes, and a kernel that weighs such a slot still cannot pass."""
+    (kq, ks), (vq, vs) = quantize_rows(k_cache), quantize_rows(v_cache)
+    vq.view(torch.uint8)[torch.isnan(vq.float())] = 0x7E  # 448
+    return kq, to_page_major(vq), (ks.contiguous(), vs.contiguous())

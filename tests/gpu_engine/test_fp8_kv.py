@@ -19,14 +19,21 @@ import torch
 import gpu_engine.kernels  # noqa: F401  (switches the interpreter on without CUDA)
 from gpu_engine import LLM, SamplingParams
 from gpu_engine.config import ConfigError, EngineConfig
-from gpu_engine.fp8 import E4M3_MAX, FP8_DTYPE, dequantize_rows, quantize_rows
+from gpu_engine.fp8 import (
+    E4M3_MAX,
+    FP8_DTYPE,
+    dequantize_rows,
+    is_page_major,
+    quantize_rows,
+    to_page_major,
+)
 from gpu_engine.kernels import decode_attention
 from gpu_engine.kernels.decode_attention import paged_decode_attention
 from gpu_engine.kernels.kv_cache import store_kv_cache
 from gpu_engine.kernels.prefill_attention import paged_prefill_attention
 from gpu_engine.layers.torch_ref import TorchRefBackend, store_kv
 from gpu_engine.layers.triton_attn import TritonBackend
-from tests.gpu_engine.paged_cases import PagedCase, make_case, reference, rel_err
+from tests.gpu_engine.paged_cases import PagedCase, fp8_cache, make_case, reference, rel_err
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -39,15 +46,9 @@ def _seed() -> int:
 
 
 def quantize_case(case: PagedCase) -> tuple[PagedCase, tuple[torch.Tensor, torch.Tensor]]:
-    """The case with an FP8 cache (the same slots, quantized per token and KV head; unused
-    slots stay NaN) and its full K/V replaced by what the cache reads back."""
-    scales = []
-    caches = []
-    for cache in (case.k_cache, case.v_cache):
-        values, s = quantize_rows(cache)
-        caches.append(values)
-        scales.append(s.contiguous())
-    case.k_cache, case.v_cache = caches
+    """The case with an FP8 cache (``paged_cases.fp8_cache``) and its full K/V replaced by
+    what the cache reads back."""
+    case.k_cache, case.v_cache, scales = fp8_cache(case.k_cache, case.v_cache)
 
     def read_back(full: torch.Tensor) -> torch.Tensor:
         q, s = quantize_rows(full.to(case.q.dtype))
@@ -55,7 +56,7 @@ def quantize_case(case: PagedCase) -> tuple[PagedCase, tuple[torch.Tensor, torch
 
     case.k_full = [read_back(t) for t in case.k_full]
     case.v_full = [read_back(t) for t in case.v_full]
-    return case, (scales[0], scales[1])
+    return case, scales
 
 
 # ---------------------------------------------------------------- quantizer
@@ -91,12 +92,13 @@ def test_store_kv_fp8_matches_the_torch_store_bit_for_bit(dtype: torch.dtype) ->
     def empty() -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         kc = torch.full((blocks, page, kvh, d), float("nan"), device=DEV).to(FP8_DTYPE)
         scales = tuple(torch.full((blocks, page, kvh), float("nan"), device=DEV) for _ in "kv")
-        return kc, kc.clone(), scales  # type: ignore[return-value]
+        return kc, to_page_major(kc), scales  # type: ignore[return-value]
 
     kc, vc, sc = empty()
     store_kv_cache(k, v, kc, vc, slots, sc)
     ref_k, ref_v, ref_sc = empty()
     store_kv(k, v, ref_k, ref_v, slots, ref_sc)
+    assert is_page_major(vc) and is_page_major(ref_v)  # the same strides: the same bytes
     for got, want in ((kc, ref_k), (vc, ref_v)):
         assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
     for got, want in zip(sc, ref_sc, strict=True):
@@ -111,12 +113,32 @@ def test_fp8_cache_without_scales_is_refused() -> None:
     k = torch.randn(2, 1, 16, device=DEV)
     kc = torch.zeros(2, 4, 1, 16, device=DEV).to(FP8_DTYPE)
     with pytest.raises(ValueError, match="scale"):
-        store_kv_cache(k, k, kc, kc.clone(), torch.tensor([0, 1], device=DEV))
+        store_kv_cache(k, k, kc, to_page_major(kc), torch.tensor([0, 1], device=DEV))
     with pytest.raises(ValueError, match="FP8"):
         paged_decode_attention(
-            torch.randn(1, 2, 16, device=DEV), kc, kc, torch.zeros(1, 1, dtype=torch.int32,
-            device=DEV), torch.ones(1, dtype=torch.int32, device=DEV), 0.25,
+            torch.randn(1, 2, 16, device=DEV), kc, to_page_major(kc), torch.zeros(1, 1,
+            dtype=torch.int32, device=DEV), torch.ones(1, dtype=torch.int32, device=DEV), 0.25,
         )  # fmt: skip
+
+
+def test_a_token_major_fp8_v_cache_is_refused() -> None:
+    """The kernels read an FP8 V cache page-major (kernels.kv_tiles); a contiguous one would
+    be read as garbage, so every launcher refuses it, naming the layout."""
+    k = torch.randn(2, 1, 16, device=DEV)
+    kc = torch.zeros(2, 4, 1, 16, device=DEV).to(FP8_DTYPE)
+    scales = (torch.zeros(2, 4, 1, device=DEV), torch.zeros(2, 4, 1, device=DEV))
+    slots = torch.tensor([0, 1], device=DEV)
+    with pytest.raises(ValueError, match="FP8 v_cache must be page-major"):
+        store_kv_cache(k, k, kc, kc.clone(), slots, scales)
+    store_kv_cache(k, k, kc, to_page_major(kc), slots, scales)  # the layout it takes
+    table = torch.zeros(1, 1, dtype=torch.int32, device=DEV)
+    one = torch.ones(1, dtype=torch.int32, device=DEV)
+    q = torch.randn(1, 2, 16, device=DEV)
+    with pytest.raises(ValueError, match="FP8 v_cache must be page-major"):
+        paged_decode_attention(q, kc, kc.clone(), table, one, 0.25, kv_scales=scales)
+    cu = torch.tensor([0, 1], dtype=torch.int32, device=DEV)
+    with pytest.raises(ValueError, match="FP8 v_cache must be page-major"):
+        paged_prefill_attention(q, kc, kc.clone(), table, cu, one, 1, 0.25, kv_scales=scales)
 
 
 # ---------------------------------------------------------------- attention kernels
@@ -163,14 +185,9 @@ def _decode_check(specs, h, kvh, d, page, shared, dtype, splits, block_n=None, v
     assert err < TOL[dtype], f"rel err {err:.2e} splits={splits}"
 
 
-@pytest.mark.parametrize("halves", [False, True], ids=["whole", "halves"])
 @pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("case", DECODE_CPU)
-def test_decode_attention_fp8_small(
-    case, splits: int, halves: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # halves: the tiles read as two halves of the head dim (CHATQ_FP8_KV_HALVES)
-    monkeypatch.setattr(decode_attention, "FP8_KV_HALVES", halves)
+def test_decode_attention_fp8_small(case, splits: int) -> None:
     _decode_check(*case, torch.float32, splits)
 
 
@@ -196,18 +213,15 @@ def test_decode_warps_refuses_a_count_it_was_not_built_for(
 
 @gpu
 @pytest.mark.parametrize("warps", [4, 8])
-@pytest.mark.parametrize("halves", [False, True], ids=["whole", "halves"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("splits", [1, 4])
 @pytest.mark.parametrize("case", DECODE_GPU)
 def test_decode_attention_fp8_gpu(
-    case, splits: int, dtype: torch.dtype, halves: bool, warps: int,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+    case, splits: int, dtype: torch.dtype, warps: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # warps: CHATQ_FP8_KV_WARPS (the interpreter on the CPU has no warps to vary)
     if warps == 8 and dtype == torch.float32:
         pytest.skip("fp32 queries keep 4 warps (decode_warps)")
-    monkeypatch.setattr(decode_attention, "FP8_KV_HALVES", halves)
     monkeypatch.setattr(decode_attention, "FP8_KV_WARPS", warps)
     _decode_check(*case, dtype, splits)
 

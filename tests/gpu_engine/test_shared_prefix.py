@@ -12,10 +12,11 @@ import pytest
 import torch
 
 import gpu_engine.kernels  # noqa: F401  (switches the interpreter on without CUDA)
-from gpu_engine.fp8 import dequantize_rows, quantize_rows
+from gpu_engine.fp8 import dequantize_rows
 from gpu_engine.kernels.decode_attention import paged_decode_attention
 from gpu_engine.layers.base import SharedPrefix
 from gpu_engine.prefix_groups import find_prefix_groups, max_prefix_tiles, prefix_block_s
+from tests.gpu_engine.paged_cases import fp8_cache
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -83,7 +84,7 @@ def _case(
     kc, vc = kc.to(dtype), vc.to(dtype)
     scales = None
     if fp8:
-        (kc, ks), (vc, vs) = quantize_rows(kc), quantize_rows(vc)
+        kc, vc, (ks, vs) = fp8_cache(kc, vc)
         scales = (ks.to(DEV), vs.to(DEV))
         k_read, v_read = (
             dequantize_rows(kc, ks, torch.float64),
