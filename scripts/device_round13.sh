@@ -8,8 +8,9 @@
 set -uo pipefail
 root=${OUT:-/tmp/chatq-round13}
 t0=$(date +%s)
-for mode in base fp8-shared; do
+for mode in ${MODES:-base fp8-shared}; do  # MODES: any of base, fp8, fp8-shared
   flags=()
+  [[ $mode == fp8 ]] && flags=(--kv-cache-dtype fp8)
   [[ $mode == fp8-shared ]] && flags=(--kv-cache-dtype fp8 --shared-prefix)
   echo "== spike through Redis, $mode $(($(date +%s) - t0))s"
   OUT=$root/$mode SPIKE_TIMEOUT_S=280 bash scripts/device_spike.sh spike -- --calm-s 10 \
