@@ -33,7 +33,7 @@ if [[ " $* " == *" kernels "* ]]; then
 fi
 if [[ " $* " == *" alone "* ]]; then
   source "$(dirname "$0")/device_env.sh"  # the carried wheels, PYTHONPATH
-  for mode in base fp8 fp8-shared; do
+  for mode in ${ALONE_MODES:-base fp8 fp8-shared}; do
     echo "== engine alone, spike workload, $mode $(el)"
     case $mode in
       base) flag=() ;;
