@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 from gpu_engine import kernels
 from gpu_engine.fp8 import quantize_rows, to_page_major
-from gpu_engine.kernels import decode_attention
 from gpu_engine.kernels.decode_attention import choose_num_splits, paged_decode_attention
 from gpu_engine.layers.fp8_linear import fp8_linear
 
@@ -69,24 +68,20 @@ def decode_rows(smoke: bool) -> list[str]:
         (kq, ks), (vq, vs) = quantize_rows(kc), quantize_rows(vc)
         vq = to_page_major(vq)  # an FP8 cache's V layout (gpu_engine.fp8)
         sp = choose_num_splits(bs, hk, ctx, sms)
-        # FP8 tiles meet q as fp16 dot operands (the default) or as bf16 (the A/B);
-        # 8 warps: CHATQ_FP8_KV_WARPS.
+        # FP8 tiles meet q as fp16 dot operands (the default) or as bf16 (the A/B).
         variants = [
-            ("bf16", kc, vc, None, 64, True, 4),
-            ("fp8, bf16 dots", kq, vq, (ks, vs), 128, False, 4),
-            ("fp8, fp16 dots", kq, vq, (ks, vs), 64, True, 4),
-            ("fp8, fp16 dots", kq, vq, (ks, vs), 128, True, 4),
-            ("fp8, fp16 dots, 8 warps", kq, vq, (ks, vs), 128, True, 8),
+            ("bf16", kc, vc, None, 64, True),
+            ("fp8, bf16 dots", kq, vq, (ks, vs), 128, False),
+            ("fp8, fp16 dots", kq, vq, (ks, vs), 64, True),
+            ("fp8, fp16 dots", kq, vq, (ks, vs), 128, True),
         ]
         base = None
-        for name, k, v, scales, block_n, fp16, warps in variants:
+        for name, k, v, scales, block_n, fp16 in variants:
             run = partial(paged_decode_attention, q, k, v, bt, sl, d**-0.5, num_splits=sp,
                           kv_scales=scales, block_n=block_n)  # fmt: skip
             kernels.FP8_FP16_DOT = fp16
-            decode_attention.FP8_KV_WARPS = warps
             t = bench(run, smoke)
             kernels.FP8_FP16_DOT = True
-            decode_attention.FP8_KV_WARPS = 4
             nbytes = 2 * (k.numel() * k.element_size() + (0 if scales is None else 4 * ks.numel()))
             base = base or t
             rows.append(

@@ -9,6 +9,8 @@
 #                                            shape bf16 KV vs FP8 KV (4 and 8 warps)
 #   bash scripts/device_round14.sh alone     the engine alone on the spike workload: bf16
 #                                            base, FP8 KV, FP8 KV + shared-prefix attention
+# (CHATQ_FP8_KV_WARPS was removed after the kernels call: 0.77x the bf16 kernel, 0.84x end to
+# end; benchmarks.md.)
 # carry (alone): [".cache/tok-smollm2", ".whl"] (see device_round10.sh); kernels: none.
 set -uo pipefail
 OUT=${OUT:-/tmp/chatq-round14}

@@ -106,11 +106,6 @@ def _attention(dt: str, p: str, fp8: bool):
                               NUM_SLOTS=slots)  # fmt: skip
                 name = f"decode {tag} G{group} S{splits}{' prefix' if kv_start else ''}"
                 yield name, sig(decode_attention._decode_kernel, p, consts, cache), 4, 2
-    # An FP8 cache's decode at 8 warps a program (CHATQ_FP8_KV_WARPS, 16-bit queries only).
-    if fp8 and dt == "bf16":
-        consts = dict(common, BLOCK_N=decode_n, GROUP=2, GROUP_PAD=16, NUM_SPLITS=8,
-                      KV_START=True, NUM_SLOTS=9)  # fmt: skip
-        yield f"decode {tag} 8 warps", sig(decode_attention._decode_kernel, p, consts, cache), 8, 2
     merge = dict(HEAD_DIM=128, BLOCK_D=128, NUM_SPLITS=8, NUM_SLOTS=9, SPLITS_PAD=16)
     yield f"merge {tag}", sig(decode_attention._merge_kernel, p, merge), 4, 1
     for bm in (16, 64) if dt == "bf16" else (16,):

@@ -19,8 +19,6 @@ in registers (``kernels.kv_tiles``).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -189,22 +187,6 @@ def choose_num_splits(
     return 1 << (splits.bit_length() - 1)
 
 
-# Warps of an FP8 decode program: 8 spread each tile over twice the threads (sm_90 compile,
-# one split, page-major V: 102 registers a thread instead of 126). Not yet measured on a GPU:
-# CHATQ_FP8_KV_WARPS=8 turns it on.
-FP8_KV_WARPS: int = int(os.environ.get("CHATQ_FP8_KV_WARPS", "4"))
-
-
-def decode_warps(q: torch.Tensor, kv_scales: object) -> int:
-    """num_warps of a decode launch (4; FP8_KV_WARPS for an FP8 cache under 16-bit queries:
-    fp32 dots at 8 warps spill in the sm_90 compile)."""
-    if kv_scales is None or q.element_size() != 2:
-        return 4
-    if FP8_KV_WARPS not in (4, 8):
-        raise ValueError(f"CHATQ_FP8_KV_WARPS must be 4 or 8, got {FP8_KV_WARPS}")
-    return FP8_KV_WARPS
-
-
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -296,7 +278,7 @@ def paged_decode_attention(
         out.stride(0),
         out.stride(1),
         num_heads,
-        num_warps=decode_warps(q, kv_scales),
+        num_warps=4,
         num_stages=2,
         KV_START=shared is not None,
         NUM_SLOTS=num_slots,

@@ -27,7 +27,6 @@ from gpu_engine.fp8 import (
     quantize_rows,
     to_page_major,
 )
-from gpu_engine.kernels import decode_attention
 from gpu_engine.kernels.decode_attention import paged_decode_attention
 from gpu_engine.kernels.kv_cache import store_kv_cache
 from gpu_engine.kernels.prefill_attention import paged_prefill_attention
@@ -196,33 +195,11 @@ def test_decode_attention_fp8_wide_tiles() -> None:
     _decode_check([(150, 1), (7, 1), (0, 1)], 4, 2, 16, 4, 0, torch.float32, 2, block_n=128)
 
 
-def test_decode_warps_refuses_a_count_it_was_not_built_for(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """CHATQ_FP8_KV_WARPS takes 4 or 8 (an FP8 cache's decode programs under bf16 queries);
-    a bf16 cache and fp32 queries keep 4."""
-    bf16, fp32 = torch.zeros(1, dtype=torch.bfloat16), torch.zeros(1)
-    monkeypatch.setattr(decode_attention, "FP8_KV_WARPS", 8)
-    assert decode_attention.decode_warps(bf16, None) == 4
-    assert decode_attention.decode_warps(bf16, object()) == 8
-    assert decode_attention.decode_warps(fp32, object()) == 4
-    monkeypatch.setattr(decode_attention, "FP8_KV_WARPS", 6)
-    with pytest.raises(ValueError, match="CHATQ_FP8_KV_WARPS must be 4 or 8, got 6"):
-        decode_attention.decode_warps(bf16, object())
-
-
 @gpu
-@pytest.mark.parametrize("warps", [4, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("splits", [1, 4])
 @pytest.mark.parametrize("case", DECODE_GPU)
-def test_decode_attention_fp8_gpu(
-    case, splits: int, dtype: torch.dtype, warps: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # warps: CHATQ_FP8_KV_WARPS (the interpreter on the CPU has no warps to vary)
-    if warps == 8 and dtype == torch.float32:
-        pytest.skip("fp32 queries keep 4 warps (decode_warps)")
-    monkeypatch.setattr(decode_attention, "FP8_KV_WARPS", warps)
+def test_decode_attention_fp8_gpu(case, splits: int, dtype: torch.dtype) -> None:
     _decode_check(*case, dtype, splits)
 
 
