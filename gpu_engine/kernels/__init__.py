@@ -3,7 +3,10 @@
 Each module holds one kernel family and a thin Python launcher that checks shapes:
 ``kv_cache`` (store K/V by slot mapping), ``decode_attention`` (paged, split-K),
 ``prefill_attention`` (paged, FlashAttention-2 style, prefix hits and chunked prefill),
-``norm`` (RMSNorm with fused residual add), ``activation`` (SiLU-and-mul), ``rotary`` (RoPE).
+``shared_prefix`` (a group's common prefix attended once), ``norm`` (RMSNorm with fused
+residual add), ``activation`` (SiLU-and-mul), ``rotary`` (RoPE), ``fp8_gemm`` and ``quant``
+(FP8 linear layers), ``sampling``. The attention kernels share ``kv_tiles`` (a paged K/V tile
+and one online-softmax step over it); the FP8 writers share ``fp8_math``.
 
 Triton compiles these for CUDA only. On a machine without a CUDA device they run under
 Triton's interpreter (numpy on the host, CPU tensors): this module switches the interpreter on
