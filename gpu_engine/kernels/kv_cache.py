@@ -110,11 +110,12 @@ def store_kv_cache(
         if t.stride(2) != 1 or t.stride(1) != head_dim:
             raise ValueError("k/v rows must be [num_kv_heads, head_dim] packed")
     scales = check_kv_cache(k_cache, v_cache, kv_scales)
-    if k_cache.dtype == FP8_DTYPE:
+    fp8 = k_cache.dtype == FP8_DTYPE
+    if k_cache.shape[2:] != (num_kv_heads, head_dim) or not (fp8 or k_cache.dtype == k.dtype):
+        raise ValueError(f"cache {tuple(k_cache.shape)} {k_cache.dtype} vs k {tuple(k.shape)}")
+    if fp8:
         _store_fp8(k, v, k_cache, v_cache, slot_mapping, scales)
         return
-    if k_cache.shape[2:] != (num_kv_heads, head_dim) or k_cache.dtype != k.dtype:
-        raise ValueError(f"cache {tuple(k_cache.shape)} {k_cache.dtype} vs k {tuple(k.shape)}")
     _store_kv_kernel[(num_tokens,)](
         k,
         v,
@@ -139,8 +140,6 @@ def _store_fp8(
     kv_scales: tuple[torch.Tensor, torch.Tensor],
 ) -> None:
     num_tokens, num_kv_heads, head_dim = k.shape
-    if k_cache.shape[2:] != (num_kv_heads, head_dim):
-        raise ValueError(f"cache {tuple(k_cache.shape)} vs k {tuple(k.shape)}")
     _store_kv_fp8_kernel[(num_tokens,)](
         k,
         v,
