@@ -92,6 +92,81 @@ def decode_rows(smoke: bool) -> list[str]:
     return rows
 
 
+def prefix_rows(smoke: bool) -> list[str]:
+    """Shared-prefix attention at the spike's decode shape: 256 sequences of 12/2 heads, a
+    1,024-token prefix cached once, each sequence's own suffix 16-500 tokens; the decode
+    kernel over whole contexts (the prefix from L2) against the shared path (prefix kernel
+    at each split count + suffix decode + merge) and the prefix kernel alone, staged as the
+    engine's graphs stage it (fixed tile capacity)."""
+    import numpy as np
+
+    from gpu_engine.kernels.shared_prefix import choose_prefix_splits, launch_prefix_attention
+    from gpu_engine.prefix_groups import find_prefix_groups, prefix_block_s
+    from gpu_engine.shared_staging import SharedPrefixStaging
+
+    bs, hq, hk, d, page, prefix, max_len = 256, 12, 2, 128, 16, 1024, 4096
+    if smoke:
+        bs, hq, hk, d, prefix, max_len = 8, 4, 2, 16, 32, 128
+    gen = torch.Generator().manual_seed(0)
+    lens = prefix + torch.randint(16, 500 if not smoke else 40, (bs,), generator=gen)
+    blocks = [-(-int(n) // page) for n in lens]
+    nblk = sum(blocks) + 1
+    perm = torch.randperm(nblk, generator=gen).to(torch.int32)
+    bt = torch.zeros(bs, max(blocks), dtype=torch.int32)
+    at = prefix // page  # perm[:at]: the prefix's blocks, the same in every table
+    for i, nb in enumerate(blocks):
+        bt[i, : prefix // page] = perm[: prefix // page]
+        bt[i, prefix // page : nb] = perm[at : at + nb - prefix // page]
+        at += nb - prefix // page
+    kc = torch.randn(nblk, page, hk, d, device=DEV, dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    q = torch.randn(bs, hq, d, device=DEV, dtype=torch.bfloat16)
+    (kq, ks), (vq, vs) = quantize_rows(kc), quantize_rows(vc)
+    vq = to_page_major(vq)
+    block_s = prefix_block_s(hq // hk)
+    staging = SharedPrefixStaging(bs, bt.shape[1], block_s, torch.device(DEV))
+    positions = (lens - 1).numpy()
+    groups = find_prefix_groups(bt.numpy(), np.arange(bs), positions, page, block_s)
+    assert groups is not None
+    staging.stage(groups, bs, page)
+    shared = staging.shared(bs)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count if DEV == "cuda" else 132
+    sp = choose_num_splits(bs, hk, max_len, sms)
+    auto = choose_prefix_splits(shared.tile_group.shape[0], hk, sms)
+    bt, sl = bt.to(DEV), lens.to(DEV, torch.int32)
+    rows = []
+    for name, k, v, scales in [("bf16", kc, vc, None), ("fp8", kq, vq, (ks, vs))]:
+        base = partial(paged_decode_attention, q, k, v, bt, sl, d**-0.5, num_splits=sp,
+                       kv_scales=scales)  # fmt: skip
+        want = base()
+        t_plain = bench(base, smoke)
+        rows.append(f"| {name} | plain decode, prefix from L2 | {t_plain * 1e3:.1f} | 1.00x |")
+        for ps in sorted({1, 2, 4, 8, auto}):
+            run = partial(base, shared=shared, prefix_splits=ps)
+            err = float((run().float() - want.float()).norm() / want.float().norm())
+            if err > 2e-2:
+                raise AssertionError(f"{name} shared, {ps} prefix splits: rel err {err:.2e}")
+            t = bench(run, smoke)
+            tag = " (auto)" if ps == auto else ""
+            rows.append(
+                f"| {name} | shared, {ps} prefix splits{tag} | {t * 1e3:.1f} | "
+                f"{t_plain / t:.2f}x |"
+            )
+        slots = sp + auto
+        part_out = torch.empty(bs, slots, hq, d, device=DEV, dtype=torch.float32)
+        part_lse = torch.empty(bs, slots, hq, device=DEV, dtype=torch.float32)
+        ones = torch.ones(1, device=DEV)
+        common = dict(GROUP=hq // hk, HEAD_DIM=d, BLOCK_D=d, PAGE=page,
+                      BLOCK_N=128 if scales else 64, UPCAST=DEV != "cuda",
+                      PRECISION=kernels.dot_precision(q.dtype), FP8=scales is not None,
+                      FP16_DOT=kernels.fp16_dot(q, scales))  # fmt: skip
+        prefix_only = partial(launch_prefix_attention, q, k, v, scales or (ones, ones), shared,
+                              part_out, part_lse, d**-0.5, sp, auto, common)  # fmt: skip
+        t = bench(prefix_only, smoke)
+        rows.append(f"| {name} | prefix kernel alone, {auto} splits | {t * 1e3:.1f} | |")
+    return rows
+
+
 def linear_rows(smoke: bool) -> list[str]:
     from gpu_engine.kernels.fp8_gemm import fp8_small_m_linear
     from gpu_engine.kernels.quant import quantize_per_token
@@ -196,16 +271,21 @@ def gemv_rows(smoke: bool) -> list[str]:
     return rows
 
 
+PARTS = ("linear", "gemv", "decode", "prefix")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument(
-        "--parts", default="linear,gemv,decode", help="comma-separated: linear, gemv, decode"
+        "--parts",
+        default="linear,gemv,decode,prefix",
+        help="comma-separated: linear, gemv, decode, prefix",
     )
     args = ap.parse_args()
     parts = set(args.parts.split(","))
-    if parts - {"linear", "gemv", "decode"}:
-        ap.error(f"--parts: unknown {sorted(parts - {'linear', 'gemv', 'decode'})}")
+    if parts - set(PARTS):
+        ap.error(f"--parts: unknown {sorted(parts - set(PARTS))}")
     if "linear" in parts:
         print(
             "\n| linear (Qwen2.5-7B) | M | bf16 us | fp8 layer us | quant alone "
@@ -224,6 +304,9 @@ def main() -> int:
     if "decode" in parts:
         print("\n| attention | shape | us | K/V read | vs bf16 |\n|---|---|---|---|---|")
         print("\n".join(decode_rows(args.smoke)))
+    if "prefix" in parts:
+        print("\n| cache | shared-prefix attention (spike shape) | us | vs plain |\n|---|---|---|---|")
+        print("\n".join(prefix_rows(args.smoke)))
     return 0
 
 

@@ -10,8 +10,8 @@ of each split is computed in the kernel from ``seq_lens``: a CUDA graph captured
 valid for any context length.
 
 Shared prefixes (``shared`` given, see ``kernels.shared_prefix``): each sequence attends
-from ``kv_start`` on, its group's prefix partial sits in one more partial slot, and the
-merge kernel folds it in (only where ``kv_start`` > 0).
+from ``kv_start`` on, its group's prefix partials sit in ``prefix_splits`` more partial
+slots, and the merge kernel folds them in (only where ``kv_start`` > 0).
 
 FP8 cache (``kv_scales`` given): K/V tiles are loaded as e4m3 (half the bytes) and converted
 in registers (``kernels.kv_tiles``).
@@ -25,7 +25,7 @@ import triton.language as tl
 
 from gpu_engine.kernels import INTERPRET, check_kv_cache, dot_precision, fp16_dot
 from gpu_engine.kernels.kv_tiles import attend_tile, load_kv_tile
-from gpu_engine.kernels.shared_prefix import launch_prefix_attention
+from gpu_engine.kernels.shared_prefix import choose_prefix_splits, launch_prefix_attention
 from gpu_engine.layers.base import SharedPrefix
 
 _LOG2E = 1.4426950408889634
@@ -147,14 +147,15 @@ def _merge_kernel(
     SPLITS_PAD: tl.constexpr,
 ):
     # One program per (sequence, query head): softmax-weighted sum of the split partials,
-    # and of the shared-prefix partial (the last slot) where the sequence has a group.
+    # and of the shared-prefix partials (the last slots) where the sequence has a group.
     seq = tl.program_id(0)
     head = tl.program_id(1)
     sp = tl.arange(0, SPLITS_PAD)
     d = tl.arange(0, BLOCK_D)
     used = NUM_SPLITS
     if NUM_SLOTS > NUM_SPLITS:
-        used = NUM_SPLITS + (tl.load(kv_start_ptr + seq) > 0).to(tl.int32)
+        has_group = (tl.load(kv_start_ptr + seq) > 0).to(tl.int32)
+        used = NUM_SPLITS + (NUM_SLOTS - NUM_SPLITS) * has_group
     sp_mask = sp < used
     base = (seq.to(tl.int64) * NUM_SLOTS + sp) * num_heads + head  # [SPLITS_PAD]
     lse = tl.load(part_lse_ptr + base, mask=sp_mask, other=float("-inf"))
@@ -199,6 +200,7 @@ def paged_decode_attention(
     block_n: int | None = None,
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     shared: SharedPrefix | None = None,
+    prefix_splits: int | None = None,
 ) -> torch.Tensor:
     """q: [num_seqs, num_heads, head_dim] (one token each, the last of its sequence);
     caches: [num_blocks, page, num_kv_heads, head_dim]; block_tables: [num_seqs, max_blocks]
@@ -207,7 +209,8 @@ def paged_decode_attention(
     (V page-major, ``gpu_engine.fp8``) comes with ``kv_scales``: K and V scales [num_blocks,
     page, num_kv_heads] fp32.
     ``shared``: groups of these sequences with a common cached prefix (attended once per
-    group, merged with each sequence's own suffix)."""
+    group in ``prefix_splits`` parts, by default ``choose_prefix_splits`` for 132 SMs,
+    merged with each sequence's own suffix)."""
     num_seqs, num_heads, head_dim = q.shape
     _, page, num_kv_heads, cache_dim = k_cache.shape
     if cache_dim != head_dim or num_heads % num_kv_heads:
@@ -241,7 +244,11 @@ def paged_decode_attention(
         NUM_KV_HEADS=num_kv_heads,
         FP16_DOT=fp16_dot(q, kv_scales),
     )
-    num_slots = num_splits + (shared is not None)
+    if shared is None:
+        prefix_splits = 0
+    elif prefix_splits is None:
+        prefix_splits = choose_prefix_splits(shared.tile_group.shape[0], num_kv_heads)
+    num_slots = num_splits + prefix_splits
     if num_slots == 1:
         part_out = part_lse = out  # unused
     else:
@@ -255,7 +262,7 @@ def paged_decode_attention(
     if shared is not None:
         launch_prefix_attention(
             q, k_cache, v_cache, (k_scales, v_scales), shared, part_out, part_lse, scale,
-            num_splits, common,
+            num_splits, prefix_splits, common,
         )  # fmt: skip
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,

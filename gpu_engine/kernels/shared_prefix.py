@@ -7,10 +7,13 @@ pairs, BLOCK_S x GROUP_PAD of them, so a [BLOCK_N, head_dim] K/V tile of the pre
 once and serves every member of the tile (a tensor-core product with BLOCK_S x GROUP_PAD
 rows instead of GROUP_PAD). No causal mask: the whole prefix precedes every member's query.
 
-It writes a partial result (the output normalised by its own softmax sum, and the
-log-sum-exp in base 2) into the decode kernel's split partials at slot ``part_slot``; the
+The prefix's tiles are split between PREFIX_SPLITS programs per (tile, KV head) so that a
+batch of a few tiles still fills the GPU (at 256 sequences of GQA 6, one group is 32 tiles x
+2 KV heads: 64 programs, half the H100's SMs, each walking the whole prefix alone). Each
+writes a partial result (the output normalised by its own softmax sum, and the log-sum-exp
+in base 2) into the decode kernel's split partials at slot ``part_slot`` + its split; the
 decode kernel covers each member's suffix ``[prefix_len, seq_len)`` and the merge kernel
-combines the two by log-sum-exp (``decode_attention``). Tiles are read and attended as there
+combines them all by log-sum-exp (``decode_attention``). Tiles are read and attended as there
 (``kernels.kv_tiles``), FP8 caches included.
 """
 
@@ -63,9 +66,11 @@ def _prefix_kernel(
     FP8: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     FP16_DOT: tl.constexpr,
+    PREFIX_SPLITS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
+    psplit = tl.program_id(2)
     group = tl.load(tile_group_ptr + tile)
     # Padding tiles (group -1) of a graph's fixed grid have nothing to do.
     if group >= 0:
@@ -91,7 +96,10 @@ def _prefix_kernel(
         l_i = tl.zeros([BLOCK_S * GROUP_PAD], tl.float32)
         acc = tl.zeros([BLOCK_S * GROUP_PAD, BLOCK_D], tl.float32)
         bt_row = group_tables_ptr + group.to(tl.int64) * stride_gt
-        for start in range(0, prefix_len, BLOCK_N):
+        per_split = tl.cdiv(tl.cdiv(prefix_len, BLOCK_N), PREFIX_SPLITS) * BLOCK_N
+        lo = psplit * per_split
+        hi = tl.minimum(lo + per_split, prefix_len)
+        for start in range(lo, hi, BLOCK_N):
             n = start + tl.arange(0, BLOCK_N)
             n_mask = n < prefix_len
             k, v, k_s, v_s = load_kv_tile(
@@ -106,13 +114,22 @@ def _prefix_kernel(
         safe_l = tl.where(l_i > 0, l_i, 1.0)
         out = acc / safe_l[:, None]
         lse = tl.where(l_i > 0, m_i + tl.log2(safe_l), float("-inf"))
-        base = (member * NUM_SLOTS + part_slot) * num_heads + heads
+        base = (member * NUM_SLOTS + part_slot + psplit) * num_heads + heads
         tl.store(
             part_out_ptr + base[:, None] * HEAD_DIM + d[None, :],
             out,
             mask=valid[:, None] & d_mask[None, :],
         )
         tl.store(part_lse_ptr + base, lse, mask=valid)
+
+
+def choose_prefix_splits(num_tiles: int, num_kv_heads: int, num_sms: int = 132) -> int:
+    """Prefix splits so that the prefix kernel's programs ≈ 2 waves of the SMs, at most 8,
+    a power of two. Depends only on host ints (``num_tiles``: the staging's fixed tile
+    capacity), so a captured graph can fix it."""
+    want = triton.cdiv(2 * num_sms, max(1, num_tiles * num_kv_heads))
+    splits = max(1, min(want, 8))
+    return 1 << (splits.bit_length() - 1)
 
 
 def launch_prefix_attention(
@@ -125,17 +142,19 @@ def launch_prefix_attention(
     part_lse: torch.Tensor,
     scale: float,
     num_splits: int,
+    prefix_splits: int,
     common: dict[str, Any],
 ) -> None:
-    """The groups' prefix partials into the last slot of ``part_out`` / ``part_lse``
-    ([num_seqs, num_splits + 1, ...]); ``common``: the decode launch's constants."""
+    """The groups' prefix partials into the last ``prefix_splits`` slots of ``part_out`` /
+    ``part_lse`` ([num_seqs, num_splits + prefix_splits, ...]); ``common``: the decode
+    launch's constants."""
     block_s = shared.tile_members.shape[1]
     if block_s != prefix_block_s(common["GROUP"]):
         raise ValueError(
             f"tiles of {block_s} members, the kernel wants {prefix_block_s(common['GROUP'])}"
         )
     num_kv_heads = k_cache.shape[2]
-    _prefix_kernel[(shared.tile_group.shape[0], num_kv_heads)](
+    _prefix_kernel[(shared.tile_group.shape[0], num_kv_heads, prefix_splits)](
         q,
         k_cache,
         v_cache,
@@ -155,7 +174,7 @@ def launch_prefix_attention(
         k_cache.stride(1),
         q.shape[1],
         num_splits,
-        NUM_SLOTS=num_splits + 1,
+        NUM_SLOTS=num_splits + prefix_splits,
         GROUP=common["GROUP"],
         GROUP_PAD=triton.next_power_of_2(common["GROUP"]),
         BLOCK_S=block_s,
@@ -171,6 +190,7 @@ def launch_prefix_attention(
         FP8=common["FP8"],
         FP16_DOT=common["FP16_DOT"],
         NUM_KV_HEADS=num_kv_heads,
+        PREFIX_SPLITS=prefix_splits,
         num_warps=4,
         num_stages=2,
     )

@@ -17,7 +17,8 @@ from gpu_engine.kernels.decode_attention import choose_num_splits, paged_decode_
 from gpu_engine.kernels.kv_cache import store_kv_cache
 from gpu_engine.kernels.prefill_attention import paged_prefill_attention
 from gpu_engine.kernels.prefill_tiles import prefill_block_m, prefill_tiles
-from gpu_engine.layers.base import AttentionMetadata
+from gpu_engine.kernels.shared_prefix import choose_prefix_splits
+from gpu_engine.layers.base import AttentionMetadata, SharedPrefix
 
 
 class TritonBackend:
@@ -34,6 +35,12 @@ class TritonBackend:
 
     def decode_num_splits(self, num_seqs: int, num_kv_heads: int, max_seq_len: int) -> int:
         return choose_num_splits(num_seqs, num_kv_heads, max_seq_len, self._num_sms)
+
+    def prefix_splits(self, shared: SharedPrefix | None, num_kv_heads: int) -> int | None:
+        """The shared-prefix kernel's splits (from the staging's fixed tile capacity)."""
+        if shared is None:
+            return None
+        return choose_prefix_splits(shared.tile_group.shape[0], num_kv_heads, self._num_sms)
 
     @staticmethod
     def _build_tiles(meta: AttentionMetadata, q: torch.Tensor) -> None:
@@ -93,6 +100,7 @@ class TritonBackend:
                 # alignment, and a slice at an odd row would compile another variant.
                 block_tables = block_tables[num_prefill:].clone()
                 seq_lens = seq_lens[num_prefill:].clone()
+            shared = meta.shared if not num_prefill else None
             paged_decode_attention(
                 q[prefill_tokens : prefill_tokens + num_decode],
                 k_cache,
@@ -103,6 +111,7 @@ class TritonBackend:
                 num_splits=splits,
                 out=out[prefill_tokens : prefill_tokens + num_decode],
                 kv_scales=kv_scales,
-                shared=meta.shared if not num_prefill else None,
+                shared=shared,
+                prefix_splits=self.prefix_splits(shared, k_cache.shape[2]),
             )
         return out

@@ -14,6 +14,7 @@ import torch
 import gpu_engine.kernels  # noqa: F401  (switches the interpreter on without CUDA)
 from gpu_engine.fp8 import dequantize_rows
 from gpu_engine.kernels.decode_attention import paged_decode_attention
+from gpu_engine.kernels.shared_prefix import choose_prefix_splits
 from gpu_engine.layers.base import SharedPrefix
 from gpu_engine.prefix_groups import find_prefix_groups, max_prefix_tiles, prefix_block_s
 from tests.gpu_engine.paged_cases import fp8_cache
@@ -136,14 +137,14 @@ def _shared_from_groups(c: dict[str, Any], page: int, block_s: int) -> SharedPre
     )  # fmt: skip
 
 
-def _check(n, groups, h, kvh, d, page, dtype, fp8, splits, tol) -> None:
+def _check(n, groups, h, kvh, d, page, dtype, fp8, splits, tol, prefix_splits=None) -> None:
     c = _case(n, groups, h, kvh, d, page, dtype, fp8, random.randrange(2**31))
     shared = _shared_from_groups(c, page, prefix_block_s(h // kvh))
     assert int((shared.kv_start > 0).sum()) >= 2
     out = torch.full_like(c["q"], float("nan"))
     paged_decode_attention(
         c["q"], c["kc"], c["vc"], c["bt"], c["lens"], d**-0.5, num_splits=splits, out=out,
-        kv_scales=c["scales"], shared=shared,
+        kv_scales=c["scales"], shared=shared, prefix_splits=prefix_splits,
     )  # fmt: skip
     assert torch.isfinite(out).all()
     assert torch.equal(out[-1].cpu(), torch.zeros_like(out[-1].cpu()))
@@ -158,15 +159,32 @@ def test_shared_prefix_decode_small(splits: int, fp8: bool) -> None:
     _check(9, [([0, 2, 3, 5], 2), ([6, 7], 1)], 6, 2, 16, 4, torch.float32, fp8, splits, 1e-4)
 
 
+@pytest.mark.parametrize("prefix_splits", [2, 3])
+def test_a_prefix_split_between_programs_merges_to_the_same_attention(prefix_splits: int) -> None:
+    # Prefixes of 40 and 24 tokens in 32-key tiles (fp32): 2 and 1 tiles, so a split walks
+    # one tile or none (an empty split's partial must weigh nothing in the merge).
+    _check(9, [([0, 2, 3, 5], 10), ([6, 7], 6)], 6, 2, 16, 4, torch.float32, True, 2, 1e-4,
+           prefix_splits)  # fmt: skip
+
+
+def test_prefix_splits_fill_two_waves_of_the_sms() -> None:
+    assert choose_prefix_splits(36, 2, 132) == 4  # 256 rows of GQA 6: 72 programs
+    assert choose_prefix_splits(8, 2, 132) == 8  # capped
+    assert choose_prefix_splits(200, 8, 132) == 1
+
+
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fp8", [False, True])
 @pytest.mark.parametrize("splits", [1, 4])
-def test_shared_prefix_decode_gpu(dtype: torch.dtype, fp8: bool, splits: int) -> None:
+@pytest.mark.parametrize("prefix_splits", [1, 4])
+def test_shared_prefix_decode_gpu(
+    dtype: torch.dtype, fp8: bool, splits: int, prefix_splits: int
+) -> None:
     # Qwen2.5-1.5B heads (12 / 2): 8 members per tile; a 100-member group over 3 tiles+.
     members = list(range(0, 200, 2))
     _check(203, [(members, 62), ([1, 3, 5], 5)], 12, 2, 128, 16, dtype, fp8, splits,
-           1e-4 if dtype == torch.float32 else 1e-2)  # fmt: skip
+           1e-4 if dtype == torch.float32 else 1e-2, prefix_splits)  # fmt: skip
 
 
 # ---------------------------------------------------------------- engine
