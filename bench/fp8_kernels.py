@@ -149,8 +149,7 @@ def prefix_rows(smoke: bool) -> list[str]:
             t = bench(run, smoke)
             tag = " (auto)" if ps == auto else ""
             rows.append(
-                f"| {name} | shared, {ps} prefix splits{tag} | {t * 1e3:.1f} | "
-                f"{t_plain / t:.2f}x |"
+                f"| {name} | shared, {ps} prefix splits{tag} | {t * 1e3:.1f} | {t_plain / t:.2f}x |"
             )
         slots = sp + auto
         part_out = torch.empty(bs, slots, hq, d, device=DEV, dtype=torch.float32)
@@ -305,7 +304,8 @@ def main() -> int:
         print("\n| attention | shape | us | K/V read | vs bf16 |\n|---|---|---|---|---|")
         print("\n".join(decode_rows(args.smoke)))
     if "prefix" in parts:
-        print("\n| cache | shared-prefix attention (spike shape) | us | vs plain |\n|---|---|---|---|")
+        print("\n| cache | shared-prefix attention (spike shape) | us | vs plain |")
+        print("|---|---|---|---|")
         print("\n".join(prefix_rows(args.smoke)))
     return 0
 
