@@ -160,9 +160,13 @@ def prefix_rows(smoke: bool) -> list[str]:
                       PRECISION=kernels.dot_precision(q.dtype), FP8=scales is not None,
                       FP16_DOT=kernels.fp16_dot(q, scales))  # fmt: skip
         prefix_only = partial(launch_prefix_attention, q, k, v, scales or (ones, ones), shared,
-                              part_out, part_lse, d**-0.5, sp, auto, common)  # fmt: skip
-        t = bench(prefix_only, smoke)
-        rows.append(f"| {name} | prefix kernel alone, {auto} splits | {t * 1e3:.1f} | |")
+                              part_out, part_lse, d**-0.5, sp)  # fmt: skip
+        for ps, block_n in sorted({(1, common["BLOCK_N"]), (auto, common["BLOCK_N"]), (auto, 64)}):
+            t = bench(partial(prefix_only, prefix_splits=ps, common=dict(common, BLOCK_N=block_n)),
+                      smoke)  # fmt: skip
+            rows.append(
+                f"| {name} | prefix kernel alone, {ps} splits, tile {block_n} | {t * 1e3:.1f} | |"
+            )
     return rows
 
 

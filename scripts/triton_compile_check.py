@@ -114,7 +114,8 @@ def _attention(dt: str, p: str, fp8: bool):
     for group in (2, 7):
         consts = dict(common, BLOCK_N=decode_n, GROUP=group,
                       GROUP_PAD=triton.next_power_of_2(group),
-                      BLOCK_S=shared_prefix.prefix_block_s(group), NUM_SLOTS=9)  # fmt: skip
+                      BLOCK_S=shared_prefix.prefix_block_s(group), NUM_SLOTS=12,
+                      PREFIX_SPLITS=4)  # fmt: skip
         kernel = shared_prefix._prefix_kernel
         yield f"prefix {tag} G{group}", sig(kernel, p, consts, cache), 4, 2
 
