@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from gpu_engine import kernels
 from gpu_engine.fp8 import quantize_rows, to_page_major
+from gpu_engine.kernels import decode_attention
 from gpu_engine.kernels.decode_attention import choose_num_splits, paged_decode_attention
 from gpu_engine.layers.fp8_linear import fp8_linear
 
@@ -151,6 +152,13 @@ def prefix_rows(smoke: bool) -> list[str]:
             rows.append(
                 f"| {name} | shared, {ps} prefix splits{tag} | {t * 1e3:.1f} | {t_plain / t:.2f}x |"
             )
+        decode_attention.FOLD_PREFIX = False  # the A/B: a merge kernel after the decode
+        t = bench(partial(base, shared=shared, prefix_splits=auto), smoke)
+        decode_attention.FOLD_PREFIX = True
+        rows.append(
+            f"| {name} | shared, {auto} prefix splits, merge kernel | {t * 1e3:.1f} | "
+            f"{t_plain / t:.2f}x |"
+        )
         slots = sp + auto
         part_out = torch.empty(bs, slots, hq, d, device=DEV, dtype=torch.float32)
         part_lse = torch.empty(bs, slots, hq, device=DEV, dtype=torch.float32)

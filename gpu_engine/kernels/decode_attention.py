@@ -11,7 +11,8 @@ valid for any context length.
 
 Shared prefixes (``shared`` given, see ``kernels.shared_prefix``): each sequence attends
 from ``kv_start`` on, its group's prefix partials sit in ``prefix_splits`` more partial
-slots, and the merge kernel folds them in (only where ``kv_start`` > 0).
+slots, and the merge kernel folds them in (only where ``kv_start`` > 0); with one split the
+decode program folds them in itself and no merge kernel runs.
 
 FP8 cache (``kv_scales`` given): K/V tiles are loaded as e4m3 (half the bytes) and converted
 in registers (``kernels.kv_tiles``).
@@ -29,6 +30,48 @@ from gpu_engine.kernels.shared_prefix import choose_prefix_splits, launch_prefix
 from gpu_engine.layers.base import SharedPrefix
 
 _LOG2E = 1.4426950408889634
+# With one split, a shared-prefix step's decode program merges the prefix partials itself
+# instead of a merge kernel after it; False: the merge kernel (the A/B in
+# bench/fp8_kernels.py --parts prefix).
+FOLD_PREFIX = True
+
+
+@triton.jit
+def _fold_partials(
+    part_out_ptr,
+    part_lse_ptr,
+    seq,
+    heads,
+    d,
+    rows,
+    d_mask,
+    m_i,
+    l_i,
+    acc,
+    num_heads,
+    HEAD_DIM: tl.constexpr,
+    NUM_SLOTS: tl.constexpr,
+):
+    """The running (max, sum, unnormalised output) of a program's own keys with the
+    normalised partials and log-sum-exps of slots [1, NUM_SLOTS) folded in for the query
+    ``rows`` that have them (a valid head of a grouped sequence): the merge kernel's sum, in
+    the decode program."""
+    for slot in tl.static_range(1, NUM_SLOTS):
+        base = (seq.to(tl.int64) * NUM_SLOTS + slot) * num_heads + heads
+        lse = tl.load(part_lse_ptr + base, mask=rows, other=float("-inf"))
+        part = tl.load(
+            part_out_ptr + base[:, None] * HEAD_DIM + d[None, :],
+            mask=rows[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        m_new = tl.maximum(m_i, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: weights 0
+        alpha = tl.exp2(m_i - m_safe)
+        w = tl.exp2(lse - m_safe)  # a partial normalised by its own sum: weight 2^lse
+        l_i = l_i * alpha + w
+        acc = acc * alpha[:, None] + part * w[:, None]
+        m_i = m_new
+    return m_i, l_i, acc
 
 
 # The block-table row stride changes with the longest sequence of a step: not specialising on
@@ -69,6 +112,7 @@ def _decode_kernel(
     KV_START: tl.constexpr,
     NUM_SLOTS: tl.constexpr,
     FP16_DOT: tl.constexpr,
+    FOLD_PREFIX: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -115,7 +159,14 @@ def _decode_kernel(
         )
 
     o_mask = g_mask[:, None] & d_mask[None, :]
-    if NUM_SLOTS == 1:
+    if FOLD_PREFIX:
+        # One split: the prefix partials (written before this launch) are merged here, so
+        # the step needs no merge kernel. Slots [1, NUM_SLOTS) hold them; 0 is unused.
+        m_i, l_i, acc = _fold_partials(
+            part_out_ptr, part_lse_ptr, seq, heads, d, g_mask & (g * 0 + first > 0), d_mask,
+            m_i, l_i, acc, num_heads, HEAD_DIM, NUM_SLOTS,
+        )  # fmt: skip
+    if NUM_SLOTS == 1 or FOLD_PREFIX:
         # seq_len 0 (graph padding) leaves l_i = 0: write zeros, not NaN.
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         o_ptrs = out_ptr + seq.to(tl.int64) * stride_o_tok + heads[:, None] * stride_o_head
@@ -264,6 +315,8 @@ def paged_decode_attention(
             q, k_cache, v_cache, (k_scales, v_scales), shared, part_out, part_lse, scale,
             num_splits, prefix_splits, common,
         )  # fmt: skip
+    # One split: the decode program folds the prefix partials in itself (no merge launch).
+    fold = shared is not None and num_splits == 1 and FOLD_PREFIX
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -289,9 +342,10 @@ def paged_decode_attention(
         num_stages=2,
         KV_START=shared is not None,
         NUM_SLOTS=num_slots,
+        FOLD_PREFIX=fold,
         **common,
     )
-    if num_slots > 1:
+    if num_slots > 1 and not fold:
         _merge_kernel[(num_seqs, num_heads)](
             part_out,
             part_lse,

@@ -160,11 +160,15 @@ def test_shared_prefix_decode_small(splits: int, fp8: bool) -> None:
 
 
 @pytest.mark.parametrize("prefix_splits", [2, 3])
-def test_a_prefix_split_between_programs_merges_to_the_same_attention(prefix_splits: int) -> None:
+@pytest.mark.parametrize("splits", [1, 2])
+def test_a_prefix_split_between_programs_merges_to_the_same_attention(
+    prefix_splits: int, splits: int
+) -> None:
     # Prefixes of 40 and 24 tokens in 32-key tiles (fp32): 2 and 1 tiles, so a split walks
-    # one tile or none (an empty split's partial must weigh nothing in the merge).
-    _check(9, [([0, 2, 3, 5], 10), ([6, 7], 6)], 6, 2, 16, 4, torch.float32, True, 2, 1e-4,
-           prefix_splits)  # fmt: skip
+    # one tile or none (an empty split's partial must weigh nothing in the merge). One
+    # split: the decode program folds the partials in; two: the merge kernel does.
+    _check(9, [([0, 2, 3, 5], 10), ([6, 7], 6)], 6, 2, 16, 4, torch.float32, True, splits,
+           1e-4, prefix_splits)  # fmt: skip
 
 
 def test_prefix_splits_fill_two_waves_of_the_sms() -> None:
