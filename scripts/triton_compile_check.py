@@ -100,10 +100,12 @@ def _attention(dt: str, p: str, fp8: bool):
     for splits in (1, 8):
         for group in (2, 7):
             for kv_start in (False, True):
-                slots = splits + int(kv_start)
+                # With a shared prefix (4 prefix splits) and one split, the decode program
+                # folds the prefix partials in itself.
+                slots = splits + 4 * int(kv_start)
                 consts = dict(common, BLOCK_N=decode_n, GROUP=group, GROUP_PAD=16,
-                              NUM_SPLITS=splits, KV_START=kv_start,
-                              NUM_SLOTS=slots)  # fmt: skip
+                              NUM_SPLITS=splits, KV_START=kv_start, NUM_SLOTS=slots,
+                              FOLD_PREFIX=kv_start and splits == 1)  # fmt: skip
                 name = f"decode {tag} G{group} S{splits}{' prefix' if kv_start else ''}"
                 yield name, sig(decode_attention._decode_kernel, p, consts, cache), 4, 2
     merge = dict(HEAD_DIM=128, BLOCK_D=128, NUM_SPLITS=8, NUM_SLOTS=9, SPLITS_PAD=16)
