@@ -69,7 +69,9 @@ def find_prefix_groups(
         members = eligible[inverse == bucket]
         cap = caps[members]
         t = tables[rows[members], : int(cap.max())]
-        same = np.cumprod(t == t[0], axis=1, dtype=np.int32).sum(axis=1)
+        differ = t != t[0]
+        # Leading equal blocks: the first differing column, or the whole width.
+        same = np.where(differ.any(axis=1), differ.argmax(axis=1), t.shape[1])
         lcp = np.minimum(same, cap)
         keep = lcp >= max(1, int(lcp.max()) // 2)
         if keep.sum() < min_members:
@@ -80,16 +82,16 @@ def find_prefix_groups(
         group = len(group_blocks)
         group_blocks.append(t[0, :prefix].astype(np.int32))
         shared += (len(members) - 1) * prefix * block_size
-        for start in range(0, len(members), block_s):
-            chunk = members[start : start + block_s]
-            tile_group.append(group)
-            tile_rows.append(np.pad(chunk, (0, block_s - len(chunk)), constant_values=-1))
+        tiles = np.full(-(-len(members) // block_s) * block_s, -1, dtype=np.int32)
+        tiles[: len(members)] = members
+        tile_rows.append(tiles.reshape(-1, block_s))
+        tile_group.extend([group] * len(tile_rows[-1]))
     if not group_blocks:
         return None
     return PrefixGroups(
         kv_start=kv_start,
         tile_group=np.asarray(tile_group, dtype=np.int32),
-        tile_members=np.stack(tile_rows).astype(np.int32),
+        tile_members=np.concatenate(tile_rows),
         group_blocks=group_blocks,
         shared_tokens=shared,
     )
