@@ -39,6 +39,7 @@ if [[ " $* " == *" alone "* ]]; then
     echo "== engine alone, spike workload, $mode $(el)"
     case $mode in
       base) flag=() ;;
+      shared) flag=(--shared-prefix) ;;
       fp8) flag=(--kv-cache-dtype fp8) ;;
       fp8-shared) flag=(--kv-cache-dtype fp8 --shared-prefix) ;;
     esac

@@ -26,19 +26,8 @@ if [[ " $* " == *" prefix "* ]]; then
     tests/gpu_engine/test_kernels.py 2>&1 | grep -E "passed|failed|FAILED|Error" | tail -8
 fi
 if [[ " $* " == *" alone "* ]]; then
-  source "$(dirname "$0")/device_env.sh"  # the carried wheels, PYTHONPATH
-  for mode in ${ALONE_MODES:-base shared fp8 fp8-shared}; do
-    echo "== engine alone, spike workload, $mode $(el)"
-    case $mode in
-      base) flag=() ;;
-      shared) flag=(--shared-prefix) ;;
-      fp8) flag=(--kv-cache-dtype fp8) ;;
-      fp8-shared) flag=(--kv-cache-dtype fp8 --shared-prefix) ;;
-    esac
-    timeout 110 python3 bench/spike.py --out /tmp/spike-ab --tokenizer .cache/tok-smollm2 \
-      --alone-requests 512 --alone-json "$OUT/alone_$mode.json" "${flag[@]}" \
-      > "$OUT/alone_$mode.log" 2>&1 || tail -5 "$OUT/alone_$mode.log"
-  done
-  python3 scripts/alone_table.py "$OUT"
+  # device_round14's loop, with one more mode (shared: bf16 KV + shared-prefix attention).
+  ALONE_MODES=${ALONE_MODES:-base shared fp8 fp8-shared} OUT=$OUT \
+    bash "$(dirname "$0")/device_round14.sh" alone | grep -v "^== done"
 fi
 echo "== done $(el)"
