@@ -299,6 +299,8 @@ def paged_decode_attention(
         prefix_splits = 0
     elif prefix_splits is None:
         prefix_splits = choose_prefix_splits(shared.tile_group.shape[0], num_kv_heads)
+    elif prefix_splits < 1:
+        raise ValueError(f"prefix_splits must be >= 1, got {prefix_splits}")
     num_slots = num_splits + prefix_splits
     if num_slots == 1:
         part_out = part_lse = out  # unused

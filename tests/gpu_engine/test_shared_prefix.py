@@ -171,6 +171,14 @@ def test_a_prefix_split_between_programs_merges_to_the_same_attention(
            1e-4, prefix_splits)  # fmt: skip
 
 
+def test_a_prefix_split_count_below_one_is_refused() -> None:
+    c = _case(4, [([0, 1], 2)], 4, 2, 16, 4, torch.float32, False, 0)
+    shared = _shared_from_groups(c, 4, prefix_block_s(2))
+    with pytest.raises(ValueError, match="prefix_splits must be >= 1"):
+        paged_decode_attention(c["q"], c["kc"], c["vc"], c["bt"], c["lens"], 0.25,
+                               shared=shared, prefix_splits=0)  # fmt: skip
+
+
 def test_prefix_splits_fill_two_waves_of_the_sms() -> None:
     assert choose_prefix_splits(36, 2, 132) == 4  # 256 rows of GQA 6: 72 programs
     assert choose_prefix_splits(8, 2, 132) == 8  # capped
