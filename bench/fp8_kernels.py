@@ -28,7 +28,11 @@ import torch.nn.functional as F
 from gpu_engine import kernels
 from gpu_engine.fp8 import quantize_rows, to_page_major
 from gpu_engine.kernels import decode_attention
-from gpu_engine.kernels.decode_attention import choose_num_splits, paged_decode_attention
+from gpu_engine.kernels.decode_attention import (
+    choose_num_splits,
+    launch_constants,
+    paged_decode_attention,
+)
 from gpu_engine.layers.fp8_linear import fp8_linear
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -163,10 +167,7 @@ def prefix_rows(smoke: bool) -> list[str]:
         part_out = torch.empty(bs, slots, hq, d, device=DEV, dtype=torch.float32)
         part_lse = torch.empty(bs, slots, hq, device=DEV, dtype=torch.float32)
         ones = torch.ones(1, device=DEV)
-        common = dict(GROUP=hq // hk, HEAD_DIM=d, BLOCK_D=d, PAGE=page,
-                      BLOCK_N=128 if scales else 64, UPCAST=DEV != "cuda",
-                      PRECISION=kernels.dot_precision(q.dtype), FP8=scales is not None,
-                      FP16_DOT=kernels.fp16_dot(q, scales))  # fmt: skip
+        common = launch_constants(q, k, scales, sp)  # what the engine's launch passes
         prefix_only = partial(launch_prefix_attention, q, k, v, scales or (ones, ones), shared,
                               part_out, part_lse, d**-0.5, sp)  # fmt: skip
         alone = {(1, common["BLOCK_N"]), (auto, common["BLOCK_N"]), (auto, 64)}

@@ -20,6 +20,8 @@ in registers (``kernels.kv_tiles``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -162,9 +164,11 @@ def _decode_kernel(
     if FOLD_PREFIX:
         # One split: the prefix partials (written before this launch) are merged here, so
         # the step needs no merge kernel. Slots [1, NUM_SLOTS) hold them; 0 is unused.
+        # first > 0 broadcast to the rows: the interpreter takes no scalar in a load mask.
+        grouped = g_mask & (g * 0 + first > 0)
         m_i, l_i, acc = _fold_partials(
-            part_out_ptr, part_lse_ptr, seq, heads, d, g_mask & (g * 0 + first > 0), d_mask,
-            m_i, l_i, acc, num_heads, HEAD_DIM, NUM_SLOTS,
+            part_out_ptr, part_lse_ptr, seq, heads, d, grouped, d_mask, m_i, l_i, acc,
+            num_heads, HEAD_DIM, NUM_SLOTS,
         )  # fmt: skip
     if NUM_SLOTS == 1 or FOLD_PREFIX:
         # seq_len 0 (graph padding) leaves l_i = 0: write zeros, not NaN.
@@ -239,6 +243,40 @@ def choose_num_splits(
     return 1 << (splits.bit_length() - 1)
 
 
+def launch_constants(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None,
+    num_splits: int,
+    block_n: int | None = None,
+) -> dict[str, Any]:
+    """The decode kernel's constexprs for this launch (the shared-prefix kernel takes its
+    own from them); ``block_n`` None: the tile width for q's dtype and the cache's."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    _, page, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    if block_n is None:
+        # fp32 (tests, parity runs) does exact fp32 dots on CUDA cores: smaller tiles keep
+        # the accumulators in registers (64 spills to local memory with split-K). An FP8
+        # cache reads half the bytes per tile: 128 keys keep as many in flight (on the H100,
+        # 1.09-1.35x the bf16 kernel at 128, 0.80-1.07x at 64; benchmarks.md).
+        block_n = 32 if q.element_size() > 2 else 128 if kv_scales is not None else 64
+    return dict(
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        PAGE=page,
+        BLOCK_N=block_n,
+        NUM_SPLITS=num_splits,
+        UPCAST=INTERPRET,
+        PRECISION=dot_precision(q.dtype),
+        FP8=kv_scales is not None,
+        NUM_KV_HEADS=num_kv_heads,
+        FP16_DOT=fp16_dot(q, kv_scales),
+    )
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -263,7 +301,7 @@ def paged_decode_attention(
     group in ``prefix_splits`` parts, by default ``choose_prefix_splits`` for 132 SMs,
     merged with each sequence's own suffix)."""
     num_seqs, num_heads, head_dim = q.shape
-    _, page, num_kv_heads, cache_dim = k_cache.shape
+    _, _, num_kv_heads, cache_dim = k_cache.shape
     if cache_dim != head_dim or num_heads % num_kv_heads:
         raise ValueError(f"q {tuple(q.shape)} vs cache {tuple(k_cache.shape)}")
     if q.stride(2) != 1:
@@ -273,28 +311,7 @@ def paged_decode_attention(
         out = torch.empty_like(q)
     if num_seqs == 0:
         return out
-    group = num_heads // num_kv_heads
-    if block_n is None:
-        # fp32 (tests, parity runs) does exact fp32 dots on CUDA cores: smaller tiles keep
-        # the accumulators in registers (64 spills to local memory with split-K). An FP8
-        # cache reads half the bytes per tile: 128 keys keep as many in flight (on the H100,
-        # 1.09-1.35x the bf16 kernel at 128, 0.80-1.07x at 64; benchmarks.md).
-        block_n = 32 if q.element_size() > 2 else 128 if kv_scales is not None else 64
-    block_d = triton.next_power_of_2(head_dim)
-    common = dict(
-        GROUP=group,
-        GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim,
-        BLOCK_D=block_d,
-        PAGE=page,
-        BLOCK_N=block_n,
-        NUM_SPLITS=num_splits,
-        UPCAST=INTERPRET,
-        PRECISION=dot_precision(q.dtype),
-        FP8=kv_scales is not None,
-        NUM_KV_HEADS=num_kv_heads,
-        FP16_DOT=fp16_dot(q, kv_scales),
-    )
+    common = launch_constants(q, k_cache, kv_scales, num_splits, block_n)
     if shared is None:
         prefix_splits = 0
     elif prefix_splits is None:
@@ -357,7 +374,7 @@ def paged_decode_attention(
             out.stride(1),
             num_heads,
             HEAD_DIM=head_dim,
-            BLOCK_D=block_d,
+            BLOCK_D=common["BLOCK_D"],
             NUM_SPLITS=num_splits,
             NUM_SLOTS=num_slots,
             SPLITS_PAD=max(2, triton.next_power_of_2(num_slots)),
