@@ -67,6 +67,12 @@ def dot_precision(dtype: torch.dtype) -> str:
 # holds every e4m3 value exactly and q with more mantissa than bf16 (range: |q| < 65,504).
 # CHATQ_FP8_KV_FP16_DOT=0 converts to bf16 (the A/B in bench/fp8_kernels.py).
 FP8_FP16_DOT: bool = os.environ.get("CHATQ_FP8_KV_FP16_DOT", "1") != "0"
+# Keys per tile of the decode and shared-prefix kernels over an FP8 cache (bf16 model);
+# CHATQ_FP8_KV_TILE=64 is the A/B: alone the kernel measured faster at 64, the engine at 128
+# (benchmarks.md, issue 21).
+FP8_KV_TILE: int = int(os.environ.get("CHATQ_FP8_KV_TILE", "128"))
+if FP8_KV_TILE not in (32, 64, 128):
+    raise ValueError(f"CHATQ_FP8_KV_TILE must be 32, 64 or 128, got {FP8_KV_TILE}")
 
 
 def fp16_dot(q: torch.Tensor, kv_scales: object) -> bool:

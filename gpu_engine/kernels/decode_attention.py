@@ -26,7 +26,13 @@ import torch
 import triton
 import triton.language as tl
 
-from gpu_engine.kernels import INTERPRET, check_kv_cache, dot_precision, fp16_dot
+from gpu_engine.kernels import (
+    FP8_KV_TILE,
+    INTERPRET,
+    check_kv_cache,
+    dot_precision,
+    fp16_dot,
+)
 from gpu_engine.kernels.kv_tiles import attend_tile, load_kv_tile
 from gpu_engine.kernels.shared_prefix import choose_prefix_splits, launch_prefix_attention
 from gpu_engine.layers.base import SharedPrefix
@@ -260,7 +266,7 @@ def launch_constants(
         # the accumulators in registers (64 spills to local memory with split-K). An FP8
         # cache reads half the bytes per tile: 128 keys keep as many in flight (on the H100,
         # 1.09-1.35x the bf16 kernel at 128, 0.80-1.07x at 64; benchmarks.md).
-        block_n = 32 if q.element_size() > 2 else 128 if kv_scales is not None else 64
+        block_n = 32 if q.element_size() > 2 else FP8_KV_TILE if kv_scales is not None else 64
     return dict(
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
