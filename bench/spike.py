@@ -35,6 +35,7 @@ from bench import smoke
 from bench.spike_drive import GpuSampler
 from bench.spike_report import Figures, plot, summarize
 from bench.workload import ChatRequest, make_requests
+from gpu_engine.config import QUANTIZATIONS
 
 SMOKE: dict[str, Any] = dict(
     preset="tiny", device="cpu", system_tokens=50, calm_s=1.0, burst_s=1.0, burst_x=3.0,
@@ -106,6 +107,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         async_scheduling=not args.sync_steps,
         kv_cache_dtype=args.kv_cache_dtype,
         shared_prefix_attention=args.shared_prefix,
+        quantization=args.quantization,
     )
 
 
@@ -221,8 +223,14 @@ def engine_alone(model_dir: Path, reqs: list[ChatRequest], args: argparse.Namesp
 
 def add_engine_variant_arguments(p: argparse.ArgumentParser) -> None:
     """The engine options ``engine_options`` and ``start_worker`` pass on (FP8 KV cache,
-    shared-prefix attention), for every benchmark that starts workers this way."""
+    shared-prefix attention, FP8 weights), for every benchmark that starts workers this way."""
     p.add_argument("--kv-cache-dtype", default="auto", help="auto | fp8")
+    p.add_argument(
+        "--quantization",
+        default="none",
+        choices=QUANTIZATIONS,
+        help="FP8 linear layers, quantized at load (fp8-lm-head: and the LM head)",
+    )
     p.add_argument(
         "--shared-prefix",
         action="store_true",
@@ -250,6 +258,7 @@ def start_worker(
         "--max-num-batched-tokens", str(args.max_num_batched_tokens),
         "--max-model-len", str(args.max_model_len),
         "--kv-cache-dtype", args.kv_cache_dtype,
+        "--quantization", args.quantization,
         *(["--shared-prefix-attention"] if args.shared_prefix else []),
         *(["--torch-threads", "1"] if args.device == "cpu" else []),
     ]  # fmt: skip

@@ -12,6 +12,7 @@ for mode in ${MODES:-base fp8-shared}; do  # MODES: any of base, fp8, fp8-shared
   flags=()
   [[ $mode == fp8 ]] && flags=(--kv-cache-dtype fp8)
   [[ $mode == fp8-shared ]] && flags=(--kv-cache-dtype fp8 --shared-prefix)
+  [[ $mode == fp8-shared-w8 ]] && flags=(--kv-cache-dtype fp8 --shared-prefix --quantization fp8)
   echo "== spike through Redis, $mode $(($(date +%s) - t0))s"
   OUT=$root/$mode SPIKE_TIMEOUT_S=280 bash scripts/device_spike.sh spike -- --calm-s 10 \
     --burst-s 5 "${flags[@]}" 2>&1 | grep -E "^engine alone|^\| |Error|lost"

@@ -42,6 +42,8 @@ if [[ " $* " == *" alone "* ]]; then
       shared) flag=(--shared-prefix) ;;
       fp8) flag=(--kv-cache-dtype fp8) ;;
       fp8-shared) flag=(--kv-cache-dtype fp8 --shared-prefix) ;;
+      w8) flag=(--quantization fp8) ;;  # FP8 weights (later sessions)
+      fp8-shared-w8) flag=(--kv-cache-dtype fp8 --shared-prefix --quantization fp8) ;;
     esac
     timeout 110 python3 bench/spike.py --out /tmp/spike-ab --tokenizer .cache/tok-smollm2 \
       --alone-requests 512 --alone-json "$OUT/alone_$mode.json" "${flag[@]}" \
