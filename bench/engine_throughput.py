@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from bench.kernel_profile import profile_kernels
 from bench.phase_timer import PhaseTimer
 
 QWEN3_06B: dict[str, Any] = dict(
@@ -373,19 +374,12 @@ def run_roofline(
 
 def profile_replay(graph: Any) -> None:
     """Kernel-level breakdown of five replays (where the time of a decode step goes)."""
-    from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    def replays() -> None:
         for _ in range(5):
             graph.replay()
-        torch.cuda.synchronize()
-    for key in ("device_time_total", "cuda_time_total"):
-        try:
-            log("decode replay profile (5 replays):\n" + prof.key_averages().table(
-                sort_by=key, row_limit=16, max_name_column_width=70))  # fmt: skip
-            return
-        except Exception as err:  # older/newer column names
-            log(f"profile table by {key} failed: {err!r}")
+
+    log(profile_kernels(replays, "decode replay profile (5 replays)"))
 
 
 # ---------------------------------------------------------------- table

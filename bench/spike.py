@@ -32,6 +32,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import smoke
+from bench.kernel_profile import profile_kernels
 from bench.spike_drive import GpuSampler
 from bench.spike_report import Figures, plot, summarize
 from bench.workload import ChatRequest, make_requests
@@ -189,8 +190,14 @@ def engine_alone(model_dir: Path, reqs: list[ChatRequest], args: argparse.Namesp
     elapsed, tokens, _ = run(reqs, "alone")
     sampling.set()
     sampler.join()
-    gc.enable()
     stats = engine.stats()
+    if args.profile_steps:
+        # The same system prompt (cached), user turns not seen before: a full batch's steps.
+        again = [[r.messages[0], {**r.messages[1], "content": "Again: " + r.messages[1]["content"]}]
+                 for r in reqs[: 3 * args.max_num_seqs // 2]]  # fmt: skip
+        prompts = [ids(ChatRequest(i, m, 0)) for i, m in enumerate(again)]
+        print(profile_saturated(engine, prompts, [r.max_tokens for r in reqs], args.profile_steps))
+    gc.enable()
     runner = engine.model_runner
     return dict(
         requests=len(reqs),
@@ -219,6 +226,33 @@ def engine_alone(model_dir: Path, reqs: list[ChatRequest], args: argparse.Namesp
         ttft_miss_ms=[t * 1000 for t in ttft_miss],
         stats=stats,
     )
+
+
+def profile_saturated(engine: Any, prompts: list[list[int]], max_tokens: list[int], n: int) -> str:
+    """The kernels of ``n`` steps with every slot busy: ``prompts`` (more than the engine's
+    slots) are added at once and stepped 20 times first; the steps before the profiled ones
+    give the step's wall time without the profiler. The pass then runs to its end."""
+    from gpu_engine import SamplingParams
+
+    for i, (prompt, m) in enumerate(zip(prompts, max_tokens, strict=False)):
+        sp = SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True)
+        engine.add_request(f"profile{i}", prompt, sp)
+    for _ in range(20):
+        engine.pipelined_step()
+    start = time.perf_counter()
+    for _ in range(n):
+        engine.pipelined_step()
+    step_ms = (time.perf_counter() - start) / n * 1000
+    running = len(engine.scheduler.running)
+
+    def steps() -> None:
+        for _ in range(n):
+            engine.pipelined_step()
+
+    table = profile_kernels(steps, f"{n} steps, {running} running, {step_ms:.2f} ms a step")
+    while engine.has_unfinished():
+        engine.pipelined_step()
+    return table
 
 
 def add_engine_variant_arguments(p: argparse.ArgumentParser) -> None:
@@ -311,10 +345,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--drain-timeout-s", type=float, default=900.0)
     p.add_argument("--answer-tokens", type=int, nargs=2, default=(50, 400))
     p.add_argument("--alone-json", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="after the engine-alone pass: a kernel table of this many full-batch steps (CUDA)",
+    )
     smoke.add_smoke_flag(p, f"tiny model on the CPU, {SMOKE}")
     args = smoke.parse_args(p, SMOKE, None)
     if args.out is None and not args.smoke:
         p.error("--out is required (or --smoke)")
+    if args.profile_steps < 0 or (args.profile_steps and not args.device.startswith("cuda")):
+        p.error("--profile-steps: a positive count, on a CUDA device (the profile is CUDA's)")
     return args
 
 

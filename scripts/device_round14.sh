@@ -46,7 +46,7 @@ if [[ " $* " == *" alone "* ]]; then
       fp8-shared-w8) flag=(--kv-cache-dtype fp8 --shared-prefix --quantization fp8) ;;
     esac
     timeout 110 python3 bench/spike.py --out /tmp/spike-ab --tokenizer .cache/tok-smollm2 \
-      --alone-requests 512 --alone-json "$OUT/alone_$mode.json" "${flag[@]}" \
+      --alone-requests 512 --alone-json "$OUT/alone_$mode.json" "${flag[@]}" ${ALONE_EXTRA:-} \
       > "$OUT/alone_$mode.log" 2>&1 || tail -5 "$OUT/alone_$mode.log"
   done
   python3 scripts/alone_table.py "$OUT"
