@@ -52,3 +52,14 @@ def test_smoke_run(name: str) -> None:
     tail = f"{out.stdout[-4000:]}\n{out.stderr[-6000:]}"
     assert out.returncode == 0, f"{name} --smoke exited {out.returncode}:\n{tail}"
     assert out.stdout.strip(), f"{name} --smoke printed no results"
+
+
+def test_the_spike_refuses_a_kernel_profile_off_cuda() -> None:
+    """``--profile-steps`` profiles CUDA kernels: on the CPU it is refused, naming the option,
+    before anything runs (not accepted and left empty)."""
+    out = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "spike.py"), "--smoke", "--profile-steps", "3"],
+        cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S, check=False,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "--profile-steps" in out.stderr and "CUDA" in out.stderr

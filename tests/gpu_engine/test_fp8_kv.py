@@ -195,6 +195,28 @@ def test_decode_attention_fp8_wide_tiles() -> None:
     _decode_check([(150, 1), (7, 1), (0, 1)], 4, 2, 16, 4, 0, torch.float32, 2, block_n=128)
 
 
+@pytest.mark.parametrize(("value", "want"), [("64", "BLOCK_N 64"), ("100", "CHATQ_FP8_KV_TILE")])
+def test_the_fp8_tile_width_knob_is_used_or_refused(value: str, want: str) -> None:
+    """CHATQ_FP8_KV_TILE (the A/B of the FP8 decode tile width) reaches the launch of a bf16
+    model's FP8 decode; a width the kernels do not take stops the import, naming it."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch; from gpu_engine.kernels.decode_attention import launch_constants\n"
+        "q = torch.zeros(1, 4, 64, dtype=torch.bfloat16)\n"
+        "k = torch.zeros(2, 16, 2, 64, dtype=torch.float8_e4m3fn)\n"
+        "c = launch_constants(q, k, (torch.ones(1), torch.ones(1)), 1)\n"
+        "print('BLOCK_N', c['BLOCK_N'])\n"
+    )
+    env = {**os.environ, "CHATQ_FP8_KV_TILE": value}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120, check=False)  # fmt: skip
+    assert want in out.stdout + out.stderr
+    assert (out.returncode == 0) == (value == "64"), out.stderr[-2000:]
+
+
 @gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("splits", [1, 4])
