@@ -296,6 +296,7 @@ def paged_decode_attention(
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     shared: SharedPrefix | None = None,
     prefix_splits: int | None = None,
+    num_stages: int = 2,
 ) -> torch.Tensor:
     """q: [num_seqs, num_heads, head_dim] (one token each, the last of its sequence);
     caches: [num_blocks, page, num_kv_heads, head_dim]; block_tables: [num_seqs, max_blocks]
@@ -305,7 +306,8 @@ def paged_decode_attention(
     page, num_kv_heads] fp32.
     ``shared``: groups of these sequences with a common cached prefix (attended once per
     group in ``prefix_splits`` parts, by default ``choose_prefix_splits`` for 132 SMs,
-    merged with each sequence's own suffix)."""
+    merged with each sequence's own suffix). ``num_stages``: K/V tiles in flight per decode
+    program (Triton's software pipelining; the bench's A/B)."""
     num_seqs, num_heads, head_dim = q.shape
     _, _, num_kv_heads, cache_dim = k_cache.shape
     if cache_dim != head_dim or num_heads % num_kv_heads:
@@ -364,7 +366,7 @@ def paged_decode_attention(
         out.stride(1),
         num_heads,
         num_warps=4,
-        num_stages=2,
+        num_stages=num_stages,
         KV_START=shared is not None,
         NUM_SLOTS=num_slots,
         FOLD_PREFIX=fold,
