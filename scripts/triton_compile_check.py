@@ -207,6 +207,7 @@ def main() -> int:
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
     target = GPUTarget("cuda", 90, 32)
     failed = 0
+    print(f"triton {triton.__version__} ({os.path.dirname(triton.__file__)}), sm_90")
     print(f"{'kernel':28} {'regs':>5} {'spill':>6} {'smem':>7} {'hgmma/hmma':>11}")
     for name, src, warps, stages in variants():
         try:
@@ -236,6 +237,8 @@ def main() -> int:
                 mma = f"{len(re.findall('HGMMA', s))}/{len(re.findall('HMMA', s))}"
         del ptx
         print(f"{name:28} {regs:>5} {spill:>6} {k.metadata.shared:>7} {mma:>11}")
+    print(f"triton {triton.__version__}: {failed} of the variants FAILED" if failed
+          else f"triton {triton.__version__}: every variant compiled")  # fmt: skip
     return 1 if failed else 0
 
 
