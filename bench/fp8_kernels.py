@@ -74,19 +74,23 @@ def decode_rows(smoke: bool) -> list[str]:
         vq = to_page_major(vq)  # an FP8 cache's V layout (gpu_engine.fp8)
         sp = choose_num_splits(bs, hk, ctx, sms)
         # FP8 tiles meet q as fp16 dot operands (the default) or as bf16 (the A/B).
-        # (name, K, V, scales, keys per tile, fp16 dots, tiles in flight)
+        # (name, K, V, scales, keys per tile, fp16 dots, tiles in flight, register cap):
+        # Triton 3.6 gives the 128-key FP8 program 167 registers (three an SM); capped at 128,
+        # four fit and ptxas spills 56 bytes (gpu_notes.md).
         variants = [
-            ("bf16", kc, vc, None, 64, True, 2),
-            ("fp8, bf16 dots", kq, vq, (ks, vs), 128, False, 2),
-            ("fp8, fp16 dots", kq, vq, (ks, vs), 64, True, 2),
-            ("fp8, fp16 dots", kq, vq, (ks, vs), 128, True, 2),
-            ("fp8, fp16 dots, 3 stages", kq, vq, (ks, vs), 64, True, 3),
-            ("fp8, fp16 dots, 3 stages", kq, vq, (ks, vs), 128, True, 3),
+            ("bf16", kc, vc, None, 64, True, 2, None),
+            ("fp8, bf16 dots", kq, vq, (ks, vs), 128, False, 2, None),
+            ("fp8, fp16 dots", kq, vq, (ks, vs), 64, True, 2, None),
+            ("fp8, fp16 dots", kq, vq, (ks, vs), 128, True, 2, None),
+            ("fp8, fp16 dots, 3 stages", kq, vq, (ks, vs), 64, True, 3, None),
+            ("fp8, fp16 dots, 3 stages", kq, vq, (ks, vs), 128, True, 3, None),
+            ("fp8, fp16 dots, 128 registers", kq, vq, (ks, vs), 128, True, 2, 128),
         ]
         base = None
-        for name, k, v, scales, block_n, fp16, stages in variants:
+        for name, k, v, scales, block_n, fp16, stages, regs in variants:
             run = partial(paged_decode_attention, q, k, v, bt, sl, d**-0.5, num_splits=sp,
-                          kv_scales=scales, block_n=block_n, num_stages=stages)  # fmt: skip
+                          kv_scales=scales, block_n=block_n, num_stages=stages,
+                          max_registers=regs)  # fmt: skip
             kernels.FP8_FP16_DOT = fp16
             t = bench(run, smoke)
             kernels.FP8_FP16_DOT = True

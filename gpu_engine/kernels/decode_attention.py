@@ -297,6 +297,7 @@ def paged_decode_attention(
     shared: SharedPrefix | None = None,
     prefix_splits: int | None = None,
     num_stages: int = 2,
+    max_registers: int | None = None,
 ) -> torch.Tensor:
     """q: [num_seqs, num_heads, head_dim] (one token each, the last of its sequence);
     caches: [num_blocks, page, num_kv_heads, head_dim]; block_tables: [num_seqs, max_blocks]
@@ -307,7 +308,8 @@ def paged_decode_attention(
     ``shared``: groups of these sequences with a common cached prefix (attended once per
     group in ``prefix_splits`` parts, by default ``choose_prefix_splits`` for 132 SMs,
     merged with each sequence's own suffix). ``num_stages``: K/V tiles in flight per decode
-    program (Triton's software pipelining; the bench's A/B)."""
+    program (Triton's software pipelining), ``max_registers``: a cap on the decode program's
+    registers a thread (ptxas spills past it; more programs an SM): the bench's A/Bs."""
     num_seqs, num_heads, head_dim = q.shape
     _, _, num_kv_heads, cache_dim = k_cache.shape
     if cache_dim != head_dim or num_heads % num_kv_heads:
@@ -367,6 +369,7 @@ def paged_decode_attention(
         num_heads,
         num_warps=4,
         num_stages=num_stages,
+        **({} if max_registers is None else {"maxnreg": max_registers}),
         KV_START=shared is not None,
         NUM_SLOTS=num_slots,
         FOLD_PREFIX=fold,
