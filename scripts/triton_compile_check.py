@@ -107,7 +107,8 @@ def _attention(dt: str, p: str, fp8: bool):
                               NUM_SPLITS=splits, KV_START=kv_start, NUM_SLOTS=slots,
                               FOLD_PREFIX=kv_start and splits == 1)  # fmt: skip
                 name = f"decode {tag} G{group} S{splits}{' prefix' if kv_start else ''}"
-                yield name, sig(decode_attention._decode_kernel, p, consts, cache), 4, 2
+                stages = decode_attention.decode_stages(consts)
+                yield name, sig(decode_attention._decode_kernel, p, consts, cache), 4, stages
     merge = dict(HEAD_DIM=128, BLOCK_D=128, NUM_SPLITS=8, NUM_SLOTS=9, SPLITS_PAD=16)
     yield f"merge {tag}", sig(decode_attention._merge_kernel, p, merge), 4, 1
     for bm in (16, 64) if dt == "bf16" else (16,):

@@ -283,6 +283,12 @@ def launch_constants(
     )
 
 
+def decode_stages(common: dict[str, Any]) -> int:
+    """Pipelining stages of the decode loop: 3 for FP8 tiles of 128 keys (on the H100 1.07-1.26x
+    faster than 2 on all four bench shapes, benchmarks.md; at 64 keys 3 is slower), else 2."""
+    return 3 if common["FP8"] and common["BLOCK_N"] == 128 else 2
+
+
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -296,7 +302,7 @@ def paged_decode_attention(
     kv_scales: tuple[torch.Tensor, torch.Tensor] | None = None,
     shared: SharedPrefix | None = None,
     prefix_splits: int | None = None,
-    num_stages: int = 2,
+    num_stages: int | None = None,
     max_registers: int | None = None,
 ) -> torch.Tensor:
     """q: [num_seqs, num_heads, head_dim] (one token each, the last of its sequence);
@@ -307,8 +313,8 @@ def paged_decode_attention(
     page, num_kv_heads] fp32.
     ``shared``: groups of these sequences with a common cached prefix (attended once per
     group in ``prefix_splits`` parts, by default ``choose_prefix_splits`` for 132 SMs,
-    merged with each sequence's own suffix). ``num_stages``: K/V tiles in flight per decode
-    program (Triton's software pipelining), ``max_registers``: a cap on the decode program's
+    merged with each sequence's own suffix). ``num_stages``: Triton's software pipelining of
+    the decode loop (None: ``decode_stages``), ``max_registers``: a cap on the decode program's
     registers a thread (ptxas spills past it; more programs an SM): the bench's A/Bs."""
     num_seqs, num_heads, head_dim = q.shape
     _, _, num_kv_heads, cache_dim = k_cache.shape
@@ -368,7 +374,7 @@ def paged_decode_attention(
         out.stride(1),
         num_heads,
         num_warps=4,
-        num_stages=num_stages,
+        num_stages=num_stages or decode_stages(common),
         **({} if max_registers is None else {"maxnreg": max_registers}),
         KV_START=shared is not None,
         NUM_SLOTS=num_slots,
