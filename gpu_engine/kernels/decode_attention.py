@@ -284,7 +284,7 @@ def launch_constants(
 
 
 def decode_stages(common: dict[str, Any]) -> int:
-    """Pipelining stages of the decode loop: 3 for FP8 tiles of 128 keys (on the H100 1.07-1.26x
+    """Pipelining stages of the decode loop: 3 for FP8 tiles of 128 keys (on the H100 1.03-1.26x
     faster than 2 on all four bench shapes, benchmarks.md; at 64 keys 3 is slower), else 2."""
     return 3 if common["FP8"] and common["BLOCK_N"] == 128 else 2
 
