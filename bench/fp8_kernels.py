@@ -80,7 +80,7 @@ def decode_rows(smoke: bool) -> list[str]:
         variants = [
             ("bf16", kc, vc, None, 64, True, 2, None),
             ("fp8, bf16 dots", kq, vq, (ks, vs), 128, False, 2, None),
-            ("fp8, fp16 dots", kq, vq, (ks, vs), 64, True, 2, None),
+            ("fp8, fp16 dots, 2 stages", kq, vq, (ks, vs), 64, True, 2, None),
             ("fp8, fp16 dots, 2 stages", kq, vq, (ks, vs), 128, True, 2, None),
             ("fp8, fp16 dots, 3 stages", kq, vq, (ks, vs), 64, True, 3, None),
             ("fp8, fp16 dots, 3 stages", kq, vq, (ks, vs), 128, True, 3, None),

@@ -68,8 +68,8 @@ def dot_precision(dtype: torch.dtype) -> str:
 # CHATQ_FP8_KV_FP16_DOT=0 converts to bf16 (the A/B in bench/fp8_kernels.py).
 FP8_FP16_DOT: bool = os.environ.get("CHATQ_FP8_KV_FP16_DOT", "1") != "0"
 # Keys per tile of the decode and shared-prefix kernels over an FP8 cache (bf16 model);
-# CHATQ_FP8_KV_TILE=64 is the A/B: alone the kernel measured faster at 64, the engine at 128
-# (benchmarks.md, issue 21).
+# CHATQ_FP8_KV_TILE=64 is the A/B (scripts/device_round16.sh nano): at 2 stages the kernel
+# alone measured faster at 64, the engine at 128; 128 in 3 stages beats both (benchmarks.md).
 FP8_KV_TILE: int = int(os.environ.get("CHATQ_FP8_KV_TILE", "128"))
 if FP8_KV_TILE not in (32, 64, 128):
     raise ValueError(f"CHATQ_FP8_KV_TILE must be 32, 64 or 128, got {FP8_KV_TILE}")

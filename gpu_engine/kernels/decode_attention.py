@@ -26,14 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gpu_engine.kernels import (
-    FP8_KV_TILE,
-    INTERPRET,
-    check_kv_cache,
-    dot_precision,
-    fp16_dot,
-)
-from gpu_engine.kernels.kv_tiles import attend_tile, load_kv_tile
+from gpu_engine.kernels import FP8_KV_TILE, check_kv_cache
+from gpu_engine.kernels.kv_tiles import attend_tile, load_kv_tile, tile_constants
 from gpu_engine.kernels.shared_prefix import choose_prefix_splits, launch_prefix_attention
 from gpu_engine.layers.base import SharedPrefix
 
@@ -258,28 +252,18 @@ def launch_constants(
 ) -> dict[str, Any]:
     """The decode kernel's constexprs for this launch (the shared-prefix kernel takes its
     own from them); ``block_n`` None: the tile width for q's dtype and the cache's."""
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    _, page, num_kv_heads, _ = k_cache.shape
-    group = num_heads // num_kv_heads
+    common = tile_constants(q, k_cache, kv_scales)
     if block_n is None:
         # fp32 (tests, parity runs) does exact fp32 dots on CUDA cores: smaller tiles keep
         # the accumulators in registers (64 spills to local memory with split-K). An FP8
-        # cache reads half the bytes per tile: 128 keys keep as many in flight (on the H100,
-        # 1.09-1.35x the bf16 kernel at 128, 0.80-1.07x at 64; benchmarks.md).
+        # cache reads half the bytes per tile: FP8_KV_TILE keys (128 by default: in 3 stages
+        # on the H100 1.19-1.47x the bf16 kernel; benchmarks.md).
         block_n = 32 if q.element_size() > 2 else FP8_KV_TILE if kv_scales is not None else 64
     return dict(
-        GROUP=group,
-        GROUP_PAD=max(16, triton.next_power_of_2(group)),
-        HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim),
-        PAGE=page,
+        common,
+        GROUP_PAD=max(16, triton.next_power_of_2(common["GROUP"])),
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
-        UPCAST=INTERPRET,
-        PRECISION=dot_precision(q.dtype),
-        FP8=kv_scales is not None,
-        NUM_KV_HEADS=num_kv_heads,
-        FP16_DOT=fp16_dot(q, kv_scales),
     )
 
 
@@ -374,7 +358,7 @@ def paged_decode_attention(
         out.stride(1),
         num_heads,
         num_warps=4,
-        num_stages=num_stages or decode_stages(common),
+        num_stages=decode_stages(common) if num_stages is None else num_stages,
         **({} if max_registers is None else {"maxnreg": max_registers}),
         KV_START=shared is not None,
         NUM_SLOTS=num_slots,

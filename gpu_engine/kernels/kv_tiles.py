@@ -9,10 +9,37 @@ probabilities before the P·V product, so no dequantized tile is materialised.
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 import triton
 import triton.language as tl
 
+from gpu_engine.kernels import INTERPRET, dot_precision, fp16_dot
 from gpu_engine.kernels.fp8_math import scaled_probs
+
+
+def tile_constants(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    kv_scales: tuple[torch.Tensor, torch.Tensor] | None,
+) -> dict[str, Any]:
+    """The constexprs ``load_kv_tile`` and ``attend_tile`` need, as every attention launch
+    passes them: q [tokens, heads, head_dim] against a cache [blocks, page, KV heads,
+    head_dim] (FP8 when ``kv_scales`` are given)."""
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    _, page, num_kv_heads, _ = k_cache.shape
+    return dict(
+        GROUP=num_heads // num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_D=triton.next_power_of_2(head_dim),
+        PAGE=page,
+        UPCAST=INTERPRET,
+        PRECISION=dot_precision(q.dtype),
+        FP8=kv_scales is not None,
+        NUM_KV_HEADS=num_kv_heads,
+        FP16_DOT=fp16_dot(q, kv_scales),
+    )
 
 
 @triton.jit

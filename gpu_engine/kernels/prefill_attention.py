@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from gpu_engine.kernels import INTERPRET, check_kv_cache, dot_precision, fp16_dot
-from gpu_engine.kernels.kv_tiles import attend_tile, load_kv_tile
+from gpu_engine.kernels import check_kv_cache
+from gpu_engine.kernels.kv_tiles import attend_tile, load_kv_tile, tile_constants
 from gpu_engine.kernels.prefill_tiles import prefill_block_m, prefill_tiles
 
 _LOG2E = 1.4426950408889634
@@ -178,7 +178,7 @@ def paged_prefill_attention(
     ``cu_seqlens_q`` (a device-to-host read). An FP8 cache comes with ``kv_scales`` (K and V
     scales [num_blocks, page, num_kv_heads] fp32)."""
     num_tokens, num_heads, head_dim = q.shape
-    _, page, num_kv_heads, cache_dim = k_cache.shape
+    _, _, num_kv_heads, cache_dim = k_cache.shape
     if cache_dim != head_dim or num_heads % num_kv_heads:
         raise ValueError(f"q {tuple(q.shape)} vs cache {tuple(k_cache.shape)}")
     if q.stride(2) != 1:
@@ -215,17 +215,9 @@ def paged_prefill_attention(
         k_cache.stride(1),
         out.stride(0),
         out.stride(1),
-        GROUP=num_heads // num_kv_heads,
-        HEAD_DIM=head_dim,
-        BLOCK_D=triton.next_power_of_2(head_dim),
-        PAGE=page,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        UPCAST=INTERPRET,
-        PRECISION=dot_precision(q.dtype),
-        FP8=kv_scales is not None,
-        NUM_KV_HEADS=num_kv_heads,
-        FP16_DOT=fp16_dot(q, kv_scales),
+        **tile_constants(q, k_cache, kv_scales),
         num_warps=4,
         num_stages=2,
     )
